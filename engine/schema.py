@@ -105,6 +105,20 @@ class Failure(Record, kw_only=True):
     reason: str
 
 
+class ProblemDone(Record, kw_only=True):
+    """Written last for a problem, so resume knows it is finished (id = problem id)."""
+
+    status: str  # "correct" | "mistakes" | "partial"
+    dataset: str = ""
+    attempts: int = 0
+    mistakes: int = 0
+    rationales: int = 0
+    accepted: int = 0
+    feedback: int = 0
+    samples: int = 0
+    calls: int = 0  # API calls made for this problem (cache hits excluded)
+
+
 class Response(Record, kw_only=True):
     """`fair generate`: one record per input id."""
 
@@ -122,5 +136,6 @@ KINDS: dict[str, type[Record]] = {
     "reviews": Review,
     "samples": Sample,
     "failures": Failure,
+    "problems": ProblemDone,
     "responses": Response,
 }

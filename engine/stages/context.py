@@ -1,0 +1,33 @@
+"""What every stage receives: the engine, the config, the prompts, and prior records."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.config import RunConfig
+from engine.prompts import PromptSet
+from engine.schema import Record
+from engine.types import ChatRequest, Completion
+
+
+class Completer(Protocol):
+    async def complete(self, endpoint: str, request: ChatRequest) -> Completion: ...
+
+
+@dataclass
+class StageContext:
+    engine: Completer
+    cfg: RunConfig
+    prompts: PromptSet
+    prior: dict[str, Record] = field(default_factory=dict)  # records of unfinished problems, by id
+    counts: Counter = field(default_factory=Counter)  # live figures for progress and report
+
+    @property
+    def version(self) -> str:
+        return self.prompts.version
+
+    def reuse(self, record_id: str) -> Record | None:
+        """A record an interrupted run already wrote: reused instead of asking again."""
+        return self.prior.get(record_id)
