@@ -14,7 +14,7 @@ from engine.errors import AbortRun, ConfigError, FairError
 # command -> "module:function"; the function takes the parsed args and returns an exit code.
 # Modules are imported only when their command runs, so `fair run` never imports torch.
 HANDLERS = {
-    "demo": "engine.demo:main",
+    "demo": "recipes.demo:main",
     "run": "engine.pipeline:cli_main",
     "generate": "engine.generate:cli_main",
     "status": "engine.status:cli_main",

@@ -1,0 +1,1 @@
+"""Recipes: one readable script per workflow, built from engine/ and trainer/ components."""
