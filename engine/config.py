@@ -181,7 +181,16 @@ def convert_config(raw: dict, kind: type[T], *, source: str) -> T:
 
 def dump_config(cfg: msgspec.Struct) -> bytes:
     """The resolved config as TOML. Only env var *names* are in it, never key values."""
-    return msgspec.toml.encode(cfg)
+    return msgspec.toml.encode(_drop_none(msgspec.to_builtins(cfg)))
+
+
+def _drop_none(value):
+    """TOML has no null: unset optional fields are left out (they load back as None)."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -87,12 +87,14 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         },
         "reviewers": {
             name: {
-                "reviews": len(s) + invalid[name],
-                "mean_score": statistics.fmean(s) if s else None,
-                "pass_rate": sum(x > 3 for x in s) / len(s) if s else None,
+                "reviews": len(per_reviewer[name]) + invalid[name],
+                "mean_score": statistics.fmean(per_reviewer[name]) if per_reviewer[name] else None,
+                "pass_rate": (
+                    sum(x > 3 for x in per_reviewer[name]) / len(per_reviewer[name]) if per_reviewer[name] else None
+                ),
                 "invalid": invalid[name],
             }
-            for name, s in sorted(per_reviewer.items() | {k: [] for k in invalid if k not in per_reviewer}.items())
+            for name in sorted(set(per_reviewer) | set(invalid))
         },
         "reviews": n_reviews,
         "feedback": sum(1 for _ in iter_raw(root, "feedback")),

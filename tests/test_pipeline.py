@@ -1,0 +1,197 @@
+"""The FAIR job end to end over loopback HTTP against the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from engine.config import RunConfig, convert_config
+from engine.errors import BreakerTripped
+from engine.pipeline import Job
+from engine.schema import Problem
+from engine.sim import ModelProfile, SimProfile, start_sim
+from engine.store import iter_records, read_manifest
+
+TEACHERS = {
+    "t-good": ModelProfile(content="reasoning", skill=0.9, leniency=0.3),
+    "t-mid": ModelProfile(content="reasoning", skill=0.7, leniency=0.0),
+    "t-harsh": ModelProfile(content="reasoning", skill=0.8, leniency=-0.8),
+}
+
+
+def problems(n: int = 40) -> list[Problem]:
+    return [
+        Problem(id=f"p{i:03d}", question=f"Ann has {i + 3} pens and buys {2 * i + 1} more. How many pens?",
+                answer=str(3 * i + 4), task="numeric", dataset="synthetic")
+        for i in range(n)
+    ]
+
+
+def profile(latency_ms: float = 0.0, student_skill: float = 0.4) -> SimProfile:
+    models = {name: msgspec.structs.replace(m, latency_ms=latency_ms) for name, m in TEACHERS.items()}
+    models["student"] = ModelProfile(content="reasoning", role="student", skill=student_skill, latency_ms=latency_ms)
+    return SimProfile(name="test", seed=7, models=models)
+
+
+def config(base_url: str, **sections) -> RunConfig:
+    raw = {
+        "run": {"seed": 3, "max_in_flight": 16},
+        "student": {"endpoint": "student", "attempts": 2, "temperature": 0.7},
+        "teachers": {"endpoints": list(TEACHERS)},
+        "endpoints": {
+            name: {"base_url": base_url, "model": name, "price_in": 1.0, "price_out": 2.0, "max_attempts": 2,
+                   "timeout_s": 10}
+            for name in [*TEACHERS, "student"]
+        },
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return convert_config(raw, RunConfig, source="test")
+
+
+async def run(cfg: RunConfig, run_dir: Path, probs: list[Problem]) -> dict:
+    return await Job(cfg, run_dir, progress=False).run(probs)
+
+
+async def test_end_to_end_records_and_samples(tmp_path):
+    probs = problems()
+    async with start_sim(profile(), problems=probs) as sim:
+        summary = await run(config(sim.base_url), tmp_path, probs)
+    assert summary["status"] == "done"
+    done = {r.id: r for r in iter_records(tmp_path, "problems")}
+    assert set(done) == {p.id for p in probs}
+
+    attempts = list(iter_records(tmp_path, "attempts"))
+    assert len(attempts) == 2 * len(probs)
+    wrong = [a for a in attempts if not a.correct]
+    assert 0.3 < len(wrong) / len(attempts) < 0.9  # the student's configured error rate (0.6)
+
+    rationales = list(iter_records(tmp_path, "rationales"))
+    for r in rationales:
+        assert r.status in {"accepted", "rejected_gold", "rejected_review", "no_reviews"}
+        if r.status == "rejected_gold":
+            assert r.gold_match is False and r.scores == []  # default policy: never reviewed
+        if r.accepted:
+            assert r.gold_match and r.mean_score > 3
+            assert all(s.reviewer != r.teacher for s in r.scores)
+    reviews = list(iter_records(tmp_path, "reviews"))
+    assert reviews and all(rv.reviewer != rv.author for rv in reviews)
+
+    # paper policy: one accepted rationale per problem that has one, one explanation per mistake
+    samples = list(iter_records(tmp_path, "samples"))
+    by_problem: dict[str, list] = {}
+    for s in samples:
+        by_problem.setdefault(s.problem_id, []).append(s)
+        assert s.messages[-1].role == "user" and s.response
+    for pid, rec in done.items():
+        got = by_problem.get(pid, [])
+        assert sum(s.task == "rationale" for s in got) == min(rec.accepted, 1)
+        assert sum(s.task == "mistake" for s in got) == rec.mistakes
+
+    manifest = read_manifest(tmp_path)
+    assert manifest["status"] == "done" and manifest["counts"]["samples"] == len(samples)
+    report = (tmp_path / "report.md").read_text()
+    assert "Acceptance by teacher" in report and "t-harsh" in report
+
+
+async def test_early_stop_saves_reviews_and_keeps_the_accepted_set(tmp_path):
+    probs = problems(30)
+    async with start_sim(profile(), problems=probs) as sim:
+        await run(config(sim.base_url, review={"gold_check": "off", "early_stop": False}), tmp_path / "full", probs)
+        await run(config(sim.base_url, review={"gold_check": "off", "early_stop": True}), tmp_path / "early", probs)
+
+    def verdicts(d: Path) -> dict[str, bool]:
+        return {r.id: r.accepted for r in iter_records(d, "rationales")}
+
+    assert verdicts(tmp_path / "full") == verdicts(tmp_path / "early")
+    n_full = sum(1 for _ in iter_records(tmp_path / "full", "reviews"))
+    n_early = sum(1 for _ in iter_records(tmp_path / "early", "reviews"))
+    assert n_early < n_full
+
+
+async def test_breaker_aborts_when_the_student_is_unreachable(tmp_path):
+    cfg = config("http://127.0.0.1:9/v1", run={"breaker_window": 10, "breaker_rate": 0.5, "max_in_flight": 4})
+    with pytest.raises(BreakerTripped, match="problems failed"):
+        await run(cfg, tmp_path, problems(40))
+    failures = list(iter_records(tmp_path, "failures"))
+    assert failures and all(f.stage == "student" for f in failures)
+    assert read_manifest(tmp_path)["status"] == "aborted"
+
+
+CONFIG_TOML = """
+[run]
+seed = 3
+max_in_flight = 8
+[dataset]
+name = "jsonl"
+path = "{data}"
+task = "numeric"
+[student]
+endpoint = "student"
+attempts = 2
+temperature = 0.7
+[teachers]
+endpoints = ["t-good", "t-mid", "t-harsh"]
+{endpoints}
+"""
+
+
+def _write_job(tmp_path: Path, base_url: str, probs: list[Problem]) -> Path:
+    data = tmp_path / "problems.jsonl"
+    data.write_bytes(b"".join(msgspec.json.encode({"id": p.id, "question": p.question, "answer": p.answer}) + b"\n"
+                              for p in probs))
+    eps = "".join(f'[endpoints.{n}]\nbase_url = "{base_url}"\nmodel = "{n}"\n' for n in [*TEACHERS, "student"])
+    job = tmp_path / "job.toml"
+    job.write_text(CONFIG_TOML.format(data=data, endpoints=eps))
+    return job
+
+
+async def _fair(*args: str, kill_after: float | None = None) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engine.cli", *args, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    if kill_after is not None:
+        try:
+            await asyncio.wait_for(proc.wait(), kill_after)
+        except TimeoutError:
+            proc.send_signal(signal.SIGKILL)
+    _, err = await proc.communicate()
+    return proc.returncode
+
+
+def _sample_set(run_dir: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for s in iter_records(run_dir, "samples"):
+        assert s.id not in out, f"duplicate sample {s.id}"
+        out[s.id] = s.response
+    return out
+
+
+@pytest.mark.parametrize("kill_points", [(1.5,), (1.0, 2.0, 3.0)])
+async def test_sigkill_then_resume_gives_the_uninterrupted_samples(tmp_path, kill_points):
+    probs = problems(60)
+    async with start_sim(profile(latency_ms=25), problems=probs) as sim:
+        job = _write_job(tmp_path, sim.base_url, probs)
+        assert await _fair("run", str(job), "--run-dir", str(tmp_path / "ref"), "--no-progress") == 0
+        paid_ref = sim.stats["requests"]
+
+        killed = tmp_path / "killed"
+        kills = 0
+        for t in kill_points:
+            rc = await _fair("run", str(job), "--run-dir", str(killed), "--no-progress", kill_after=t)
+            kills += rc == -signal.SIGKILL
+        assert kills >= 1, "the run finished before any kill: make it longer"
+        assert await _fair("run", str(job), "--run-dir", str(killed), "--no-progress") == 0
+        paid_killed = sim.stats["requests"] - paid_ref
+
+    assert _sample_set(killed) == _sample_set(tmp_path / "ref")
+    assert {r.id for r in iter_records(killed, "problems")} == {p.id for p in probs}
+    # only requests in flight at a kill may be paid twice (at most max_in_flight problems' worth)
+    assert paid_killed <= paid_ref + kills * 8 * 12
