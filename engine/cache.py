@@ -1,0 +1,181 @@
+"""Content-addressed response cache in embedded SQLite.
+
+Key = sha256 of the canonical JSON (sorted keys) of what determines an answer: provider,
+base URL, model, messages, sampling parameters and ``sample_index``. Value = the
+``Completion`` as JSON. Identical requests are answered from here for free, so a resumed run
+or a changed threshold pays nothing twice. The file is safe to delete.
+
+Reads run on the event loop. The 8-byte prefixes of every stored key are held in a set, so a
+miss (the common case on a fresh run) costs a set lookup, not a query (a query costs 30-50 us
+here while the writer thread commits); a hit is a primary-key lookup. Entries that another
+process adds while we run are not in that set: at worst a call is paid twice. Writes are buffered
+in memory (and visible to ``get`` at once) and committed in batches on a worker thread, so the
+loop never waits for a disk sync. WAL journal: a SIGKILL loses at most the last uncommitted
+batch; a committed entry always survives, and a half-written one is simply absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import orjson
+
+from engine.types import ChatRequest, Completion
+
+FLUSH_EVERY = 256  # entries
+FLUSH_AFTER_S = 0.5  # seconds since the oldest buffered entry
+
+_value_encoder = msgspec.json.Encoder()
+_value_decoder = msgspec.json.Decoder(Completion)
+
+
+def cache_key(provider: str, base_url: str, model: str, request: ChatRequest) -> bytes:
+    """sha256 of the canonical JSON of everything that determines the answer."""
+    doc = {
+        "provider": provider,
+        "base_url": base_url.rstrip("/"),
+        "model": model,
+        "messages": [[m.role, m.content] for m in request.messages],
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "n": request.n,
+        "seed": request.seed,
+        "stop": request.stop,
+        "sample_index": request.sample_index,
+    }
+    return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).digest()
+
+
+class ResponseCache:
+    """``get`` / ``put`` by key; ``close`` commits what is buffered. One per process."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = self._connect()
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS responses (key BLOB PRIMARY KEY, value BLOB NOT NULL, "
+            "created REAL NOT NULL) WITHOUT ROWID"
+        )
+        self._db.commit()
+        self._known = {k[:8] for (k,) in self._db.execute("SELECT key FROM responses")}
+        self._pending: dict[bytes, bytes] = {}
+        self._writing: dict[bytes, bytes] = {}  # the batch the worker is committing now
+        self._oldest = 0.0
+        self._lock = threading.Lock()  # one writer at a time (the worker thread, or close())
+        self._writer: sqlite3.Connection | None = None
+        self._flushing: asyncio.Future | None = None
+        self.hits = 0
+        self.misses = 0
+        self.write_error: str | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process kills
+        db.execute("PRAGMA busy_timeout=5000")
+        return db
+
+    def __repr__(self) -> str:
+        return f"ResponseCache({str(self.path)!r})"
+
+    # -- read -------------------------------------------------------------------------------
+    def get(self, key: bytes) -> Completion | None:
+        raw = self._pending.get(key) or self._writing.get(key)
+        if raw is None:
+            if key[:8] not in self._known:
+                self.misses += 1
+                return None
+            row = self._db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                self.misses += 1
+                return None
+            raw = row[0]
+        try:
+            hit = _value_decoder.decode(raw)
+        except msgspec.DecodeError:  # unreadable entry (an older format): treat as a miss
+            self.misses += 1
+            return None
+        self.hits += 1
+        return hit
+
+    # -- write ------------------------------------------------------------------------------
+    def put(self, key: bytes, completion: Completion) -> None:
+        """Buffer an entry; batches are committed off the event loop."""
+        if not self._pending:
+            self._oldest = time.monotonic()
+        self._pending[key] = _value_encoder.encode(completion)
+        self._known.add(key[:8])
+        if len(self._pending) >= FLUSH_EVERY or time.monotonic() - self._oldest > FLUSH_AFTER_S:
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if self._flushing is not None and not self._flushing.done():
+            return  # one batch in flight at a time; the next put triggers the next one
+        batch, self._pending = self._pending, {}
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write(batch)
+            return
+        self._writing = batch
+        self._flushing = loop.run_in_executor(None, self._write, batch)
+        self._flushing.add_done_callback(self._written)
+
+    def _written(self, fut: asyncio.Future) -> None:
+        self._writing = {}
+        if not fut.cancelled() and fut.exception() is not None and not self.write_error:
+            # the cache is an optimisation: a failing disk must not fail the run
+            self.write_error = repr(fut.exception())
+            print(f"fair: response cache {self.path}: write failed: {self.write_error}", file=sys.stderr)
+
+    def _write(self, batch: dict[bytes, bytes]) -> None:
+        if not batch:
+            return
+        now = time.time()
+        rows = [(k, v, now) for k, v in batch.items()]
+        with self._lock:
+            if self._writer is None:
+                self._writer = self._connect()
+            db = self._writer
+            db.execute("BEGIN")
+            try:
+                db.executemany(
+                    "INSERT OR REPLACE INTO responses (key, value, created) VALUES (?, ?, ?)", rows
+                )
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    async def flush(self) -> None:
+        """Commit everything buffered so far."""
+        if self._flushing is not None and not self._flushing.done():
+            await asyncio.wait([self._flushing])
+        batch, self._pending = self._pending, {}
+        if batch:
+            await asyncio.get_running_loop().run_in_executor(None, self._write, batch)
+
+    def close(self) -> None:
+        """Commit what is left and close. Synchronous; waits for a batch the worker is writing."""
+        batch, self._pending = self._pending, {}
+        try:
+            self._write(batch)
+        finally:
+            with self._lock:
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
+            self._db.close()
+
+    def __len__(self) -> int:
+        n = self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        return n + len(self._pending)

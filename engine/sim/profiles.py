@@ -1,0 +1,151 @@
+"""Simulator profiles: which models a simulated server hosts and how each one behaves.
+
+A profile is a TOML file (named ones live in ``engine/sim/profiles/``)::
+
+    name = "committee"
+    seed = 0
+    default_model = "gpt-sim"          # serves requests for unknown model names (omit: 404)
+
+    [models.gpt-sim]
+    content = "reasoning"              # echo | reasoning | replay
+    latency_ms = 800                   # median; with latency_sigma > 0 the latency is lognormal
+    latency_sigma = 0.4
+    rpm = 600                          # hidden limits, enforced with 429 + x-ratelimit-* headers
+    tpm = 200000
+    skill = 0.85                       # rate of right final answers
+    leniency = 0.3                     # reviewer bias: + gives higher scores, - harsher
+
+    [models.gpt-sim.faults]
+    p_5xx = 0.01                       # each a per-request probability
+    bursts = [{kind = "5xx", every_s = 20, duration_s = 2}]
+
+Every field has a default, so ``[models.echo]`` alone is a valid (instant, echoing) model.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from engine.errors import ConfigError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+ContentMode = Literal["echo", "reasoning", "replay"]
+FaultKind = Literal["5xx", "429", "hang", "reset", "malformed", "truncated", "empty", "length"]
+
+
+class _Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Profile sections reject unknown keys: a typo is an error, not a silent default."""
+
+
+class Burst(_Struct):
+    """A fault that hits every request for ``duration_s`` seconds once every ``every_s`` seconds."""
+
+    kind: FaultKind = "5xx"
+    every_s: float = 20.0
+    duration_s: float = 2.0
+    offset_s: float = 0.0  # seconds after server start the first burst begins
+
+
+class Faults(_Struct):
+    """Per-request fault probabilities (drawn independently of content, in this order)."""
+
+    p_5xx: float = 0.0  # 500/502/503 with an OpenAI-style error body
+    p_hang: float = 0.0  # never answers (sleeps ``hang_s``, cancelled when the client goes away)
+    p_reset: float = 0.0  # connection closed without a response
+    p_malformed: float = 0.0  # 200 with a body that is not JSON
+    p_truncated: float = 0.0  # 200 with a JSON body cut in the middle
+    p_empty: float = 0.0  # 200 with ``choices: []``
+    p_length: float = 0.0  # content cut short, ``finish_reason: "length"``
+    hang_s: float = 300.0
+    bursts: list[Burst] = []
+
+    def any(self) -> bool:
+        return bool(self.bursts) or any(
+            p > 0
+            for p in (
+                self.p_5xx,
+                self.p_hang,
+                self.p_reset,
+                self.p_malformed,
+                self.p_truncated,
+                self.p_empty,
+                self.p_length,
+            )
+        )
+
+
+class ModelProfile(_Struct):
+    """How one simulated model behaves."""
+
+    content: ContentMode = "echo"
+    role: Literal["teacher", "student"] = "teacher"
+    latency_ms: float = 0.0  # fixed latency, or the median when latency_sigma > 0
+    latency_sigma: float = 0.0  # sigma of the lognormal latency (0 = fixed)
+    latency_max_ms: float = 120_000.0
+    rpm: float | None = None  # hidden request limit (token bucket, refilled continuously)
+    tpm: float | None = None  # hidden token limit (prompt + completion tokens)
+    limit_burst_s: float = 60.0  # bucket capacity, in seconds of refill (60 = a per-minute bucket)
+    faults: Faults = msgspec.field(default_factory=Faults)
+    # reasoning content
+    skill: float = 0.8  # probability that a solution ends in the right answer
+    feedback_error_rate: float = 0.05  # feedback (gold given as a hint) that still ends wrong
+    leniency: float = 0.0  # added to review scores before rounding (+ lenient, - harsh)
+    review_noise: float = 0.6  # sigma of the gaussian noise on review scores
+    invalid_review_rate: float = 0.0  # reviews whose score cannot be parsed
+    # replay content: whose recorded text this model serves ("gpt" | "gemini" | "mistral")
+    replay_author: str | None = None
+    echo_chars: int = 48  # echo content: this many characters of the last message
+
+
+class SimProfile(_Struct):
+    """A simulated server: its models, plus the seed that makes its content deterministic."""
+
+    name: str = "custom"
+    seed: int = 0
+    models: dict[str, ModelProfile] = msgspec.field(default_factory=lambda: {"sim": ModelProfile()})
+    default_model: str | None = None  # profile used for unknown model names; None -> 404
+    dataset: str | None = None  # problems for reasoning content (loaded by `fair sim`)
+    replay_dir: str | None = None  # datasets folder for replay; default $FAIR_DATA_DIR or ../shared/datasets
+    api_key: str | None = None  # when set, requests must send "Authorization: Bearer <api_key>" (else 401)
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("sim profile: at least one [models.NAME] table is needed")
+        if self.default_model is not None and self.default_model not in self.models:
+            raise ValueError(f"sim profile: default_model {self.default_model!r} is not in [models]")
+
+    def model(self, name: str) -> ModelProfile | None:
+        found = self.models.get(name)
+        if found is None and self.default_model is not None:
+            return self.models[self.default_model]
+        return found
+
+
+def named_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+def load_profile(name_or_path: str | Path) -> SimProfile:
+    """A named profile (``fast``, ``committee``...) or a TOML file path."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = PROFILE_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            raise ConfigError(f"sim: unknown profile {name_or_path!r} (have {named_profiles()} or FILE.toml)")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"sim profile {path}: {exc}") from exc
+    return profile_from_dict(data, source=str(path))
+
+
+def profile_from_dict(data: dict, source: str = "profile") -> SimProfile:
+    try:
+        return msgspec.convert(data, SimProfile)
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ConfigError(f"sim profile {source}: {exc}") from exc
