@@ -28,6 +28,7 @@ A FAIR job config (``fair run``) looks like::
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -77,7 +78,15 @@ class EndpointConfig(Struct, kw_only=True):
             return None
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise ConfigError(f"endpoint {self.name!r}: environment variable {self.api_key_env} is not set")
+            # a key pasted into api_key_env by mistake must not be echoed back
+            shown = (
+                self.api_key_env
+                if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", self.api_key_env)
+                else "(hidden)"
+            )
+            raise ConfigError(
+                f"endpoint {self.name!r}: environment variable {shown} (api_key_env) is not set"
+            )
         return key
 
 

@@ -1,13 +1,13 @@
 """The engine's exception tree.
 
-    FairError
-    ├── ConfigError          bad config: names the file and field            (exit 2)
-    ├── InputError           bad dataset/input line: names file:line         (record skipped)
-    ├── RequestError         one request failed for good (400/404, retries exhausted, bad reply)
-    │   └── ReplyError       the server answered, but the body is unusable (malformed, empty)
-    └── AbortRun             the run must stop                               (exit 3)
-        ├── AuthError        401/403 from an endpoint
-        └── BreakerTripped   sustained error rate
+FairError
+├── ConfigError          bad config: names the file and field            (exit 2)
+├── InputError           bad dataset/input line: names file:line         (record skipped)
+├── RequestError         one request failed for good (400/404, retries exhausted, bad reply)
+│   └── ReplyError       the server answered, but the body is unusable (malformed, empty)
+└── AbortRun             the run must stop                               (exit 3)
+    ├── AuthError        401/403 from an endpoint
+    └── BreakerTripped   sustained error rate
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ class Job:
     # -- one problem ----------------------------------------------------------------------
     def _fail(self, problem: Problem, stage: str, exc: Exception) -> None:
         self.store.write(
-            "failures", Failure(id=f"{problem.id}/failure/{stage}", problem_id=problem.id, stage=stage, reason=str(exc))
+            "failures",
+            Failure(id=f"{problem.id}/failure/{stage}", problem_id=problem.id, stage=stage, reason=str(exc)),
         )
 
     async def _rationale_path(self, ctx: StageContext, problem: Problem, teacher: str) -> Rationale | None:
@@ -93,8 +94,13 @@ class Job:
         reviews, scores = await review_stage.review(ctx, problem, f.id, teacher, f.text, mistake=mistake)
         for rv in reviews:
             self.store.write("reviews", rv)
-        verdict = judge(Rationale(id=f.id, problem_id=f.problem_id, teacher=teacher, text="", answer=None,
-                                  gold_match=None), scores, self.cfg.review)
+        verdict = judge(
+            Rationale(
+                id=f.id, problem_id=f.problem_id, teacher=teacher, text="", answer=None, gold_match=None
+            ),
+            scores,
+            self.cfg.review,
+        )
         return f, scores, verdict.accepted
 
     async def process(self, problem: Problem) -> bool:
@@ -112,8 +118,10 @@ class Job:
         ctx.counts["attempts"] += len(attempts)
         ctx.counts["mistakes"] += len(wrong)
         if not wrong:
-            self.store.write("problems", ProblemDone(id=problem.id, status="correct", dataset=problem.dataset,
-                                                     attempts=len(attempts)))
+            self.store.write(
+                "problems",
+                ProblemDone(id=problem.id, status="correct", dataset=problem.dataset, attempts=len(attempts)),
+            )
             return True
 
         names = self.cfg.teachers.endpoints
@@ -187,8 +195,12 @@ class Job:
         async with Engine(
             self.cfg.endpoints, cache_path=self.run_dir / "cache.sqlite", trace_dir=self.run_dir / "trace"
         ) as engine:
-            self.ctx = StageContext(engine=engine, cfg=self.cfg, prompts=prompt_set(self.cfg.prompts),
-                                    prior=self._load_prior(done))
+            self.ctx = StageContext(
+                engine=engine,
+                cfg=self.cfg,
+                prompts=prompt_set(self.cfg.prompts),
+                prior=self._load_prior(done),
+            )
             self.ctx.counts["resumed_done"] = len(done) if todo else 0
             ticker = asyncio.create_task(self._ticker(engine)) if self.progress else None
             slots = asyncio.Semaphore(self.cfg.run.max_in_flight)
@@ -237,7 +249,8 @@ class Job:
         eta = f"{left / rate:,.0f}s" if rate > 0 and not final else "-"
         line = (
             f"problems {done}/{self.total} | mistakes {c['mistakes']} | rationales ok {c['accepted']} "
-            f"gold✗ {c['rejected_gold']} review✗ {c['rejected_review']} | calls {calls} ({calls / elapsed:,.1f}/s) "
+            f"gold✗ {c['rejected_gold']} review✗ {c['rejected_review']} "
+            f"| calls {calls} ({calls / elapsed:,.1f}/s) "
             f"tok {toks:,} | ${cost:,.4f} | 429 {sum(s['http_429'] for s in st.values())} "
             f"retries {sum(s['retries'] for s in st.values())} | eta {eta}"
         )
@@ -275,7 +288,10 @@ def cli_main(args) -> int:
     summary = asyncio.run(run_job(cfg, run_dir, progress=not args.no_progress))
     print(f"run directory: {run_dir}", file=sys.stderr)
     if summary["failed_problems"]:
-        print(f"fair: {len(summary['failed_problems'])} problems failed (listed in {run_dir}/failures); "
-              "run again to retry them", file=sys.stderr)
+        print(
+            f"fair: {len(summary['failed_problems'])} problems failed (listed in {run_dir}/failures); "
+            "run again to retry them",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -90,7 +90,9 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
                 "reviews": len(per_reviewer[name]) + invalid[name],
                 "mean_score": statistics.fmean(per_reviewer[name]) if per_reviewer[name] else None,
                 "pass_rate": (
-                    sum(x > 3 for x in per_reviewer[name]) / len(per_reviewer[name]) if per_reviewer[name] else None
+                    sum(x > 3 for x in per_reviewer[name]) / len(per_reviewer[name])
+                    if per_reviewer[name]
+                    else None
                 ),
                 "invalid": invalid[name],
             }
@@ -99,7 +101,9 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "reviews": n_reviews,
         "feedback": sum(1 for _ in iter_raw(root, "feedback")),
         "samples": dict(samples),
-        "failures": [{"problem_id": f["problem_id"], "stage": f["stage"], "reason": f["reason"]} for f in failures],
+        "failures": [
+            {"problem_id": f["problem_id"], "stage": f["stage"], "reason": f["reason"]} for f in failures
+        ],
         "calls": calls["calls"],
         "cache_hits": calls["cache_hits"],
         "http_429": calls["http_429"],
@@ -136,7 +140,8 @@ def render_markdown(s: dict[str, Any], title: str = "FAIR run report") -> str:
         f"| acceptance rate | {_pct(s['acceptance_rate'])} |",
         f"| mistake explanations | {s['feedback']} |",
         f"| reviews | {s['reviews']} |",
-        f"| samples (rationale / mistake) | {s['samples'].get('rationale', 0)} / {s['samples'].get('mistake', 0)} |",
+        f"| samples (rationale / mistake) | {s['samples'].get('rationale', 0)} / "
+        f"{s['samples'].get('mistake', 0)} |",
         f"| API calls (cache hits) | {s['calls']} ({s['cache_hits']}) |",
         f"| teacher calls per mistake | {_num(s['teacher_calls_per_mistake'])} (paper: 12) |",
         f"| tokens | {s['tokens']:,} |",

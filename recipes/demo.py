@@ -35,10 +35,16 @@ def split(problems: list[Problem]) -> tuple[list[Problem], list[Problem]]:
 
 
 def job_config(sim_url: str, student_url: str, student_model: str, sim_student: bool) -> RunConfig:
-    endpoints = {t: {"base_url": sim_url, "model": t, "price_in": p_in, "price_out": p_out}
-                 for t, p_in, p_out in zip(TEACHERS, (0.15, 0.80, 0.10), (0.60, 4.00, 0.40), strict=True)}
-    endpoints["student"] = {"base_url": student_url, "model": student_model, "concurrency": 32,
-                            "timeout_s": 600}
+    endpoints = {
+        t: {"base_url": sim_url, "model": t, "price_in": p_in, "price_out": p_out}
+        for t, p_in, p_out in zip(TEACHERS, (0.15, 0.80, 0.10), (0.60, 4.00, 0.40), strict=True)
+    }
+    endpoints["student"] = {
+        "base_url": student_url,
+        "model": student_model,
+        "concurrency": 32,
+        "timeout_s": 600,
+    }
     raw = {
         "run": {"seed": 0},
         "dataset": {"name": "builtin"},
@@ -76,13 +82,19 @@ def main(args) -> int:
         _say("starting the simulated committee and the SmolLM2-135M student server")
         sim_port, student_port = free_port(), free_port()
         sim_url = f"http://127.0.0.1:{sim_port}/v1"
-        services.start("sim", ["sim", "--profile", "committee", "--dataset", "builtin", "--port", str(sim_port)],
-                       f"http://127.0.0.1:{sim_port}/health")
+        services.start(
+            "sim",
+            ["sim", "--profile", "committee", "--dataset", "builtin", "--port", str(sim_port)],
+            f"http://127.0.0.1:{sim_port}/health",
+        )
         student_url, student_model = sim_url, "student-sim"
         if not args.sim_student:
             student_url = f"http://127.0.0.1:{student_port}/v1"
-            services.start("student", ["serve-student", "--port", str(student_port)],
-                           f"http://127.0.0.1:{student_port}/health")
+            services.start(
+                "student",
+                ["serve-student", "--port", str(student_port)],
+                f"http://127.0.0.1:{student_port}/health",
+            )
             student_model = _models(student_url)[0]
         timings["servers_s"] = time.monotonic() - t_start
 

@@ -27,15 +27,22 @@ TEACHERS = {
 
 def problems(n: int = 40) -> list[Problem]:
     return [
-        Problem(id=f"p{i:03d}", question=f"Ann has {i + 3} pens and buys {2 * i + 1} more. How many pens?",
-                answer=str(3 * i + 4), task="numeric", dataset="synthetic")
+        Problem(
+            id=f"p{i:03d}",
+            question=f"Ann has {i + 3} pens and buys {2 * i + 1} more. How many pens?",
+            answer=str(3 * i + 4),
+            task="numeric",
+            dataset="synthetic",
+        )
         for i in range(n)
     ]
 
 
 def profile(latency_ms: float = 0.0, student_skill: float = 0.4) -> SimProfile:
     models = {name: msgspec.structs.replace(m, latency_ms=latency_ms) for name, m in TEACHERS.items()}
-    models["student"] = ModelProfile(content="reasoning", role="student", skill=student_skill, latency_ms=latency_ms)
+    models["student"] = ModelProfile(
+        content="reasoning", role="student", skill=student_skill, latency_ms=latency_ms
+    )
     return SimProfile(name="test", seed=7, models=models)
 
 
@@ -45,8 +52,14 @@ def config(base_url: str, **sections) -> RunConfig:
         "student": {"endpoint": "student", "attempts": 2, "temperature": 0.7},
         "teachers": {"endpoints": list(TEACHERS)},
         "endpoints": {
-            name: {"base_url": base_url, "model": name, "price_in": 1.0, "price_out": 2.0, "max_attempts": 2,
-                   "timeout_s": 10}
+            name: {
+                "base_url": base_url,
+                "model": name,
+                "price_in": 1.0,
+                "price_out": 2.0,
+                "max_attempts": 2,
+                "timeout_s": 10,
+            }
             for name in [*TEACHERS, "student"]
         },
     }
@@ -103,8 +116,12 @@ async def test_end_to_end_records_and_samples(tmp_path):
 async def test_early_stop_saves_reviews_and_keeps_the_accepted_set(tmp_path):
     probs = problems(30)
     async with start_sim(profile(), problems=probs) as sim:
-        await run(config(sim.base_url, review={"gold_check": "off", "early_stop": False}), tmp_path / "full", probs)
-        await run(config(sim.base_url, review={"gold_check": "off", "early_stop": True}), tmp_path / "early", probs)
+        await run(
+            config(sim.base_url, review={"gold_check": "off", "early_stop": False}), tmp_path / "full", probs
+        )
+        await run(
+            config(sim.base_url, review={"gold_check": "off", "early_stop": True}), tmp_path / "early", probs
+        )
 
     def verdicts(d: Path) -> dict[str, bool]:
         return {r.id: r.accepted for r in iter_records(d, "rationales")}
@@ -144,9 +161,15 @@ endpoints = ["t-good", "t-mid", "t-harsh"]
 
 def _write_job(tmp_path: Path, base_url: str, probs: list[Problem]) -> Path:
     data = tmp_path / "problems.jsonl"
-    data.write_bytes(b"".join(msgspec.json.encode({"id": p.id, "question": p.question, "answer": p.answer}) + b"\n"
-                              for p in probs))
-    eps = "".join(f'[endpoints.{n}]\nbase_url = "{base_url}"\nmodel = "{n}"\n' for n in [*TEACHERS, "student"])
+    data.write_bytes(
+        b"".join(
+            msgspec.json.encode({"id": p.id, "question": p.question, "answer": p.answer}) + b"\n"
+            for p in probs
+        )
+    )
+    eps = "".join(
+        f'[endpoints.{n}]\nbase_url = "{base_url}"\nmodel = "{n}"\n' for n in [*TEACHERS, "student"]
+    )
     job = tmp_path / "job.toml"
     job.write_text(CONFIG_TOML.format(data=data, endpoints=eps))
     return job
@@ -154,7 +177,12 @@ def _write_job(tmp_path: Path, base_url: str, probs: list[Problem]) -> Path:
 
 async def _fair(*args: str, kill_after: float | None = None) -> int:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", *args, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "engine.cli",
+        *args,
+        stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.DEVNULL,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     if kill_after is not None:
@@ -162,7 +190,7 @@ async def _fair(*args: str, kill_after: float | None = None) -> int:
             await asyncio.wait_for(proc.wait(), kill_after)
         except TimeoutError:
             proc.send_signal(signal.SIGKILL)
-    _, err = await proc.communicate()
+    await proc.communicate()
     return proc.returncode
 
 
@@ -176,8 +204,8 @@ def _sample_set(run_dir: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize("kill_points", [(1.5,), (1.0, 2.0, 3.0)])
 async def test_sigkill_then_resume_gives_the_uninterrupted_samples(tmp_path, kill_points):
-    probs = problems(60)
-    async with start_sim(profile(latency_ms=25), problems=probs) as sim:
+    probs = problems(120)
+    async with start_sim(profile(latency_ms=60), problems=probs) as sim:
         job = _write_job(tmp_path, sim.base_url, probs)
         assert await _fair("run", str(job), "--run-dir", str(tmp_path / "ref"), "--no-progress") == 0
         paid_ref = sim.stats["requests"]

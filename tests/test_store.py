@@ -64,7 +64,10 @@ def test_writers_share_a_run_directory(tmp_path):
     a.close("done")
     b.close("done")
     assert {r.id for r in iter_records(tmp_path, "failures")} == {"p0/failure/student", "p1/failure/student"}
-    assert sorted(p.name for p in shard_paths(tmp_path, "failures")) == ["shard-w0-00000.jsonl", "shard-w1-00000.jsonl"]
+    assert sorted(p.name for p in shard_paths(tmp_path, "failures")) == [
+        "shard-w0-00000.jsonl",
+        "shard-w1-00000.jsonl",
+    ]
 
 
 def test_samples_load_with_hf_datasets(tmp_path):

@@ -76,13 +76,18 @@ async def review(
     if mistake is None:
         messages = ctx.prompts.render("review", problem, solution=solution)
     else:
-        messages = ctx.prompts.render("review_feedback", problem, solution=solution, student_answer=mistake.text)
+        messages = ctx.prompts.render(
+            "review_feedback", problem, solution=solution, student_answer=mistake.text
+        )
     early = ctx.cfg.review.early_stop if early_stop is None else early_stop
     order = reviewers_for(ctx, author, target_id)
     reviews: list[Review] = []
     scores: list[Score] = []
     for i, reviewer in enumerate(order):
-        if early and scoring.decided([s.score for s in scores], len(order) - i, **rule_kwargs(ctx)) is not None:
+        if (
+            early
+            and scoring.decided([s.score for s in scores], len(order) - i, **rule_kwargs(ctx)) is not None
+        ):
             ctx.counts["reviews_saved"] += len(order) - i
             break
         r = await _one(ctx, problem, target_id, author, reviewer, messages)

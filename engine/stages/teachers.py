@@ -18,7 +18,9 @@ def feedback_id(attempt: Attempt, teacher: str) -> str:
 
 def _request(ctx: StageContext, messages, max_tokens: int) -> ChatRequest:
     t = ctx.cfg.teachers
-    return ChatRequest(messages=messages, max_tokens=max_tokens, temperature=t.temperature, seed=ctx.cfg.run.seed)
+    return ChatRequest(
+        messages=messages, max_tokens=max_tokens, temperature=t.temperature, seed=ctx.cfg.run.seed
+    )
 
 
 async def rationale(ctx: StageContext, problem: Problem, teacher: str) -> Rationale:

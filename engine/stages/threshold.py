@@ -20,7 +20,10 @@ def judge(r: Rationale, scores: list[Score], rule: ReviewSection) -> Rationale:
     mean = scoring.aggregate(valid, rule.aggregation) if valid else None
     gold_blocks = rule.gold_check in ("reject", "review-anyway") and r.gold_match is False
     verdict = scoring.verdict(
-        [s.score for s in scores], threshold=rule.threshold, min_valid=rule.min_valid, aggregation=rule.aggregation
+        [s.score for s in scores],
+        threshold=rule.threshold,
+        min_valid=rule.min_valid,
+        aggregation=rule.aggregation,
     )
     if gold_blocks:
         status = "rejected_gold"
@@ -28,4 +31,6 @@ def judge(r: Rationale, scores: list[Score], rule: ReviewSection) -> Rationale:
         status = "no_reviews"
     else:
         status = "accepted" if verdict else "rejected_review"
-    return msgspec.structs.replace(r, scores=scores, mean_score=mean, accepted=status == "accepted", status=status)
+    return msgspec.structs.replace(
+        r, scores=scores, mean_score=mean, accepted=status == "accepted", status=status
+    )
