@@ -224,7 +224,7 @@ class Job:
                 if ticker:
                     ticker.cancel()
                     self._print_progress(engine, final=True)
-                self.store.close(status, {"problems_total": self.total, "endpoints": _endpoint_stats(engine)})
+                self.store.close(status, {"problems_total": self.total, "endpoints": engine.snapshot()})
         write_report(self.run_dir)
         return {"status": status, "failed_problems": self.failed_problems, "counts": dict(self.ctx.counts)}
 
@@ -240,7 +240,7 @@ class Job:
         c = self.ctx.counts
         done = self.store.count("problems")
         elapsed = time.monotonic() - self.started
-        st = _endpoint_stats(engine)
+        st = engine.snapshot()
         calls = sum(s["requests"] for s in st.values())
         toks = sum(s["prompt_tokens"] + s["completion_tokens"] for s in st.values())
         cost = sum(s["cost_usd"] for s in st.values())
@@ -256,15 +256,6 @@ class Job:
         )
         end = "\n" if final or not sys.stderr.isatty() else ""
         print(("\r" if sys.stderr.isatty() else "") + line, end=end, file=sys.stderr, flush=True)
-
-
-def _endpoint_stats(engine: Engine) -> dict[str, dict]:
-    import msgspec
-
-    out = {}
-    for name, s in engine.stats.items():
-        out[name] = msgspec.to_builtins(s) if isinstance(s, msgspec.Struct) else dict(vars(s))
-    return out
 
 
 def load_problems(cfg: RunConfig) -> list[Problem]:
