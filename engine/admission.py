@@ -15,10 +15,11 @@ that sends no rate-limit headers costs one semaphore acquire per call once it ha
    a wall of calls before its first 429 (or header) can tell us so.
 3. **Configured RPM / TPM**: token buckets (``TokenBucket``). Tokens are estimated before the
    call (``chars/4`` + 3 per message + ``max_tokens``) and reconciled with ``usage`` after.
-4. **Pause**: a 429's ``retry-after-ms`` / ``Retry-After`` pauses the whole endpoint until then;
-   queued callers re-take their place in the buckets afterwards, so a pause never ends in a burst.
+4. **Pause**: a 429's ``retry-after-ms`` / ``Retry-After`` pauses the whole endpoint until then.
+   The buckets stop refilling meanwhile and every queued reservation moves back by the pause, so
+   a pause neither ends in a burst nor reorders the queue (the mirror below relies on its order).
 5. **Server mirror** (``LimitMirror``): when a server sends ``x-ratelimit-remaining-*`` (with
-   ``-reset-*``, ``-limit-*``), we keep a model of its bucket: a lower bound of its *allowance*
+   ``-reset-*``, ``-limit-*``), we keep a model of its bucket: an estimate of its *allowance*
    (what it let through plus what remains), which only grows by its refill, so its slope *is*
    the hidden rate when no ``-limit-*`` header states it. Calls go while what we sent stays
    under the projected allowance, and are paced at that rate once it would not. Measured
@@ -134,7 +135,8 @@ class TokenBucket:
         self._refill(now)
         cost = min(cost, self.capacity)  # a request larger than the burst must still pass
         self.level -= cost
-        return -self.level / self.rate if self.level < 0 else 0.0
+        held = max(0.0, self.updated - now)  # during a pause, refill starts when it ends
+        return held + (-self.level / self.rate if self.level < 0 else 0.0)
 
     def adjust(self, delta: float) -> None:
         """Give back (delta > 0) or take more (delta < 0) after the real cost is known."""
@@ -145,20 +147,21 @@ class TokenBucket:
         self.rate = rate
         self.capacity = max(1.0, rate)
 
-    def restart(self, at: float) -> None:
-        """Empty the bucket as of ``at`` (after a pause): queued callers re-reserve from there."""
-        self.level = 0.0
-        self.updated = at
+    def hold(self, now: float, until: float) -> None:
+        """A pause: no refill until ``until``, and what was left is spent (the server said so).
+        Debts are kept, so every queued reservation moves back by the pause, in order."""
+        self._refill(now)
+        self.level = min(self.level, 0.0)
+        self.updated = max(self.updated, until)
 
 
 class LimitMirror:
     """A model of one server-side limit (requests or tokens) built from ``x-ratelimit-*``.
 
     In units of that limit: the server's *allowance* is everything it ever let through plus what
-    it has left; a bucket only ever adds to it (its refill). A reply to call p says ``remaining``;
-    the server had then counted at least the calls accepted before p was sent, plus p itself.
-    So ``remaining + accepted_at_send(p) (+ p)`` is a lower bound of the allowance, whatever order
-    calls reached the server in. Its slope over time is the hidden rate (when no
+    it has left; a bucket only ever adds to it (its refill). A reply to call p says ``remaining``
+    as of p's arrival, when the server had counted the calls sent before p that it did not refuse
+    (``Admission._counted``), plus p itself; their sum is the allowance at p's send time. Its slope over time is the hidden rate (when no
     ``x-ratelimit-limit-*`` header states it); the anchor is the best recent bound, projected
     forward at that rate. A new call may go when the projected allowance covers everything we
     sent that the server may count (all calls but those it refused) plus one unit of margin.
@@ -171,7 +174,7 @@ class LimitMirror:
     __slots__ = ("anchor", "anchor_t", "bins", "capacity", "exact", "guess", "rate")
 
     def __init__(self) -> None:
-        self.anchor: float | None = None  # allowance (lower bound) at anchor_t
+        self.anchor: float | None = None  # allowance (estimated) at anchor_t
         self.anchor_t = 0.0
         self.rate: float | None = None  # learned refill per second (slope)
         self.guess: float | None = None  # rate from limit/reset headers, until a slope is known
@@ -247,8 +250,9 @@ class LimitMirror:
     def delay(self, committed: float, accepted: float, now: float) -> float:
         """Seconds until the allowance covers ``committed`` units (ours the server may count).
 
-        The projection cannot run more than a full bucket past what the server has accepted:
-        while its bucket is full (we were idle) the refill is lost, not banked."""
+        The projection cannot run more than a full bucket past what the server has counted
+        (``accepted``: everything sent and not refused): while its bucket is full (we were idle)
+        the refill is lost, not banked."""
         if self.anchor is None:
             return 0.0
         pace = self.pace
@@ -268,25 +272,29 @@ class LimitMirror:
 class _Units:
     """Running counts of one limit's units (requests or tokens) for the server mirror."""
 
-    __slots__ = ("accepted", "refused", "reserved")
+    __slots__ = ("accepted", "refused", "reserved", "sent")
 
     def __init__(self) -> None:
         self.reserved = 0.0  # taken by calls admitted or waiting to be
+        self.sent = 0.0  # of calls admitted (sent)
         self.accepted = 0.0  # of calls the server answered other than with a 429 (it counted them)
         self.refused = 0.0  # of calls answered 429 (the server did not count them)
 
 
 class Lease:
-    """One admitted call: its cost, the cut epoch it saw, what was accepted when it was sent."""
+    """One admitted call: its cost, the cut epoch it saw, and what had been sent and accepted
+    before it was sent."""
 
-    __slots__ = ("acc_req", "acc_tok", "epoch", "est_tokens", "t")
+    __slots__ = ("acc_req", "acc_tok", "epoch", "est_tokens", "sent_req", "sent_tok", "t")
 
-    def __init__(self, est_tokens: float, epoch: int, acc_req: float, acc_tok: float, t: float = 0.0):
+    def __init__(self, est_tokens: float, epoch: int, req: _Units, tok: _Units, t: float = 0.0):
         self.est_tokens = est_tokens
         self.epoch = epoch
-        self.acc_req = acc_req
-        self.acc_tok = acc_tok
+        self.acc_req, self.sent_req = req.accepted, req.sent
+        self.acc_tok, self.sent_tok = tok.accepted, tok.sent
         self.t = t  # when it was admitted (0.0 on the ungated fast path, where nobody needs it)
+        req.sent += 1.0
+        tok.sent += est_tokens
 
 
 class Admission:
@@ -302,7 +310,7 @@ class Admission:
         self.req = _Units()
         self.tok = _Units()
         self.paused_until = 0.0
-        self.pause_epoch = 0  # bumps on every pause
+        self.shift = 0.0  # total seconds pauses have moved bucket reservations back by
         self.epoch = 0  # bumps on every cut (a burst of 429s cuts once)
         self.mirror_req: LimitMirror | None = None
         self.mirror_tok: LimitMirror | None = None
@@ -327,7 +335,7 @@ class Admission:
         if not self._gated:
             self.req.reserved += 1.0
             self.tok.reserved += est_tokens
-            return Lease(est_tokens, self.epoch, self.req.accepted, self.tok.accepted)
+            return Lease(est_tokens, self.epoch, self.req, self.tok)
         try:
             return await self._wait(est_tokens)
         except BaseException:
@@ -338,11 +346,17 @@ class Admission:
         req, tok = self.req, self.tok
         placed = False  # has this call had its place in the cold-start window?
         index_req = index_tok = -1.0  # its place in the mirrors' order (fixed once taken)
-        bucket_epoch = -1  # the pause epoch its bucket places were taken in
+        ready = None  # when its bucket reservation falls due, as of ``shift0``
+        shift0 = 0.0
         while True:
             now = time.monotonic()
-            if self.paused_until > now:
-                await asyncio.sleep(self.paused_until - now)
+            if ready is not None:  # pauses since the reservation move it back by as much
+                due = ready + self.shift - shift0
+                if due > now:
+                    await asyncio.sleep(due - now)
+                    continue
+            elif self.paused_until > now and self.requests is None and self.tokens is None:
+                await asyncio.sleep(self.paused_until - now)  # (a bucket place accounts for it)
                 continue
             if self._cold and not placed:
                 placed = True
@@ -358,26 +372,28 @@ class Admission:
                 req.reserved += 1.0
                 tok.reserved += est_tokens
                 index_req, index_tok = req.reserved, tok.reserved
-            if bucket_epoch != self.pause_epoch:  # (re)take places in the buckets: a pause empties them
-                bucket_epoch = self.pause_epoch
-                delay = 0.0
+            if ready is None and (self.requests is not None or self.tokens is not None):
+                delay = 0.0  # take places in the buckets, once
                 if self.requests is not None:
                     delay = self.requests.reserve(1.0, now)
                 if self.tokens is not None:
                     delay = max(delay, self.tokens.reserve(est_tokens, now))
+                ready, shift0 = now + delay, self.shift
                 if delay > 0:
                     await asyncio.sleep(delay)
                     continue
             # the server mirrors: our place, less what the server refused, must fit its allowance
             delay = 0.0
             if self.mirror_req is not None:
-                delay = self.mirror_req.delay(index_req - req.refused, req.accepted, now)
+                delay = self.mirror_req.delay(index_req - req.refused, req.sent - req.refused, now)
             if self.mirror_tok is not None:
-                delay = max(delay, self.mirror_tok.delay(index_tok - tok.refused, tok.accepted, now))
+                delay = max(
+                    delay, self.mirror_tok.delay(index_tok - tok.refused, tok.sent - tok.refused, now)
+                )
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue
-            return Lease(est_tokens, self.epoch, req.accepted, tok.accepted, now)
+            return Lease(est_tokens, self.epoch, req, tok, now)
 
     # -- release ----------------------------------------------------------------------------
     def release(
@@ -433,6 +449,16 @@ class Admission:
             or self.paused_until > time.monotonic()
         )
 
+    @staticmethod
+    def _counted(accepted: float, sent: float, refused: float) -> float:
+        """What the server had counted of ours when a call reached it: every call sent before,
+        less those it refused. Providers count a call on arrival and transit takes milliseconds
+        against seconds of generation, so calls sent earlier arrived earlier. (Counting only the
+        calls already *answered* would miss every call in flight: with 1 s latency that is a
+        second's worth of the limit, the server's whole burst, never used.) Never less than what
+        had been answered when the call was sent, which is certain."""
+        return max(accepted, sent - refused)
+
     def _observe(self, lease: Lease, headers: Mapping[str, str], status: int) -> None:
         # The server counted this call when it arrived, shortly after we sent it: the bound on
         # its allowance holds from the send time on (using the reply time would hide the refill
@@ -449,7 +475,7 @@ class Admission:
                     self.requests = None
             self.mirror_req.observe(
                 remaining,
-                lease.acc_req + (0.0 if refused else 1.0),
+                self._counted(lease.acc_req, lease.sent_req, self.req.refused) + (0.0 if refused else 1.0),
                 now,
                 parse_duration(headers.get("x-ratelimit-reset-requests")),
                 _number(headers.get("x-ratelimit-limit-requests")),
@@ -463,7 +489,8 @@ class Admission:
                 self._gated = True
             self.mirror_tok.observe(
                 remaining,
-                lease.acc_tok + (0.0 if refused else lease.est_tokens),
+                self._counted(lease.acc_tok, lease.sent_tok, self.tok.refused)
+                + (0.0 if refused else lease.est_tokens),
                 now,
                 parse_duration(headers.get("x-ratelimit-reset-tokens")),
                 _number(headers.get("x-ratelimit-limit-tokens")),
@@ -519,13 +546,15 @@ class Admission:
 
     def pause(self, until: float) -> None:
         """Hold every new call of this endpoint until ``until`` (``time.monotonic`` clock)."""
-        if until <= self.paused_until:
+        now = time.monotonic()
+        if until <= max(now, self.paused_until):
             return
+        self.shift += until - max(now, self.paused_until)
         self.paused_until = until
-        self.pause_epoch += 1
         self._gated = True
-        if self.requests is not None:
-            self.requests.restart(until)
+        for bucket in (self.requests, self.tokens):
+            if bucket is not None:
+                bucket.hold(now, until)
 
     # -- introspection ----------------------------------------------------------------------
     def effective_rpm(self) -> float | None:
