@@ -161,10 +161,11 @@ class LimitMirror:
     In units of that limit: the server's *allowance* is everything it ever let through plus what
     it has left; a bucket only ever adds to it (its refill). A reply to call p says ``remaining``
     as of p's arrival, when the server had counted the calls sent before p that it did not refuse
-    (``Admission._counted``), plus p itself; their sum is the allowance at p's send time. Its slope over time is the hidden rate (when no
-    ``x-ratelimit-limit-*`` header states it); the anchor is the best recent bound, projected
-    forward at that rate. A new call may go when the projected allowance covers everything we
-    sent that the server may count (all calls but those it refused) plus one unit of margin.
+    (``Admission._counted``), plus p itself; their sum is the allowance at p's send time. Its
+    slope over time is the hidden rate (when no ``x-ratelimit-limit-*`` header states it); the
+    anchor is the best recent estimate, projected forward at that rate. A new call may go when
+    the projected allowance covers everything we sent that the server may count (all calls but
+    those it refused) plus one unit of margin.
     """
 
     BIN_S = 0.25  # observations are kept per bin (max allowance), so the cost stays O(1)
