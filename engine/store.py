@@ -208,7 +208,7 @@ class RunStore:
                     {
                         "kind": kind,
                         "path": str(path.relative_to(self.root)),
-                        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                        "sha256": _sha256(path),
                         "bytes": path.stat().st_size,
                     }
                 )
@@ -227,3 +227,9 @@ class RunStore:
 def read_manifest(root: str | Path) -> dict[str, Any] | None:
     path = Path(root) / "manifest.json"
     return orjson.loads(path.read_bytes()) if path.exists() else None
+
+
+def _sha256(path: Path) -> str:
+    """A shard's digest, read in chunks (shards can be larger than memory should hold)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
