@@ -258,7 +258,8 @@ class LimitMirror:
             return 0.0
         pace = self.pace
         available = self.anchor + (pace or 0.0) * (now - self.anchor_t)
-        full = accepted + self.capacity
+        full = accepted + self.capacity + 1.0  # (+1: the margin below must not shrink the bucket;
+        # a server whose bucket holds one call would otherwise never be sent another)
         if available > full:
             self.anchor, self.anchor_t, available = full, now, full
         short = committed + 1.0 - available  # one unit of margin

@@ -279,7 +279,7 @@ class Engine:
         stats.completion_tokens += usage.completion_tokens
         stats.cost_usd += done.cost_usd
         if self.trace is not None:
-            self._trace(lane, done, latency, state[2], None, state[0])
+            self._trace(lane, done, latency, state[2], None, state[0], state[1])
         return done
 
     async def _attempt(self, lane: _Lane, body: bytes, est: float, state: list[int]) -> Completion:
@@ -354,7 +354,14 @@ class Engine:
 
     # -- trace ------------------------------------------------------------------------------
     def _trace(
-        self, lane: _Lane, done: Completion, latency: float, status: int, error: str | None, attempts: int = 0
+        self,
+        lane: _Lane,
+        done: Completion,
+        latency: float,
+        status: int,
+        error: str | None,
+        attempts: int = 0,
+        http_429: int = 0,
     ) -> None:
         assert self.trace is not None
         u = done.usage
@@ -368,6 +375,7 @@ class Engine:
                 completion_tokens=u.completion_tokens,
                 cost_usd=done.cost_usd,
                 attempts=attempts,
+                http_429=http_429,
                 cache_hit=done.cached,
                 status=status,
                 error=error,
@@ -383,6 +391,7 @@ class Engine:
                     model=lane.cfg.model,
                     latency_s=round(time.monotonic() - t0, 6),
                     attempts=state[0],
+                    http_429=state[1],
                     status=state[2],
                     error=type(exc).__name__,
                 )

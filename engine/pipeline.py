@@ -241,7 +241,7 @@ class Job:
         done = self.store.count("problems")
         elapsed = time.monotonic() - self.started
         st = engine.snapshot()
-        calls = sum(s["requests"] for s in st.values())
+        calls = sum(s["requests"] - s["cache_hits"] for s in st.values())  # as report.md counts them
         toks = sum(s["prompt_tokens"] + s["completion_tokens"] for s in st.values())
         cost = sum(s["cost_usd"] for s in st.values())
         rate = (done - c["resumed_done"]) / elapsed if elapsed > 0 else 0

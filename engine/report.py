@@ -61,7 +61,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         if t.get("latency_s") is not None:
             latency.append(t["latency_s"])
 
-    mistakes = sum(1 for a in attempts if not a["correct"])
+    # distinct wrong answers per problem, as the student stage counts them (stages.student.mistakes)
+    mistakes = len({(a["problem_id"], a["text"].strip()) for a in attempts if not a["correct"]})
     judged = sum(rationale_status.values())
     teacher_calls = calls["calls"] - len(attempts) if calls["calls"] else 0
     return {
@@ -132,7 +133,7 @@ def render_markdown(s: dict[str, Any], title: str = "FAIR run report") -> str:
         "|---|---|",
         f"| problems done | {s['problems_done']} / {s['problems_total'] or '?'} |",
         f"| student attempts (accuracy) | {s['attempts']} ({_pct(s['student_accuracy'])}) |",
-        f"| mistakes | {s['mistakes']} |",
+        f"| mistakes (distinct wrong answers) | {s['mistakes']} |",
         f"| rationales accepted | {s['rationales'].get('accepted', 0)} |",
         f"| rejected by gold check | {s['rationales'].get('rejected_gold', 0)} |",
         f"| rejected by review | {s['rationales'].get('rejected_review', 0)} |",

@@ -1,8 +1,9 @@
 """Call trace: one JSON line per API call in ``RUN_DIR/trace/shard-*.jsonl``.
 
 Fields: ts (unix seconds), endpoint, model, latency_s, prompt/completion tokens, cost_usd,
-attempts, cache_hit, status (HTTP status of the last attempt; 0 = no answer) and error (the
-exception class of a failed call). Never a key, a header or a message body.
+attempts, http_429 (rate-limit answers before it went through), cache_hit, status (HTTP status
+of the last attempt; 0 = no answer) and error (the exception class of a failed call). Never a
+key, a header or a message body.
 
 Lines are encoded with msgspec and written in batches (64 KiB or once a second) with plain
 ``os.write``; a SIGKILL loses at most the last second of trace, never a record. Each ``Trace``
@@ -31,6 +32,7 @@ class TraceEvent(msgspec.Struct, kw_only=True):
     completion_tokens: int = 0
     cost_usd: float = 0.0
     attempts: int = 1
+    http_429: int = 0
     cache_hit: bool = False
     status: int = 0
     error: str | None = None

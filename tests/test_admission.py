@@ -232,4 +232,14 @@ def test_mirror_does_not_bank_refill_while_the_server_bucket_is_full():
     assert m.pace == 50.0
     # after an idle minute the projection would promise 3,000 more; the bucket holds 50
     assert m.delay(committed=1 + 49, accepted=1, now=60.0) == 0.0
-    assert m.delay(committed=1 + 60, accepted=1, now=60.0) == pytest.approx(11 / 50, rel=0.05)
+    assert m.delay(committed=1 + 60, accepted=1, now=60.0) == pytest.approx(10 / 50, rel=0.05)
+
+
+def test_mirror_of_a_one_call_bucket_still_sends():
+    """A server whose bucket holds a single call (remaining is 0 after each): once it refilled,
+    the next call may go; the safety margin must not exceed the whole bucket."""
+    m = LimitMirror()
+    m.observe(remaining=0.0, counted=1.0, t=0.0, reset_s=0.1, limit=600.0, period_s=60.0)
+    assert m.capacity == 1.0
+    assert m.delay(committed=2.0, accepted=1.0, now=0.05) > 0  # not refilled yet
+    assert m.delay(committed=2.0, accepted=1.0, now=10.0) == 0.0  # long idle: one call may go

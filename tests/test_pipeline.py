@@ -14,6 +14,7 @@ import pytest
 from engine.config import RunConfig, convert_config
 from engine.errors import BreakerTripped
 from engine.pipeline import Job
+from engine.report import summarize
 from engine.schema import Problem
 from engine.sim import ModelProfile, SimProfile, start_sim
 from engine.store import iter_records, read_manifest
@@ -111,6 +112,24 @@ async def test_end_to_end_records_and_samples(tmp_path):
     assert manifest["status"] == "done" and manifest["counts"]["samples"] == len(samples)
     report = (tmp_path / "report.md").read_text()
     assert "Acceptance by teacher" in report and "t-harsh" in report
+
+
+async def test_report_figures_match_the_live_counts_and_the_server(tmp_path):
+    """report.md is rebuilt from the run directory; its figures must be the ones the live run
+    counted and the server saw: mistakes, API calls, and 429s (a tight rpm forces some)."""
+    probs = problems(30)
+    prof = profile()
+    prof.models["t-mid"] = msgspec.structs.replace(prof.models["t-mid"], rpm=600, limit_burst_s=0.1)
+    async with start_sim(prof, problems=probs) as sim:
+        summary = await run(config(sim.base_url), tmp_path, probs)
+        served = sum(m["requests"] for m in sim.stats.by_model.values())
+        sim_429 = sim.stats["http_429"]
+    got = summarize(tmp_path)
+    assert sim_429 > 0
+    assert got["http_429"] == sim_429
+    assert got["calls"] == served - sim_429  # calls that went through; their 429s counted apart
+    assert got["mistakes"] == summary["counts"]["mistakes"]
+    assert f"| HTTP 429 / retries | {sim_429} / " in (tmp_path / "report.md").read_text()
 
 
 async def test_early_stop_saves_reviews_and_keeps_the_accepted_set(tmp_path):
