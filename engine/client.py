@@ -298,7 +298,7 @@ class Engine:
                 async with session.post(lane.provider.url, data=body) as resp:
                     status = resp.status
                     raw = await resp.read()
-                    headers = resp.headers
+                    headers = lane.provider.limits(resp.headers)
             except TimeoutError:
                 stats.in_flight -= 1
                 stats.timeouts += 1

@@ -85,8 +85,9 @@ class FakeServer:
         return sum(1 for s in self.seen if s.status == status)
 
     # -- rate limit -------------------------------------------------------------------------
-    def _limit(self, headers: dict[str, str]) -> float | None:
-        """Take one request from the bucket; the seconds to wait when it is empty."""
+    def _limit(self, headers: dict[str, str], dialect: str = "openai") -> float | None:
+        """Take one request from the bucket; the seconds to wait when it is empty. The headers
+        are OpenAI's, or Anthropic's (``anthropic-ratelimit-*``, the reset an RFC 3339 time)."""
         if not self.rpm:
             return None
         rate = self.rpm / 60
@@ -101,7 +102,14 @@ class FakeServer:
             wait = (1.0 - self._level) / rate
         else:
             self._level -= 1.0
-        if self.rate_headers:
+        if self.rate_headers and dialect == "anthropic":
+            reset = time.time() + (cap - self._level) / rate
+            headers["anthropic-ratelimit-requests-limit"] = str(int(self.rpm))
+            headers["anthropic-ratelimit-requests-remaining"] = str(max(0, int(self._level)))
+            headers["anthropic-ratelimit-requests-reset"] = time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(reset))
+            )
+        elif self.rate_headers:
             if self.limit_header:
                 headers["x-ratelimit-limit-requests"] = str(int(self.rpm))
             headers["x-ratelimit-remaining-requests"] = str(max(0, int(self._level)))
@@ -123,7 +131,7 @@ class FakeServer:
         action = action or "ok"
         headers: dict[str, str] = {}
         if action == "ok":
-            wait = self._limit(headers)
+            wait = self._limit(headers, "anthropic" if request.path.endswith("/messages") else "openai")
             if wait is not None:
                 headers["retry-after"] = str(max(1, math.ceil(wait)))
                 headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))

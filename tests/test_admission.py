@@ -84,6 +84,26 @@ async def test_hidden_limit_is_learned_from_headers(limit_header):
     assert stats.http_429 <= 0.05 * stats.calls, stats
 
 
+async def test_anthropic_rate_limit_headers_are_read():
+    """Anthropic names its limits ``anthropic-ratelimit-*`` with an RFC 3339 reset: the engine
+    must learn a hidden 6000 rpm from them as it does from OpenAI's headers."""
+    rate = 100.0
+    async with FakeServer(rpm=rate * 60, burst_s=0.5, latency_s=0.01) as srv:
+        cfg = EndpointConfig(base_url=srv.url, model="m", provider="anthropic", concurrency=128)
+        async with Engine({"a": cfg}) as engine:
+            await run_all(engine, 400, workers=128)
+            stats = engine.stats["a"]
+            learned = engine.snapshot()["a"]["rate_rpm"]
+    ok = sorted(srv.ok_times())
+    steady = [t for t in ok if t > ok[0] + 1.0]
+    achieved = (len(steady) - 1) / (steady[-1] - steady[0])
+    assert stats.ok == 400
+    assert learned == pytest.approx(rate * 60, rel=0.01)  # from anthropic-ratelimit-requests-limit
+    assert achieved >= 0.85 * rate, achieved
+    late_429 = [s.t for s in srv.seen if s.status == 429 and s.t > ok[0] + 1.0]
+    assert len(late_429) <= 0.02 * stats.calls, (len(late_429), stats)
+
+
 async def test_a_hidden_limit_is_used_fully_when_replies_are_slower_than_its_burst():
     """Replies take 0.5 s; the server's bucket holds 0.25 s of its 40/s. The server counts calls
     on arrival, so the calls in flight are counted already: a mirror that waited for their

@@ -171,6 +171,7 @@ async def test_trace_has_one_line_per_call(tmp_path):
             "completion_tokens",
             "cost_usd",
             "attempts",
+            "http_429",
             "cache_hit",
             "status",
             "error",

@@ -8,6 +8,7 @@ retries, limits, caching or sessions (those live in ``engine.client`` and ``engi
     url, body = provider.url, provider.encode(request)
     headers = provider.headers(api_key)
     completion = provider.decode(raw_body)          # ReplyError when unusable
+    limits = provider.limits(response_headers)      # rate-limit headers in OpenAI's x-ratelimit-*
 
 Error bodies of every protocol are read by ``error_message``; messages pass through ``redact``
 so an API key echoed by a server never reaches a log, a record or an exception.
@@ -16,6 +17,7 @@ so an API key echoed by a server never reaches a log, a record or an exception.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Protocol
 
 import msgspec
@@ -34,6 +36,11 @@ class Provider(Protocol):
     def encode(self, request: ChatRequest) -> bytes: ...
 
     def decode(self, body: bytes) -> Completion: ...
+
+    def limits(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """The response's rate-limit headers as OpenAI names them (``x-ratelimit-*``,
+        ``retry-after``), which is what admission reads."""
+        ...
 
 
 def make_provider(cfg: EndpointConfig) -> Provider:

@@ -4,10 +4,15 @@ https://docs.anthropic.com/en/api/messages. Differences from OpenAI handled here
 prompt is a top-level ``system`` field, ``max_tokens`` is required, ``stop`` is
 ``stop_sequences``, there is no ``n`` (the client fans out n calls) and no ``seed``; the reply is a
 list of content blocks, and stop reasons are mapped onto OpenAI's (``end_turn`` -> ``stop``...).
+Rate limits come as ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}``, the reset
+an RFC 3339 time (https://docs.anthropic.com/en/api/rate-limits); ``limits`` renames them.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -86,6 +91,22 @@ class AnthropicProvider:
             body["stop_sequences"] = list(request.stop)
         return _encoder.encode(body)
 
+    def limits(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """``anthropic-ratelimit-*`` as ``x-ratelimit-*``, the reset time as seconds from now."""
+        if "anthropic-ratelimit-requests-remaining" not in headers and (
+            "anthropic-ratelimit-tokens-remaining" not in headers
+        ):
+            return headers
+        out = {k: headers[k] for k in ("retry-after", "retry-after-ms") if k in headers}
+        now = time.time()
+        for kind in ("requests", "tokens"):  # "tokens": the most restrictive of input and output
+            for field in ("limit", "remaining"):
+                if (value := headers.get(f"anthropic-ratelimit-{kind}-{field}")) is not None:
+                    out[f"x-ratelimit-{field}-{kind}"] = value
+            if (reset := _seconds_until(headers.get(f"anthropic-ratelimit-{kind}-reset"), now)) is not None:
+                out[f"x-ratelimit-reset-{kind}"] = f"{reset:.3f}"
+        return out
+
     def decode(self, body: bytes) -> Completion:
         try:
             reply = _decoder.decode(body)
@@ -98,3 +119,13 @@ class AnthropicProvider:
         usage = Usage(u.input_tokens or 0, u.output_tokens or 0) if u is not None else Usage()
         choice = Choice("".join(texts), normalise_finish(reply.stop_reason, _FINISH))
         return Completion(choices=[choice], usage=usage, model=reply.model or self.model)
+
+
+def _seconds_until(stamp: str | None, now: float) -> float | None:
+    """An RFC 3339 time (``2025-08-21T12:40:59Z``) as seconds from ``now``; None if unreadable."""
+    if not stamp:
+        return None
+    try:
+        return max(0.0, datetime.fromisoformat(stamp).timestamp() - now)
+    except ValueError:
+        return None

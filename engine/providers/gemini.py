@@ -8,6 +8,7 @@ and ``model``; the system prompt is ``systemInstruction``; sampling parameters l
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -98,6 +99,9 @@ class GeminiProvider:
         if system:
             body["systemInstruction"] = {"parts": [{"text": "\n\n".join(system)}]}
         return _encoder.encode(body)
+
+    def limits(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        return headers  # Gemini sends no rate-limit headers; a 429 may carry Retry-After
 
     def decode(self, body: bytes) -> Completion:
         try:

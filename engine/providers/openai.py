@@ -7,6 +7,7 @@ is decoded into a small view Struct (only the fields we use), which is also the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -74,6 +75,9 @@ class OpenAIProvider:
         if request.stop:
             body["stop"] = list(request.stop)
         return _encoder.encode(body)
+
+    def limits(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        return headers  # the x-ratelimit-* names admission reads are OpenAI's
 
     def decode(self, body: bytes) -> Completion:
         try:
