@@ -30,7 +30,7 @@ from engine.sim import (
     named_profiles,
     start_sim,
 )
-from engine.sim.replay import ReplayData, ReplayDataMissing
+from engine.sim.replay import AUTHORS, REVIEWERS, ReplayData, ReplayDataMissing, norm
 from engine.sim.server import fmt_duration
 
 PROMPTS = prompt_set()
@@ -405,6 +405,34 @@ async def test_replay_serves_the_papers_real_svamp_text(datasets_dir: Path, monk
     # documented assumption: gpt's rationale is scored by (gemini, mistral), in that order
     assert (parse_score(by_gemini), parse_score(by_mistral)) == tuple(row["gpt_rationale"][1:3])
     assert student == row["student_wrong_pred"]
+
+
+async def test_replay_review_of_a_text_that_recurs_scores_it_for_its_own_question(
+    datasets_dir: Path, monkeypatch
+):
+    """Short rationales ("6", "$24") recur across questions with different recorded scores; a
+    review must get the scores recorded for the question it is about."""
+    monkeypatch.setenv("FAIR_DATA_DIR", str(datasets_dir))
+    release = datasets_dir / "fair-release" / "Llama-2-7b-chat-hf_svamp_rationale_round0.json"
+    written: dict[str, list[tuple[dict, str]]] = {}  # text -> (row, author) that wrote it
+    for row in json.loads(release.read_text()):
+        for author in AUTHORS:
+            if row.get(f"{author}_rationale"):
+                written.setdefault(norm(row[f"{author}_rationale"][0]), []).append((row, author))
+    first, second = next(
+        (a, b)
+        for group in written.values()
+        for a in group
+        for b in group
+        if a[0]["question"] != b[0]["question"]
+        and a[0][f"{a[1]}_rationale"][1:3] != b[0][f"{b[1]}_rationale"][1:3]
+    )
+    async with start_sim(load_profile("replay-svamp")) as sim:
+        for row, author in (first, second):
+            problem = Problem(id="x", question=row["question"], answer=row["gold_answer"], task="numeric")
+            review = msgs("review", problem, solution=row[f"{author}_rationale"][0])
+            got = [parse_score((await _replies(sim, r, [review], seed=0))[0]) for r in REVIEWERS[author]]
+            assert got == row[f"{author}_rationale"][1:3]
 
 
 def test_replay_without_data_says_where_it_looked(tmp_path: Path):

@@ -184,8 +184,15 @@ class ReplayData:
         end = text.find("\n", at)
         return self.items.get(norm(text[at + 10 : end if end >= 0 else len(text)]))
 
-    def author_of(self, rationale: str) -> tuple[ReplayItem, str] | None:
-        return self.by_text.get(norm(rationale))
+    def author_of(self, rationale: str, item: ReplayItem | None = None) -> tuple[ReplayItem, str] | None:
+        """Who wrote a rationale: looked up in the question's own item first, since short texts
+        ("16 pounds") recur across questions with different recorded scores."""
+        key = norm(rationale)
+        if item is not None:
+            for author, (text, _) in item.rationales.items():
+                if norm(text) == key:
+                    return item, author
+        return self.by_text.get(key)
 
     def problems(self, dataset: str | None = "svamp") -> list[Problem]:
         """The recorded questions as Problems (``dataset=None``: all of them)."""
@@ -215,7 +222,7 @@ class ReplayData:
             return item.feedback[author]
         if template == "review":
             solution = split_solution(text)
-            found = self.author_of(solution) if solution else None
+            found = self.author_of(solution, item) if solution else None
             if found is not None:
                 rec_item, rec_author = found
                 score = rec_item.score(rec_author, author)

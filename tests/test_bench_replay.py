@@ -1,0 +1,133 @@
+"""``fair bench replay-svamp`` end to end on a tiny random Llama: the FAIR pipeline over the paper's
+replayed SVAMP texts, three recipes on different sample sets, and a held-out evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from benchmarks import replay_svamp
+from engine.sim.content import norm
+from engine.sim.replay import ReplayData, data_dir
+from engine.store import iter_raw
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    """The options as the ``fair bench`` dispatcher builds them."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    replay_svamp.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> tuple[dict, Path, Path]:
+    data = data_dir()
+    if data is None or not all((data / f).is_file() for f in replay_svamp.RELEASE_FILES):
+        pytest.skip("FAIR release data absent: set FAIR_DATA_DIR or provide ../shared/datasets")
+    try:
+        from trainer.model import load_tokenizer
+
+        load_tokenizer()  # the tiny model borrows SmolLM2's tokenizer
+    except (FileNotFoundError, OSError) as exc:
+        pytest.skip(f"SmolLM2 tokenizer unavailable: {exc}")
+    out = tmp_path_factory.mktemp("bench-replay")
+    args = parse(
+        "--tiny", "--problems", "10", "--steps", "3", "--eval-n", "5", "--teacher", "gemini",
+        "--data-dir", str(data), "--out", str(out), "--device", "cpu",
+    )  # fmt: skip
+    return replay_svamp.run(args), out, data
+
+
+def test_pipeline_ran_over_the_replayed_committee(bench):
+    result, out, _data = bench
+    p = result["pipeline"]
+    assert p["problems"] == result["train_problems"] == 10 and p["failed_problems"] == 0
+    assert p["student_mistakes"] > 0 and p["rationales"] == 3 * p["student_mistakes"]
+    assert p["samples_rationale"] > 0 and p["samples_mistake"] > 0
+    assert 0 < p["accepted"] < p["rationales"]  # the review (and gold check) rejected some
+    assert p["accepted"] + p["rejected_gold"] + p["rejected_review"] <= p["rationales"]
+    assert p["rejected_gold_paper_accepts"] <= p["rejected_gold"]
+    assert p["rejected_review_paper_accepts"] <= p["rejected_review"]
+    assert p["paper_rule_accepts"] <= p["rationales"]
+    assert result["exit_code"] == 0
+    assert (out / "report.md").read_text().startswith("# replay-svamp")
+
+
+def test_recipes_train_on_different_sample_sets(bench):
+    result, out, _data = bench
+    rows = {r["recipe"]: r for r in result["training"]}
+    assert list(rows) == list(replay_svamp.RECIPES)
+
+    def samples(name: str) -> list[dict]:
+        return list(iter_raw(out / "recipes" / name, "samples"))
+
+    fair, single, no_mistake = (samples(n) for n in replay_svamp.RECIPES)
+    committee = list(iter_raw(out / "run", "samples"))
+    # (a) FAIR: the committee run's samples exactly, both tasks
+    assert {s["id"] for s in fair} == {s["id"] for s in committee}
+    assert {s["task"] for s in fair} == {"rationale", "mistake"}
+    # (b) one teacher: every rationale it wrote (accepted or not), nothing else
+    gemini = [r for r in iter_raw(out / "run", "rationales") if r["teacher"] == "gemini"]
+    assert {s["task"] for s in single} == {"rationale"} and {s["teacher"] for s in single} == {"gemini"}
+    assert sorted(s["response"] for s in single) == sorted(r["text"] for r in gemini)
+    assert any(r["status"] != "accepted" for r in gemini)  # unfiltered: rejected texts included
+    # (c) FAIR without mistake learning: the committee's rationale samples only
+    assert {s["id"] for s in no_mistake} == {s["id"] for s in committee if s["task"] == "rationale"}
+    # every prompt is the rendered solve prompt of the problem, as in the committee run
+    prompts = {s["problem_id"]: s["messages"] for s in committee if s["task"] == "rationale"}
+    assert all(s["messages"] == prompts[s["problem_id"]] for s in single if s["problem_id"] in prompts)
+
+    assert rows["fair"]["mistake"] > 0 and rows["single-teacher"]["mistake"] == 0
+    assert rows["fair-no-mistake"]["mistake"] == 0
+    assert rows["single-teacher"]["teachers"] == "gemini"
+    assert rows["single-teacher"]["alpha"] == rows["fair-no-mistake"]["alpha"] == 0.0
+    for r in rows.values():  # the same budget for every recipe
+        assert r["steps"] == 3 and r["wall_s"] > 0 and r["cpu_s"] > 0 and r["final_loss"] > 0
+        assert r["samples"] == r["rationale"] + r["mistake"]
+
+
+def test_evaluation_is_held_out_with_intervals(bench):
+    result, out, data = bench
+    rows = {r["model"]: r for r in result["accuracy"]}
+    assert set(rows) == {"base", *replay_svamp.RECIPES}
+    for r in rows.values():
+        assert r["n"] == result["eval_questions"] == 5
+        for mode in ("strict", "flexible"):
+            assert 0.0 <= r[f"{mode}_lo"] <= r[mode] <= r[f"{mode}_hi"] <= 1.0
+    held = [json.loads(line) for line in (out / "eval_problems.jsonl").read_text().splitlines()]
+    assert len(held) == 5 and all(h["id"].startswith("svamp-") for h in held)
+    replayed = {norm(p.question).lower() for p in ReplayData.load(data).problems()}
+    assert len(replayed) == 387
+    assert not {norm(h["question"]).lower() for h in held} & replayed
+
+
+def test_table_and_json_shape(bench):
+    result, _, _ = bench
+    text = replay_svamp.table(result)
+    assert "single-teacher" in text and "95% CI" in text and "held-out SVAMP" in text
+    json.dumps(result)  # what --json prints
+
+
+def test_missing_data_names_the_path(tmp_path):
+    with pytest.raises(replay_svamp.DataMissing, match=re.escape(str(tmp_path / "fair-release"))):
+        replay_svamp.run(parse("--tiny", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")))
+
+
+def test_held_out_excludes_every_training_question(tmp_path):
+    data = data_dir()
+    if data is None or not (data / replay_svamp.SVAMP_FILE).is_file():
+        pytest.skip("SVAMP absent: set FAIR_DATA_DIR or provide ../shared/datasets")
+    train = ReplayData.load(data).problems("svamp")
+    pool = replay_svamp.held_out(data, train, None, 0)
+    assert len(pool) == 1000 - 387
+    assert replay_svamp.held_out(data, train, 40, 0) == replay_svamp.held_out(data, train, 40, 0)
+    assert len(replay_svamp.held_out(data, train, 40, 1)) == 40
