@@ -218,24 +218,34 @@ def run_pipeline(out: Path, data: Path, problems: list[Problem], seed: int, gold
 def paper_agreement(run_dir: Path, replay) -> dict:
     """How the run's verdicts compare with the release's own rule (valid scores 1-5, mean > 3).
 
-    The release's texts were written for the paper's prompt, not ours, so their last line is
-    rarely "The answer is X": a gold check that extracts the answer rejects some right rationales
-    (the last number of "4 packs ... 26 dollars each" is 26). These counts make that visible."""
+    Most rationales the gold check rejects although the paper's reviewers passed them are wrong
+    (the reviewers were lenient), but the release's texts were written for the paper's prompt,
+    not ours, so their last line is rarely "The answer is X" and the extracted answer is sometimes
+    another number of a right solution ("4 packs ... 26 dollars each" gives 26). Those state the
+    gold number in their last line: counted apart, a heuristic."""
+    import re
+
+    from engine.answers import is_correct
     from engine.store import iter_raw
 
     items = {it.id: it for it in replay.items.values()}
-    paper_ok = gold_but_ok = review_but_ok = 0
+    paper_ok = gold_but_ok = gold_in_last_line = review_but_ok = 0
     for r in iter_raw(run_dir, "rationales"):
         item = items.get(r["problem_id"])
         scores = item.rationales.get(r["teacher"], ("", []))[1] if item else []
         valid = [x for x in scores if 1 <= x <= 5]
         ok = bool(valid) and sum(valid) / len(valid) > 3
         paper_ok += ok
-        gold_but_ok += ok and r["status"] == "rejected_gold"
+        if ok and r["status"] == "rejected_gold":
+            gold_but_ok += 1
+            last = r["text"].strip().rsplit("\n", 1)[-1]
+            numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", last)
+            gold_in_last_line += any(is_correct(x, item.gold, "numeric") for x in numbers)
         review_but_ok += ok and r["status"] == "rejected_review"
     return {
         "paper_rule_accepts": paper_ok,
         "rejected_gold_paper_accepts": gold_but_ok,
+        "of_which_gold_in_last_line": gold_in_last_line,
         "rejected_review_paper_accepts": review_but_ok,
     }
 
@@ -560,8 +570,10 @@ def write_report(out: Path, result: dict, ev: dict) -> Path:
         "sample policy `paper` (one accepted rationale and one explanation per mistake). "
         "`paper_rule_accepts` applies the release's own review rule to the same rationales; "
         "`rejected_gold_paper_accepts` counts rationales the gold check rejected although the paper's "
-        "reviewers accepted them (the release's texts do not end in our instructed answer line, so the "
-        "extracted answer is sometimes another number of a right solution).",
+        "reviewers accepted them: mostly wrong rationales lenient reviewers passed, but "
+        "`of_which_gold_in_last_line` state the gold number in their last line (the release's texts "
+        "do not end in our instructed answer line, so the extracted answer can be another number of "
+        "a right solution).",
         "",
         *md([{"figure": k, "value": v} for k, v in p.items() if k != "run_dir"]),
         "",
