@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import sqlite3
 import subprocess
@@ -11,7 +12,7 @@ import time
 
 from fakeserver import FakeServer
 
-from engine.cache import ResponseCache, cache_key
+from engine.cache import KeyPrefixes, ResponseCache, cache_key
 from engine.client import Engine
 from engine.config import EndpointConfig
 from engine.types import ChatRequest, Choice, Completion, Message, Usage, user
@@ -63,6 +64,18 @@ def test_key_is_canonical_and_covers_what_determines_the_answer():
     ]
     keys = {cache_key(*v) for v in variants}
     assert len(keys) == len(variants) and key not in keys
+
+
+def test_key_prefixes_know_every_added_key_through_growth():
+    keys = [hashlib.sha256(b"k%d" % i).digest() for i in range(5000)]
+    known = KeyPrefixes(keys[:100])
+    for k in keys[100:]:
+        known.add(k)
+    known.add(keys[0])  # again: no duplicate slot
+    assert all(k in known for k in keys)
+    others = [hashlib.sha256(b"x%d" % i).digest() for i in range(5000)]
+    assert sum(k in known for k in others) == 0  # 64-bit prefixes: a false hit is ~1e-12
+    assert bytes(8) + b"rest" not in known and b"\x00" * 32 not in KeyPrefixes()
 
 
 async def test_entries_persist_and_are_visible_before_commit(tmp_path):
