@@ -352,30 +352,6 @@ def train_recipe(name: str, samples: list[Sample], out: Path, opts: dict, alpha:
     }
 
 
-def tiny_model(folder: Path) -> str:
-    """A randomly initialised 2-layer Llama with the real SmolLM2 tokenizer (plumbing only)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from trainer.model import load_tokenizer
-
-    tok = load_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
 def cut_at_limit(wrong_dir: Path, names: list[str], model: str | None, limit: int) -> dict[str, int]:
     """Per model, the strictly-wrong answers whose text ran into ``max_new_tokens``: a cap that is
     too short shows up here. Approximate: the decoded text is re-tokenized (prose comes back to
@@ -428,7 +404,9 @@ def run(args: argparse.Namespace) -> dict:
     sets = recipe_samples(Path(pipeline["run_dir"]), problems, opts["teacher"])
 
     if opts["size"] == "tiny" and not opts["model"]:
-        opts["model"] = tiny_model(out / "tiny-model")
+        from trainer.model import save_tiny_student
+
+        opts["model"] = save_tiny_student(out / "tiny-model")
     alphas = {"fair": opts["alpha"], "single-teacher": 0.0, "fair-no-mistake": 0.0}
     training = [train_recipe(name, sets[name], out, opts, alphas[name]) for name in RECIPES]
 

@@ -9,10 +9,10 @@ import pytest
 torch = pytest.importorskip("torch")
 answers = pytest.importorskip("engine.answers")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from engine.schema import Problem  # noqa: E402
 from trainer.evaluate import HFGenerator, accuracy, evaluate, grade, parse_adapters, wilson  # noqa: E402
+from trainer.model import save_tiny_student  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -60,23 +60,7 @@ def test_wilson_interval_reference_values():
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-    from trainer.model import load_tokenizer
-
-    tok = load_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        tie_word_embeddings=True,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_student(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

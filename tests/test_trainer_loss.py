@@ -8,10 +8,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import torch.nn.functional as F  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from trainer import data as D  # noqa: E402
 from trainer.loss import TaskTokens, combine, fair_loss, micro_loss, per_token_loss  # noqa: E402
+from trainer.model import tiny_llama  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -25,18 +25,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model(tok):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        tie_word_embeddings=True,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(len(tok), attn_implementation="sdpa").eval()
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from engine.errors import ConfigError  # noqa: E402
 from trainer import data as D  # noqa: E402
-from trainer.model import load_student  # noqa: E402
+from trainer.model import load_student, save_tiny_student  # noqa: E402
 from trainer.train import TrainConfig, get_lr, load_config, train  # noqa: E402
 
 torch.set_num_threads(2)
@@ -24,24 +23,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     """A randomly initialised 2-layer Llama with the real SmolLM2 tokenizer, saved as a folder."""
-    from trainer.model import load_tokenizer
-
-    tok = load_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_student(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

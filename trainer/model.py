@@ -107,3 +107,30 @@ def _save_cache(model, tok) -> None:
         tmp.replace(target) if not target.exists() else None
     except OSError:
         pass
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+    """A randomly initialised 2-layer Llama (hidden size 64): plumbing checks and tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    )
+    return LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides}))
+
+
+def save_tiny_student(folder: str | Path, seed: int = 0) -> str:
+    """``tiny_llama`` with the real SmolLM2 tokenizer, saved as a model folder ``fair train`` and
+    ``fair eval`` load like any other."""
+    tok = load_tokenizer()
+    tiny_llama(len(tok), seed).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
