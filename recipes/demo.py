@@ -35,8 +35,10 @@ def split(problems: list[Problem]) -> tuple[list[Problem], list[Problem]]:
 
 
 def job_config(sim_url: str, student_url: str, student_model: str, sim_student: bool) -> RunConfig:
+    # the simulated teachers answer in about a second; a call that hangs (the sim injects a few)
+    # is abandoned and retried after 20 s, not after the 120 s default meant for real APIs
     endpoints = {
-        t: {"base_url": sim_url, "model": t, "price_in": p_in, "price_out": p_out}
+        t: {"base_url": sim_url, "model": t, "price_in": p_in, "price_out": p_out, "timeout_s": 20}
         for t, p_in, p_out in zip(TEACHERS, (0.15, 0.80, 0.10), (0.60, 4.00, 0.40), strict=True)
     }
     endpoints["student"] = {
