@@ -6,7 +6,7 @@
 3. train a few LoRA steps on the samples;
 4. evaluate base vs trained student on the held-back part;
 5. write ``report.md`` and print where everything is. Every server started is stopped, also on
-   Ctrl-C.
+   Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import sys
 import time
 import urllib.request
@@ -68,7 +69,12 @@ def _say(text: str) -> None:
     print(f"\n== {text}", file=sys.stderr, flush=True)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM takes Ctrl-C's path: every server is stopped on the way out
+
+
 def main(args) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     t_start = time.monotonic()
     out = Path(args.out)
     if out.exists():
@@ -155,11 +161,19 @@ def main(args) -> int:
     return 1 if summary["failed_problems"] else 0
 
 
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def write_demo_report(out: Path, run_summary: dict, train_result, eval_result, timings: dict) -> Path:
     parts = [render_markdown(run_summary, title="fairdistill demo").rstrip()]
     if train_result:
         parts += ["", "## Training (LoRA, L = α·L_mistake + (1-α)·L_rationale)", ""]
-        parts += [f"- {k}: {v}" for k, v in train_result.items() if not isinstance(v, (dict, list))]
+        parts += [
+            f"- {k}: {_fmt(v)}"
+            for k, v in train_result.items()
+            if v is not None and not isinstance(v, (dict, list))
+        ]
         plot = out / "train" / "loss.png"
         if plot.exists():
             parts += ["", f"![losses]({plot.relative_to(out)})"]
