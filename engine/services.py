@@ -1,7 +1,9 @@
 """Local servers started as child processes (simulator, CPU student), always stopped again.
 
 Each child runs in its own session so a Ctrl-C on the terminal reaches us first; we then stop
-the children ourselves (SIGTERM, then SIGKILL after a grace period), also on errors.
+the children ourselves (SIGTERM, then SIGKILL after a grace period), also on errors. While the
+group is open a SIGTERM to us takes Ctrl-C's path (``KeyboardInterrupt``), so ``kill`` does not
+orphan the children either.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -28,6 +32,7 @@ class Services:
     def __init__(self, log_dir: Path):
         self.log_dir = Path(log_dir)
         self.procs: dict[str, subprocess.Popen] = {}
+        self._sigterm: Any = None
 
     def start(self, name: str, argv: list[str], health_url: str, timeout: float = 300.0) -> None:
         """Start ``argv`` (a ``fair`` subcommand) and wait until ``health_url`` answers 200."""
@@ -59,8 +64,19 @@ class Services:
             proc.wait()
 
     def __enter__(self) -> Services:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there
+            self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
         return self
 
     def __exit__(self, *exc) -> None:
-        for name in list(self.procs):
-            self.stop(name)
+        try:
+            for name in list(self.procs):
+                self.stop(name)
+        finally:
+            if self._sigterm is not None:
+                signal.signal(signal.SIGTERM, self._sigterm)
+                self._sigterm = None
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

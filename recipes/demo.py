@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import signal
 import sys
 import time
 import urllib.request
@@ -69,12 +68,7 @@ def _say(text: str) -> None:
     print(f"\n== {text}", file=sys.stderr, flush=True)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM takes Ctrl-C's path: every server is stopped on the way out
-
-
 def main(args) -> int:
-    signal.signal(signal.SIGTERM, _interrupt)
     t_start = time.monotonic()
     out = Path(args.out)
     if out.exists():
