@@ -1,4 +1,4 @@
-"""Local servers started as child processes (simulator, CPU student), always stopped again.
+"""Local servers started as child processes (simulator, student, `vllm serve`), always stopped again.
 
 Each child runs in its own session so a Ctrl-C on the terminal reaches us first; we then stop
 the children ourselves (SIGTERM, then SIGKILL after a grace period), also on errors. While the
@@ -32,28 +32,56 @@ class Services:
     def __init__(self, log_dir: Path):
         self.log_dir = Path(log_dir)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.graces: dict[str, float] = {}
         self._sigterm: Any = None
 
-    def start(self, name: str, argv: list[str], health_url: str, timeout: float = 300.0) -> None:
-        """Start ``argv`` (a ``fair`` subcommand) and wait until ``health_url`` answers 200."""
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the child
+    def start(
+        self, name: str, argv: list[str], health_url: str, timeout: float = 300.0, *, grace: float = 10.0
+    ) -> None:
+        """Start ``fair ARGV...`` (a ``fair`` subcommand) and wait until ``health_url`` answers 200."""
         cmd = [sys.executable, "-m", "engine.cli", *argv]
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.start_process(name, cmd, health_url, timeout, grace=grace)
+
+    def start_process(
+        self,
+        name: str,
+        cmd: list[str],
+        health_url: str,
+        timeout: float = 300.0,
+        *,
+        grace: float = 10.0,
+        log: bool = True,
+    ) -> None:
+        """Start any command and wait until ``health_url`` answers 200. Its output goes to
+        ``LOG_DIR/NAME.log`` (``log=False``: to ours); ``grace`` is its time to stop on SIGTERM."""
+        out: Any = None
+        if log:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the child
+        where = f"; see {self.log_dir / (name + '.log')}" if log else ""
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT if log else None, start_new_session=True
+        )
+        self.graces[name] = grace
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.procs[name].poll() is not None:
-                raise RuntimeError(f"{name} exited early; see {self.log_dir / (name + '.log')}")
+                raise RuntimeError(f"{name} exited early (code {self.procs[name].returncode}){where}")
             try:
                 with urllib.request.urlopen(health_url, timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:
                 time.sleep(0.3)
-        raise TimeoutError(f"{name} did not become ready in {timeout:.0f}s; see {self.log_dir}")
+        raise TimeoutError(f"{name} did not become ready in {timeout:.0f}s{where}")
 
-    def stop(self, name: str, grace: float = 10.0) -> None:
+    def alive(self, name: str) -> bool:
+        proc = self.procs.get(name)
+        return proc is not None and proc.poll() is None
+
+    def stop(self, name: str, grace: float | None = None) -> None:
         proc = self.procs.pop(name, None)
+        grace = self.graces.pop(name, 10.0) if grace is None else grace
         if proc is None or proc.poll() is not None:
             return
         os.killpg(proc.pid, signal.SIGTERM)

@@ -9,6 +9,7 @@ dequantization.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def resolve_model(name: str | None) -> tuple[str, dict]:
     if name in (None, "", DEFAULT_STUDENT):
         cached = _cache_dir()
         if (cached / "config.json").exists():
+            ensure_architectures(cached)  # caches written before configs carried it
             return str(cached), {}
         gguf = default_gguf()
         return str(gguf.parent), {"gguf_file": gguf.name}
@@ -97,6 +99,7 @@ def _save_cache(model, tok) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         model.config.quantization_config = None
         del model.config.quantization_config
+        model.config.architectures = [type(model).__name__]  # vLLM picks the model class from it
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -107,6 +110,27 @@ def _save_cache(model, tok) -> None:
         tmp.replace(target) if not target.exists() else None
     except OSError:
         pass
+
+
+def ensure_architectures(folder: str | Path) -> list[str]:
+    """``architectures`` of a model folder's ``config.json``, written in from ``model_type`` when
+    missing (vLLM picks the model class from it; transformers does not need it)."""
+    path = Path(folder) / "config.json"
+    cfg = json.loads(path.read_text())
+    if cfg.get("architectures"):
+        return cfg["architectures"]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.get("model_type", ""))
+    if arch is None:
+        raise ValueError(
+            f"{path}: no architectures and no causal-LM class for model_type {cfg.get('model_type')!r}"
+        )
+    cfg["architectures"] = [arch]
+    tmp = path.with_name(f"config.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return cfg["architectures"]
 
 
 def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
