@@ -1,7 +1,10 @@
 """The engine's exception tree.
 
 FairError
-├── ConfigError          bad config: names the file and field            (exit 2)
+├── ConfigError          bad config or flag: names the file and field    (exit 2)
+├── UsageError           a path that cannot be used (a file where a folder goes...)  (exit 2)
+│   └── DamagedRunError  an unreadable line in a run directory: names file:line, says
+│                        `fair repair RUN_DIR`                            (exit 2)
 ├── InputError           bad dataset/input line: names file:line         (record skipped)
 ├── RequestError         one request failed for good (400/404, retries exhausted, bad reply)
 │   └── ReplyError       the server answered, but the body is unusable (malformed, empty)
@@ -12,6 +15,8 @@ FairError
 
 from __future__ import annotations
 
+import re
+
 
 class FairError(Exception):
     """Base of every error the engine raises on purpose."""
@@ -19,6 +24,19 @@ class FairError(Exception):
 
 class ConfigError(FairError):
     """A config file or value is invalid. The message names the file and the field."""
+
+
+class UsageError(FairError):
+    """A path or argument that cannot be used as given (exit code 2)."""
+
+
+class DamagedRunError(UsageError):
+    """A run directory holds a line or manifest that cannot be read. Names ``file:line``."""
+
+    def __init__(self, where: str, why: str, run_dir: str):
+        super().__init__(f"{where}: damaged run directory ({why}); run `fair repair {run_dir}` to fix it")
+        self.where = where
+        self.run_dir = run_dir
 
 
 class InputError(FairError):
@@ -48,3 +66,15 @@ class AuthError(AbortRun):
 
 class BreakerTripped(AbortRun):
     """Too many records failed in a row or in a window: stop instead of burning budget."""
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    """``text`` safe to print on one terminal line: newlines and tabs become spaces, other
+    control characters (ESC, BEL, bidi overrides...) are shown as ``\\xNN`` escapes, and it is
+    cut at ``limit`` characters. For anything that may echo what a server or a file sent."""
+    text = text.replace("\r\n", " ").replace("\n", " ").replace("\t", " ")
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else "?", text)
+    return text if len(text) <= limit else text[:limit] + "..."

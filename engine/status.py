@@ -1,18 +1,25 @@
-"""`fair status RUN_DIR`: counts, cost and failures of a run, live or finished."""
+"""`fair status RUN_DIR`: counts, cost and failures of a run, live or finished.
+
+Every record line is checked first: a damaged run directory is one line naming ``file:line``
+and ``fair repair RUN_DIR`` (exit 2), not a traceback or a silently short report."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from engine.errors import UsageError
+from engine.repair import first_damage
 from engine.report import render_markdown, summarize
+from engine.store import read_manifest
 
 
 def cli_main(args) -> int:
     root = Path(args.run_dir)
     if not root.is_dir():
-        print(f"fair status: {root}: no such run directory", file=sys.stderr)
-        return 2
+        raise UsageError(f"{root}: no such run directory")
+    read_manifest(root)  # DamagedRunError (exit 2, names the file and `fair repair`) if unreadable
+    if (damage := first_damage(root)) is not None:
+        raise damage
     s = summarize(root)
     print(render_markdown(s, title=f"fair status — {root}"))
     return 1 if s["failures"] else 0

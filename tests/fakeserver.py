@@ -13,6 +13,8 @@ Actions (a string, or a tuple for ``status``):
     "reset"                   close the connection without an answer
     "malformed"               200 with a body that is not JSON
     "empty"                   200 with ``choices: []``
+    raw(body, status, headers)       exactly these bytes (any bytes: deep nesting, bad UTF-8,
+                              control characters...) with that status and those headers
 
 Every request is logged in ``srv.seen`` (monotonic time, path, headers, JSON body, status).
 Speaks the OpenAI, Anthropic and Gemini shapes on their usual paths.
@@ -25,6 +27,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,9 +158,10 @@ class FakeServer:
             _, code, err_body, extra = action
             seen.status = code
             data = err_body if isinstance(err_body, bytes) else orjson.dumps(err_body)
-            return web.Response(
-                status=code, body=data, headers={**headers, **extra}, content_type="application/json"
-            )
+            all_headers = {**headers, **extra}
+            if any(k.lower() == "content-type" for k in all_headers):
+                return web.Response(status=code, body=data, headers=all_headers)
+            return web.Response(status=code, body=data, headers=all_headers, content_type="application/json")
         if action == "hang":
             seen.status = -1
             await asyncio.sleep(3600)
@@ -222,6 +226,37 @@ class FakeServer:
 
         # adapt the Gemini request to the shape _handle reads (messages with role/content)
         return await self._handle(_GeminiView(request), answer)
+
+
+class FakeServerThread:
+    """A ``FakeServer`` on its own event loop in a daemon thread, for synchronous callers such
+    as an in-process ``engine.cli.main`` (which runs ``asyncio.run`` itself)::
+
+        with FakeServerThread() as srv:
+            srv.rule = lambda seen: ...
+            main(["generate", "--endpoint", srv.url, ...])
+    """
+
+    def __init__(self, **kwargs: Any):
+        self.server = FakeServer(**kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fakeserver", daemon=True)
+
+    def __enter__(self) -> FakeServer:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.__aenter__(), self._loop).result(10)
+        return self.server
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.__aexit__(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+def raw(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> tuple:
+    """An action answering exactly ``body`` (any bytes) with ``status`` and ``headers``."""
+    return ("status", status, body, headers or {})
 
 
 class _GeminiView:

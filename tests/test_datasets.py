@@ -48,9 +48,9 @@ def test_gsm8k(datasets_dir):
 
 
 def test_offset_and_limit_keep_ids(datasets_dir):
-    window = load_problems(cfg(name="gsm8k", offset=42, limit=3), data_dir=datasets_dir)
+    window = load_problems(cfg(name="gsm8k", split="test", offset=42, limit=3), data_dir=datasets_dir)
     assert [p.id for p in window] == ["gsm8k-test-00042", "gsm8k-test-00043", "gsm8k-test-00044"]
-    assert load_problems(cfg(name="gsm8k", offset=1319), data_dir=datasets_dir) == []
+    assert load_problems(cfg(name="gsm8k", split="test", offset=1319), data_dir=datasets_dir) == []
     assert load_problems(cfg(name="gsm8k", limit=0), data_dir=datasets_dir) == []
     with pytest.raises(ConfigError, match="offset"):
         load_problems(cfg(name="gsm8k", offset=-1), data_dir=datasets_dir)
@@ -96,7 +96,7 @@ def test_strategyqa(datasets_dir):
 
 def test_split_all(datasets_dir):
     """split = "all": every split file present (what the simulator asks for)."""
-    sizes = {"gsm8k": 1319, "svamp": 1000, "strategyqa": 229, "logiqa": 1302}
+    sizes = {"gsm8k": 1319 + 7473, "svamp": 1000, "strategyqa": 229, "logiqa": 1302}
     for name, size in sizes.items():
         problems = load_problems(cfg(name=name, split="all"), data_dir=datasets_dir)
         assert len(problems) == len({p.id for p in problems}) == size, name
@@ -131,11 +131,11 @@ def test_logiqa(datasets_dir):
 def test_path_forms(datasets_dir, monkeypatch):
     """dataset.path may be the file, the dataset's folder, or the folder holding it; else $FAIR_DATA_DIR."""
     by_file = load_problems(cfg(name="gsm8k", path=str(datasets_dir / "gsm8k" / "test.jsonl"), limit=2))
-    by_folder = load_problems(cfg(name="gsm8k", path=str(datasets_dir / "gsm8k"), limit=2))
-    by_parent = load_problems(cfg(name="gsm8k", path=str(datasets_dir), limit=2))
+    by_folder = load_problems(cfg(name="gsm8k", split="test", path=str(datasets_dir / "gsm8k"), limit=2))
+    by_parent = load_problems(cfg(name="gsm8k", split="test", path=str(datasets_dir), limit=2))
     monkeypatch.setenv("FAIR_DATA_DIR", str(datasets_dir))
     assert datasets.default_data_dir() == datasets_dir
-    by_env = load_problems(cfg(name="gsm8k", limit=2))
+    by_env = load_problems(cfg(name="gsm8k", split="test", limit=2))
     assert by_file == by_folder == by_parent == by_env
     assert by_file[0].id == "gsm8k-test-00000"
     # a file named after a split names the ids, whatever dataset.split says
@@ -363,7 +363,7 @@ def test_hub_gsm8k_and_logiqa(fake_hub):
     tables[("lucasmccabe/logiqa", "validation")] = [
         {"context": "C", "query": "Q?", "options": ["a", "b", "c", "d"], "correct_option": 2}
     ]
-    (g,) = load_problems(cfg(name="openai/gsm8k"))
+    (g,) = load_problems(cfg(name="openai/gsm8k", split="test"))
     assert (g.id, g.answer) == ("gsm8k-test-00000", "2")  # same ids as the local copy
     assert calls[-1] == ("openai/gsm8k", "main", "test")
     (lq,) = load_problems(cfg(name="lucasmccabe/logiqa", split="eval"))
@@ -374,9 +374,9 @@ def test_hub_generic_needs_task(fake_hub):
     tables, _ = fake_hub
     tables[("someone/qa", "test")] = [{"prompt": "Is it?", "label": True}]
     with pytest.raises(ConfigError, match=r"dataset\.task"):
-        load_problems(cfg(name="someone/qa"))
+        load_problems(cfg(name="someone/qa", split="test"))
     (p,) = load_problems(
-        cfg(name="someone/qa", task="yesno", fields={"question": "prompt", "answer": "label"})
+        cfg(name="someone/qa", split="test", task="yesno", fields={"question": "prompt", "answer": "label"})
     )
     assert (p.id, p.answer, p.dataset) == ("qa-00000", "yes", "qa")
 

@@ -184,3 +184,35 @@ def test_provider_objects_hold_no_key():
     p.headers(KEY)
     assert KEY not in repr(p) and not any(KEY in str(getattr(p, s)) for s in p.__slots__)
     assert msgspec.json.encode(EndpointConfig(base_url="u", model="m", api_key_env="MY_KEY")).find(b"sk-") < 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        orjson.dumps({"error": {"message": "\x1b[2Jgone\x07\r\nsecond line\u202e"}}),
+        b"\x1b]0;title\x07 raw text\r\n\x00",
+        b"x" * 10_000,
+        b'{"error": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    ],
+)
+def test_error_message_is_one_short_safe_line(body):
+    text = error_message(body)
+    assert len(text) <= 303 and not any(c in text for c in "\x1b\x07\x00\r\n\u202e")
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after": "inf"}, {"retry-after": "600.000"}),
+        ({"retry-after": "-5"}, {"retry-after": "0.000"}),
+        ({"retry-after": "nan"}, {}),
+        ({"retry-after-ms": "1e20"}, {"retry-after-ms": "600000.000"}),
+        ({"x-ratelimit-remaining-requests": "0"}, {}),  # a count with no reset and no limit: no rate
+        (
+            {"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "99999h"},
+            {"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "600.000"},
+        ),
+    ],
+)
+def test_server_durations_are_clamped_and_junk_dropped(headers, expected):
+    assert provider("openai").limits(headers) == expected

@@ -10,20 +10,36 @@ retries, limits, caching or sessions (those live in ``engine.client`` and ``engi
     completion = provider.decode(raw_body)          # ReplyError when unusable
     limits = provider.limits(response_headers)      # rate-limit headers in OpenAI's x-ratelimit-*
 
-Error bodies of every protocol are read by ``error_message``; messages pass through ``redact``
-so an API key echoed by a server never reaches a log, a record or an exception.
+Everything a server sends is untrusted. ``decode`` turns any body that is not a usable reply
+(bad JSON, deep nesting, wrong types, token counts out of range, a choice with no text) into a
+``ReplyError``, which the client retries and then records as a failure. ``limits`` passes the
+rate-limit headers through ``sane_limits``: every duration is clamped to
+``[0, max_wait_s]`` and counts to finite, non-negative numbers. Error bodies of every protocol
+are read by ``error_message``: control characters escaped, cut short, and passed through
+``redact`` so an API key echoed by a server never reaches a log, a record or an exception.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import msgspec
 
+from engine.admission import parse_duration, parse_retry_after
 from engine.config import EndpointConfig
+from engine.errors import ReplyError, one_line
 from engine.types import ChatRequest, Completion
+
+# Shared by the decoders: a token count is a non-negative int below 2**40 (no real reply comes
+# near; a usage beyond 64 bits would otherwise reach the cost sums and the manifest), and a stop
+# reason is a short word.
+TokenCount = Annotated[int, msgspec.Meta(ge=0, le=2**40)]
+FinishReason = Annotated[str, msgspec.Meta(max_length=64)]
+MAX_CHOICES = 128  # n is at most 128 (engine.config.Choices)
+MAX_WAIT_S = 600.0  # default ceiling of a server-given pause (EndpointConfig.max_wait_s)
 
 
 class Provider(Protocol):
@@ -48,16 +64,81 @@ def make_provider(cfg: EndpointConfig) -> Provider:
     if cfg.provider == "openai":
         from engine.providers.openai import OpenAIProvider
 
-        return OpenAIProvider(cfg.base_url, cfg.model)
+        return OpenAIProvider(cfg.base_url, cfg.model, cfg.max_wait_s)
     if cfg.provider == "anthropic":
         from engine.providers.anthropic import AnthropicProvider
 
-        return AnthropicProvider(cfg.base_url, cfg.model)
+        return AnthropicProvider(cfg.base_url, cfg.model, cfg.max_wait_s)
     if cfg.provider == "gemini":
         from engine.providers.gemini import GeminiProvider
 
-        return GeminiProvider(cfg.base_url, cfg.model)
+        return GeminiProvider(cfg.base_url, cfg.model, cfg.max_wait_s)
     raise ValueError(f"unknown provider {cfg.provider!r}")
+
+
+def decode_reply(decoder: msgspec.json.Decoder, body: bytes, url: str):
+    """``decoder.decode(body)``, with every way a body can be unusable as a ``ReplyError``."""
+    try:
+        return decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ReplyError(f"unusable reply from {url}: {one_line(str(exc), 200)}") from None
+    except RecursionError:
+        raise ReplyError(f"unusable reply from {url}: JSON nested too deeply") from None
+
+
+# -- rate-limit headers -----------------------------------------------------------------------
+
+_DURATIONS = ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+_COUNTS = (
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+)
+MAX_COUNT = 1e12
+
+
+def sane_limits(headers: Mapping[str, str], max_wait_s: float = MAX_WAIT_S) -> dict[str, str]:
+    """The rate-limit headers admission reads, made safe: durations (``Retry-After`` in seconds or
+    as an HTTP date, ``retry-after-ms``, ``x-ratelimit-reset-*``) clamped to ``[0, max_wait_s]``
+    (``inf`` and huge values to the ceiling, negatives to 0), counts finite and within
+    ``[0, 1e12]`` (a limit at least 1). An unreadable value (``nan``, text) is dropped, as if the
+    server had not sent it, and so is a ``remaining`` count with neither its reset nor its limit."""
+    out: dict[str, str] = {}
+    for key in _DURATIONS:
+        if (value := _seconds(headers.get(key), parse_duration)) is not None:
+            out[key] = f"{min(value, max_wait_s):.3f}"
+    if (value := _seconds(headers.get("retry-after"), parse_retry_after)) is not None:
+        out["retry-after"] = f"{min(value, max_wait_s):.3f}"
+    if (ms := _float(headers.get("retry-after-ms"))) is not None:
+        out["retry-after-ms"] = f"{min(max(ms, 0.0), max_wait_s * 1000):.3f}"
+    for key in _COUNTS:
+        if (n := _float(headers.get(key))) is not None and n >= (1 if "-limit-" in key else 0):
+            out[key] = f"{min(n, MAX_COUNT):g}"
+    for kind in ("requests", "tokens"):  # a count with neither its reset nor its limit gives no rate:
+        if f"x-ratelimit-reset-{kind}" not in out and f"x-ratelimit-limit-{kind}" not in out:
+            out.pop(f"x-ratelimit-remaining-{kind}", None)  # "0 left" alone would stall the endpoint
+    return out
+
+
+def _seconds(value: str | None, parse) -> float | None:
+    if value is None or "nan" in value.lower():  # NaN: unreadable (a plain float() would give 0)
+        return None
+    try:
+        seconds = parse(value.strip())
+    except (ValueError, TypeError, IndexError, OverflowError):
+        return None
+    if seconds is None or math.isnan(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        n = float(value) if value is not None else None
+    except (ValueError, OverflowError):
+        return None
+    return None if n is None or math.isnan(n) else n
 
 
 # -- error bodies ----------------------------------------------------------------------------
@@ -88,7 +169,7 @@ def error_message(body: bytes, api_key: str | None = None) -> str:
     text = ""
     try:
         err = _error_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         text = body[:_MAX_MESSAGE].decode("utf-8", "replace").strip()
     else:
         if isinstance(err.error, _ErrorDetail):
@@ -96,9 +177,8 @@ def error_message(body: bytes, api_key: str | None = None) -> str:
         elif isinstance(err.error, str):
             text = err.error
         text = text or err.message or err.detail or ""
-    if len(text) > _MAX_MESSAGE:
-        text = text[:_MAX_MESSAGE] + "..."
-    return redact(text, api_key) if text else "(empty body)"
+    text = one_line(text, _MAX_MESSAGE)  # a server's control bytes never reach a terminal
+    return redact(text, api_key) if text.strip() else "(empty body)"
 
 
 # Key shapes masked even when we do not hold the key (e.g. a server echoing another one):

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from engine.errors import ReplyError
-from engine.providers import normalise_finish
+from engine.providers import MAX_WAIT_S, FinishReason, TokenCount, decode_reply, normalise_finish, sane_limits
 from engine.types import ChatRequest, Choice, Completion, Usage
 
 API_VERSION = "2023-06-01"
@@ -33,19 +33,22 @@ _FINISH = {
 }
 
 
+EMPTY_OK = frozenset({"max_tokens", "refusal"})  # stop reasons that may come with no text
+
+
 class _Block(msgspec.Struct):
     type: str = "text"
     text: str | None = None
 
 
 class _Usage(msgspec.Struct):
-    input_tokens: int | None = 0
-    output_tokens: int | None = 0
+    input_tokens: TokenCount | None = 0
+    output_tokens: TokenCount | None = 0
 
 
 class _Reply(msgspec.Struct):
     content: list[_Block]
-    stop_reason: str | None = None
+    stop_reason: FinishReason | None = None
     usage: _Usage | None = None
     model: str | None = ""
 
@@ -58,11 +61,12 @@ class AnthropicProvider:
     name = "anthropic"
     supports_n = False
 
-    __slots__ = ("base_url", "model", "url")
+    __slots__ = ("base_url", "max_wait_s", "model", "url")
 
-    def __init__(self, base_url: str, model: str):
+    def __init__(self, base_url: str, model: str, max_wait_s: float = MAX_WAIT_S):
         self.base_url = base_url.rstrip("/")
         self.model = model
+        self.max_wait_s = max_wait_s
         self.url = f"{self.base_url}/messages"
 
     def __repr__(self) -> str:
@@ -96,7 +100,7 @@ class AnthropicProvider:
         if "anthropic-ratelimit-requests-remaining" not in headers and (
             "anthropic-ratelimit-tokens-remaining" not in headers
         ):
-            return headers
+            return sane_limits(headers, self.max_wait_s)
         out = {k: headers[k] for k in ("retry-after", "retry-after-ms") if k in headers}
         now = time.time()
         for kind in ("requests", "tokens"):  # "tokens": the most restrictive of input and output
@@ -105,16 +109,13 @@ class AnthropicProvider:
                     out[f"x-ratelimit-{field}-{kind}"] = value
             if (reset := _seconds_until(headers.get(f"anthropic-ratelimit-{kind}-reset"), now)) is not None:
                 out[f"x-ratelimit-reset-{kind}"] = f"{reset:.3f}"
-        return out
+        return sane_limits(out, self.max_wait_s)
 
     def decode(self, body: bytes) -> Completion:
-        try:
-            reply = _decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ReplyError(f"unusable reply from {self.url}: {exc}") from None
+        reply = decode_reply(_decoder, body, self.url)
         texts = [b.text for b in reply.content if b.type == "text" and b.text is not None]
-        if not texts and reply.stop_reason is None:
-            raise ReplyError(f"reply from {self.url} has no content")
+        if not texts and reply.stop_reason not in EMPTY_OK:
+            raise ReplyError(f"reply from {self.url} has no text content")
         u = reply.usage
         usage = Usage(u.input_tokens or 0, u.output_tokens or 0) if u is not None else Usage()
         choice = Choice("".join(texts), normalise_finish(reply.stop_reason, _FINISH))
@@ -127,5 +128,5 @@ def _seconds_until(stamp: str | None, now: float) -> float | None:
         return None
     try:
         return max(0.0, datetime.fromisoformat(stamp).timestamp() - now)
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         return None

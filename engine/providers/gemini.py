@@ -9,12 +9,20 @@ and ``model``; the system prompt is ``systemInstruction``; sampling parameters l
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from engine.errors import ReplyError
-from engine.providers import normalise_finish
+from engine.providers import (
+    MAX_CHOICES,
+    MAX_WAIT_S,
+    FinishReason,
+    TokenCount,
+    decode_reply,
+    normalise_finish,
+    sane_limits,
+)
 from engine.types import ChatRequest, Choice, Completion, Usage
 
 _FINISH = {
@@ -28,6 +36,9 @@ _FINISH = {
 }
 
 
+EMPTY_OK = frozenset({"length", "content_filter"})  # (mapped) finish reasons that may have no text
+
+
 class _Part(msgspec.Struct):
     text: str | None = None
     thought: bool | None = None  # "thinking" parts are not part of the answer
@@ -39,16 +50,16 @@ class _Content(msgspec.Struct):
 
 class _Candidate(msgspec.Struct, rename="camel"):  # wire names are camelCase
     content: _Content | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
 
 class _Usage(msgspec.Struct, rename="camel"):
-    prompt_token_count: int | None = 0
-    candidates_token_count: int | None = 0
+    prompt_token_count: TokenCount | None = 0
+    candidates_token_count: TokenCount | None = 0
 
 
 class _Reply(msgspec.Struct, rename="camel"):
-    candidates: list[_Candidate]
+    candidates: Annotated[list[_Candidate], msgspec.Meta(max_length=MAX_CHOICES)]
     usage_metadata: _Usage | None = None
     model_version: str | None = ""
 
@@ -61,11 +72,12 @@ class GeminiProvider:
     name = "gemini"
     supports_n = True
 
-    __slots__ = ("base_url", "model", "url")
+    __slots__ = ("base_url", "max_wait_s", "model", "url")
 
-    def __init__(self, base_url: str, model: str):
+    def __init__(self, base_url: str, model: str, max_wait_s: float = MAX_WAIT_S):
         self.base_url = base_url.rstrip("/")
         self.model = model
+        self.max_wait_s = max_wait_s
         self.url = f"{self.base_url}/models/{model}:generateContent"
 
     def __repr__(self) -> str:
@@ -101,19 +113,19 @@ class GeminiProvider:
         return _encoder.encode(body)
 
     def limits(self, headers: Mapping[str, str]) -> Mapping[str, str]:
-        return headers  # Gemini sends no rate-limit headers; a 429 may carry Retry-After
+        return sane_limits(headers, self.max_wait_s)  # no rate-limit headers; a 429 may carry Retry-After
 
     def decode(self, body: bytes) -> Completion:
-        try:
-            reply = _decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ReplyError(f"unusable reply from {self.url}: {exc}") from None
+        reply = decode_reply(_decoder, body, self.url)
         if not reply.candidates:
             raise ReplyError(f"reply from {self.url} has no candidates")
         choices = []
-        for c in reply.candidates:
+        for i, c in enumerate(reply.candidates):
             parts = c.content.parts if c.content is not None else []
-            text = "".join(p.text for p in parts if p.text is not None and not p.thought)
+            texts = [p.text for p in parts if p.text is not None and not p.thought]
+            if not texts and normalise_finish(c.finish_reason, _FINISH) not in EMPTY_OK:
+                raise ReplyError(f"reply from {self.url}: candidate {i} has no text")
+            text = "".join(texts)
             choices.append(Choice(text, normalise_finish(c.finish_reason, _FINISH)))
         u = reply.usage_metadata
         usage = Usage(u.prompt_token_count or 0, u.candidates_token_count or 0) if u is not None else Usage()

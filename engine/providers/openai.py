@@ -8,12 +8,22 @@ is decoded into a small view Struct (only the fields we use), which is also the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from engine.errors import ReplyError
+from engine.providers import (
+    MAX_CHOICES,
+    MAX_WAIT_S,
+    FinishReason,
+    TokenCount,
+    decode_reply,
+    sane_limits,
+)
 from engine.types import ChatRequest, Choice, Completion, Usage
+
+EMPTY_OK = frozenset({"length", "content_filter"})  # stop reasons that may come with no text
 
 
 class _Message(msgspec.Struct):
@@ -23,16 +33,16 @@ class _Message(msgspec.Struct):
 class _Choice(msgspec.Struct):
     message: _Message | None = None
     text: str | None = None  # legacy completions shape, accepted for lenient servers
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
 
 
 class _Usage(msgspec.Struct):
-    prompt_tokens: int | None = 0
-    completion_tokens: int | None = 0
+    prompt_tokens: TokenCount | None = 0
+    completion_tokens: TokenCount | None = 0
 
 
 class _Reply(msgspec.Struct):
-    choices: list[_Choice]
+    choices: Annotated[list[_Choice], msgspec.Meta(max_length=MAX_CHOICES)]
     usage: _Usage | None = None
     model: str | None = ""
 
@@ -45,11 +55,12 @@ class OpenAIProvider:
     name = "openai"
     supports_n = True
 
-    __slots__ = ("base_url", "model", "url")
+    __slots__ = ("base_url", "max_wait_s", "model", "url")
 
-    def __init__(self, base_url: str, model: str):
+    def __init__(self, base_url: str, model: str, max_wait_s: float = MAX_WAIT_S):
         self.base_url = base_url.rstrip("/")
         self.model = model
+        self.max_wait_s = max_wait_s
         self.url = f"{self.base_url}/chat/completions"
 
     def __repr__(self) -> str:
@@ -77,18 +88,17 @@ class OpenAIProvider:
         return _encoder.encode(body)
 
     def limits(self, headers: Mapping[str, str]) -> Mapping[str, str]:
-        return headers  # the x-ratelimit-* names admission reads are OpenAI's
+        return sane_limits(headers, self.max_wait_s)  # admission reads OpenAI's x-ratelimit-* names
 
     def decode(self, body: bytes) -> Completion:
-        try:
-            reply = _decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ReplyError(f"unusable reply from {self.url}: {exc}") from None
+        reply = decode_reply(_decoder, body, self.url)
         if not reply.choices:
             raise ReplyError(f"reply from {self.url} has no choices")
         choices = []
-        for c in reply.choices:
+        for i, c in enumerate(reply.choices):
             text = c.message.content if c.message is not None else c.text
+            if text is None and c.finish_reason not in EMPTY_OK:
+                raise ReplyError(f"reply from {self.url}: choice {i} has no message text")
             choices.append(Choice(text or "", c.finish_reason))
         u = reply.usage
         usage = Usage(u.prompt_tokens or 0, u.completion_tokens or 0) if u is not None else Usage()
