@@ -1,0 +1,214 @@
+"""OpenAI Batch API: upload a JSONL file (``POST /files``, ``purpose=batch``), create the batch
+(``POST /batches`` {input_file_id, endpoint, completion_window: "24h", metadata}), poll
+``GET /batches/{id}`` until ``completed | expired | cancelled | failed``, then read
+``GET /files/{output_file_id}/content`` and ``/files/{error_file_id}/content``.
+
+Input lines: ``{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": <chat body>}``;
+output lines: ``{"id", "custom_id", "response": {"status_code", "body"} | null, "error": {"code",
+"message"} | null}``. ``metadata.fair_batch`` holds our local id, so a create whose reply was lost
+is found again by listing batches. https://platform.openai.com/docs/api-reference/batch
+"""
+
+from __future__ import annotations
+
+import aiohttp
+import msgspec
+
+from engine.batch.wire import (
+    TRANSIENT,
+    ControlError,
+    Lost,
+    Outcome,
+    Refused,
+    Remote,
+    Truncated,
+    call,
+    decode,
+    failed,
+    lines,
+)
+from engine.providers import error_message
+
+MAX_ITEMS = 50_000
+MAX_BYTES = 200 * 1024**2
+ENDED = frozenset({"completed", "expired", "cancelled", "failed"})
+
+
+class _Counts(msgspec.Struct):
+    total: int = 0
+
+
+class _LineError(msgspec.Struct):
+    message: str | None = ""
+    line: int | None = None
+
+
+class _Errors(msgspec.Struct):
+    data: list[_LineError] = []
+
+
+class _Batch(msgspec.Struct):
+    id: str
+    status: str
+    created_at: float = 0.0
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    request_counts: _Counts | None = None
+    metadata: dict[str, str] | None = None
+    errors: _Errors | None = None
+
+
+class _List(msgspec.Struct):
+    data: list[_Batch]
+    has_more: bool = False
+    last_id: str | None = None
+
+
+class _File(msgspec.Struct):
+    id: str
+
+
+class _Response(msgspec.Struct):
+    status_code: int
+    body: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class _Line(msgspec.Struct):
+    custom_id: str
+    response: _Response | None = None
+    error: dict | None = None
+
+
+_batch = msgspec.json.Decoder(_Batch)
+_list = msgspec.json.Decoder(_List)
+_file = msgspec.json.Decoder(_File)
+_line = msgspec.json.Decoder(_Line)
+_enc = msgspec.json.Encoder()
+
+
+def _remote(b: _Batch) -> Remote:
+    errors = [(e.line or 0, e.message or "invalid request") for e in (b.errors.data if b.errors else [])]
+    return Remote(
+        id=b.id,
+        status=b.status,
+        ended=b.status in ENDED,
+        created=b.created_at,
+        n=b.request_counts.total if b.request_counts else 0,
+        local=(b.metadata or {}).get("fair_batch", ""),
+        output=b.output_file_id,
+        errors_file=b.error_file_id,
+        line_errors=errors,
+    )
+
+
+class OpenAIBatchWire:
+    max_items, max_bytes = MAX_ITEMS, MAX_BYTES
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, key: str | None, lane: str):
+        self.session, self.base, self.key, self.lane = session, base_url.rstrip("/"), key, lane
+
+    async def _json(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+        kw = {"data": _enc.encode(body), "headers": {"Content-Type": "application/json"}} if body else {}
+        return await call(self.session, method, self.base + path, self.key, self.lane, **kw)
+
+    @staticmethod
+    def line(custom_id: str, body: bytes) -> bytes:
+        return b'{"custom_id":"%s","method":"POST","url":"/v1/chat/completions","body":%s}\n' % (
+            custom_id.encode(),
+            body,
+        )
+
+    async def create(self, items: list[tuple[str, bytes]], local: str) -> Remote:
+        form = aiohttp.FormData()
+        form.add_field("purpose", "batch")
+        data = b"".join(self.line(cid, body) for cid, body in items)
+        form.add_field("file", data, filename=f"{local}.jsonl", content_type="application/jsonl")
+        status, raw = await call(self.session, "POST", self.base + "/files", self.key, self.lane, data=form)
+        if status >= 300:
+            raise self._refusal("POST", "/files", status, raw)
+        fid = decode(_file, raw, "file object").id
+        meta = {"fair_batch": local}
+        body = {"input_file_id": fid, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        try:
+            status, raw = await self._json("POST", "/batches", {**body, "metadata": meta})
+        except ControlError as exc:  # no reply: the batch may exist
+            raise Lost(str(exc)) from None
+        if status >= 500 or status == 429:
+            raise Lost(f"POST /batches: HTTP {status}: {error_message(raw, self.key)}", status)
+        if status >= 300:
+            raise self._refusal("POST", "/batches", status, raw)
+        return _remote(decode(_batch, raw, "batch object"))
+
+    def _refusal(self, method: str, path: str, status: int, raw: bytes) -> Exception:
+        if status >= 500 or status == 429:
+            return failed(method, self.base + path, status, raw, self.key)
+        return Refused(f"{method} {path}: HTTP {status}: {error_message(raw, self.key)}", status, raw)
+
+    async def retrieve(self, bid: str) -> Remote:
+        status, raw = await self._json("GET", f"/batches/{bid}")
+        if status >= 300:
+            raise failed("GET", f"{self.base}/batches/{bid}", status, raw, self.key)
+        return _remote(decode(_batch, raw, "batch object"))
+
+    async def cancel(self, bid: str) -> Remote:
+        status, raw = await self._json("POST", f"/batches/{bid}/cancel")
+        if status >= 300:
+            raise failed("POST", f"{self.base}/batches/{bid}/cancel", status, raw, self.key)
+        return _remote(decode(_batch, raw, "batch object"))
+
+    async def list(self, limit: int = 100) -> list[Remote]:
+        out: list[Remote] = []
+        after = ""
+        while len(out) < limit:
+            q = f"/batches?limit={min(100, limit - len(out))}" + (f"&after={after}" if after else "")
+            status, raw = await self._json("GET", q)
+            if status >= 300:
+                raise failed("GET", self.base + "/batches", status, raw, self.key)
+            page = decode(_list, raw, "batch list")
+            out += [_remote(b) for b in page.data]
+            if not page.has_more or not page.data:
+                break
+            after = page.data[-1].id
+        return out
+
+    async def find(self, local: str, t_create: float, n: int) -> list[Remote]:
+        """Batches carrying our local id in their metadata (newest 100 looked at)."""
+        return [r for r in await self.list(100) if r.local == local]
+
+    async def download(self, remote: Remote) -> bytes:
+        parts = []
+        for fid in (remote.output, remote.errors_file):
+            if fid:
+                status, raw = await self._json("GET", f"/files/{fid}/content")
+                if status >= 300:
+                    raise failed("GET", f"{self.base}/files/{fid}/content", status, raw, self.key)
+                if raw and not raw.endswith(b"\n"):
+                    raw += b"\n"  # the last line of each file; a cut one fails to parse below
+                parts.append(raw)
+        return b"".join(parts)
+
+    def parse(self, data: bytes, remote: Remote, ids: list[str]) -> list[Outcome]:
+        """Outcomes of the items ``ids`` (in upload order); raises ``Truncated`` on a bad line."""
+        out: list[Outcome] = []
+        if remote.status == "failed":  # validation failed: map each error line to its item
+            bad = {line: msg for line, msg in remote.line_errors}
+            for i, cid in enumerate(ids, 1):
+                if i in bad:
+                    err = _enc.encode({"error": {"message": f"batch validation: {bad[i]}"}})
+                    out.append((cid, 400, err))
+                else:
+                    out.append((cid, TRANSIENT, b""))
+            return out
+        for raw in lines(data):
+            try:
+                line = _line.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+                raise Truncated("unreadable line in the batch output") from None
+            r = line.response
+            if r is None or r.status_code >= 500 or r.status_code in (408, 429):
+                out.append((line.custom_id, TRANSIENT, b""))
+            else:
+                out.append((line.custom_id, r.status_code, bytes(r.body)))
+        if len(out) < remote.n:  # a download cut at a line boundary
+            raise Truncated(f"batch output has {len(out)} of {remote.n} lines")
+        return out
