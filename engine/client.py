@@ -1,13 +1,15 @@
 """The engine's public interface: ``Engine.complete(endpoint, request) -> Completion``.
 
-Layers, outermost first, each knowing nothing of the ones above it::
+Layers, outermost first, each in its own module and knowing nothing of the ones above it::
 
-    cache         engine.cache      identical request answered before -> free, no HTTP
+    cache         engine.cache      identical request answered before -> free, nothing sent
     admission     engine.admission  concurrency cap, RPM/TPM buckets, pauses, server mirror
-    retry         Engine._call      the one retry boundary (tenacity, full-jitter backoff)
+    retry         engine.retry      the one retry boundary (tenacity, full-jitter backoff)
     provider      engine.providers  build the body, decode the reply; one module per protocol
+    executor      engine.executor   send the body, return (status, body, headers)
 
-What each outcome does:
+Each call is a ``Call`` record that emits events (``engine.events``); stats, trace, progress
+and metrics are observers of them. What each outcome does:
 
     2xx, usable body          -> Completion (cost = usage x price); cached; traced
     2xx, unusable body        -> retried like a 5xx, then ReplyError (the record fails)
@@ -18,94 +20,97 @@ What each outcome does:
     400, 404, other 4xx       -> RequestError with the server's message (the record fails)
     401, 403                  -> AuthError (the run aborts; later calls fail at once)
 
-Every attempt has a wall-clock deadline (``EndpointConfig.timeout_s``, an aiohttp
-``ClientTimeout`` on the endpoint's session, so it costs nothing per request). API keys are read
-from the environment when the engine opens, live only in the sessions' default headers, and are
+Seams: ``Engine(..., admissions={name: ...}, executor=...)`` takes an endpoint's admission (a
+shared limiter) and the executor (HTTP by default; a Batch API) from outside. API keys are read
+from the environment when the engine opens, live only in the executor's sessions, and are
 masked out of every message that could carry them (``engine.providers.redact``).
-
-The first attempt runs outside tenacity: its ``AsyncRetrying`` object costs ~35 us per call,
-which is 15 % of a core at 5,000 calls/s; only a call that has already failed enters it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import aiohttp
 import msgspec
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from engine.admission import Admission
 from engine.cache import ResponseCache, cache_key
 from engine.config import EndpointConfig
 from engine.errors import AuthError, ConfigError, ReplyError, RequestError
+from engine.events import Call, Events, Observer
+from engine.executor import Executor, HttpExecutor, SendError
 from engine.providers import Provider, error_message, make_provider, redact
-from engine.trace import Trace, TraceEvent
+from engine.retry import BACKOFF_BASE_S, BACKOFF_MAX_S, RetryPolicy, Transient, retrying
+from engine.stats import EndpointStats, StatsObserver
+from engine.trace import Trace, TraceObserver
 from engine.types import ChatRequest, Completion, Usage
 
-BACKOFF_BASE_S = 0.5  # first retry waits U(0, base), then U(0, 2 base), U(0, 4 base)...
-BACKOFF_MAX_S = 20.0
+__all__ = ["BACKOFF_BASE_S", "BACKOFF_MAX_S", "MAX_RATE_LIMITED", "EndpointStats", "Engine", "Lane"]
+
 MAX_RATE_LIMITED = 40  # 429s one call may receive before it gives up
 EST_MAX_TOKENS = 256  # completion tokens assumed for admission when max_tokens is not set
 
 _TRANSIENT_STATUS = frozenset({408, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529})
 
 
-class EndpointStats(msgspec.Struct):
-    """Live counters of one endpoint (read by progress displays and written to the manifest)."""
+class Admitter(Protocol):
+    """What the engine needs of an admission (``engine.admission.Admission`` is the local one)."""
 
-    requests: int = 0  # complete() calls
-    cache_hits: int = 0
-    in_flight: int = 0  # HTTP calls sent and not yet answered
-    ok: int = 0
-    errors: int = 0  # complete() calls that failed for good
-    http_429: int = 0
-    retries: int = 0  # attempts after a failed one (5xx, reset, timeout, bad body)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    calls: int = 0  # HTTP calls sent, 429s and retries included
-    timeouts: int = 0
+    async def acquire(self, est_tokens: float = 0.0) -> Any: ...
 
+    def release(
+        self,
+        lease: Any,
+        status: int,
+        headers: Mapping[str, str] | None = None,
+        used_tokens: float | None = None,
+    ) -> None: ...
 
-class _Transient(Exception):
-    """An attempt failed in a way worth retrying. Never leaves this module."""
-
-    def __init__(self, message: str, status: int = 0, reply_error: bool = False):
-        super().__init__(message)
-        self.status = status
-        self.reply_error = reply_error
+    def effective_rpm(self) -> float | None: ...
 
 
-class _Lane:
-    """Everything about one endpoint at run time. Its repr never shows the session headers."""
+class Lane:
+    """Everything about one endpoint at run time. Its repr never shows the key."""
 
-    __slots__ = ("admission", "cfg", "key", "name", "price_in", "price_out", "provider", "session", "stats")
+    __slots__ = ("admission", "cfg", "key", "name", "policy", "price_in", "price_out", "provider")
 
-    def __init__(self, name: str, cfg: EndpointConfig):
+    def __init__(self, name: str, cfg: EndpointConfig, admission: Admitter | None = None):
         self.name = name
         self.cfg = cfg
         self.provider: Provider = make_provider(cfg)
-        self.admission = Admission(cfg.concurrency, cfg.rpm, cfg.tpm)
-        self.stats = EndpointStats()
-        self.price_in = cfg.price_in / 1e6
-        self.price_out = cfg.price_out / 1e6
+        if admission is None:
+            admission = Admission(cfg.concurrency, cfg.rpm, cfg.tpm)
+        self.admission: Admitter = admission
+        # read here, not imported: tests shorten the backoff by patching this module
+        self.policy = RetryPolicy(cfg.max_attempts, BACKOFF_BASE_S, BACKOFF_MAX_S)
+        factor = cfg.batch.price_factor if cfg.mode == "batch" else 1.0  # Batch APIs bill less
+        self.price_in = cfg.price_in / 1e6 * factor
+        self.price_out = cfg.price_out / 1e6 * factor
         self.key: str | None = None
-        self.session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
-        return f"_Lane({self.name!r}, {self.provider!r})"
+        return f"Lane({self.name!r}, {self.provider!r})"
+
+
+def estimate_tokens(request: ChatRequest) -> float:
+    """Tokens the server will count at admission: OpenAI's rule of thumb (chars/4, +3 per message,
+    +3 for the reply) plus the completion allowance; a high guess only costs pace."""
+    return (
+        sum(len(m.content) for m in request.messages) / 4
+        + 3 * len(request.messages)
+        + 3
+        + (request.max_tokens if request.max_tokens is not None else EST_MAX_TOKENS) * max(1, request.n)
+    )
 
 
 class Engine:
     """Chat completions over many endpoints, with cache, admission, retries and a trace.
 
     ``async with Engine(endpoints, cache_path=..., trace_dir=...) as engine:`` then
-    ``await engine.complete("gpt", request)``. ``stats`` holds live ``EndpointStats``.
+    ``await engine.complete("gpt", request)``. ``stats`` holds live ``EndpointStats``;
+    ``observe(observer)`` adds a listener of the request events.
     """
 
     def __init__(
@@ -115,61 +120,78 @@ class Engine:
         cache_path: Path | None = None,
         trace_dir: Path | None = None,
         writer: str = "",
+        admissions: Mapping[str, Admitter] | None = None,
+        executor: Executor | None = None,
+        observers: tuple[Observer, ...] = (),
     ):
-        self._lanes = {name: _Lane(name, cfg) for name, cfg in endpoints.items()}
-        self.stats: dict[str, EndpointStats] = {name: lane.stats for name, lane in self._lanes.items()}
+        admissions = admissions or {}
+        unknown = set(admissions) - set(endpoints)
+        if unknown:
+            raise ConfigError(f"admissions for unknown endpoints: {', '.join(sorted(unknown))}")
+        self._lanes = {name: Lane(name, cfg, admissions.get(name)) for name, cfg in endpoints.items()}
+        self._stats = StatsObserver(list(self._lanes))
+        self.stats: dict[str, EndpointStats] = self._stats.by_endpoint
+        self.events = Events((self._stats, *observers))
+        self.executor: Executor = executor if executor is not None else HttpExecutor()
         self._cache_path = cache_path
         self._trace_dir = trace_dir
         self._writer = writer
         self.cache: ResponseCache | None = None
         self.trace: Trace | None = None
+        self._tracer: TraceObserver | None = None
         self._aborted: AuthError | None = None
+        self._open = False
 
     def __repr__(self) -> str:
         return f"Engine(endpoints={list(self._lanes)})"
+
+    @property
+    def lanes(self) -> Mapping[str, Lane]:
+        return self._lanes
+
+    def observe(self, observer: Observer) -> None:
+        """Add a listener of the request events (stats, trace, progress, metrics...)."""
+        self.events.add(observer)
+
+    def unobserve(self, observer: Observer) -> None:
+        self.events.remove(observer)
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
         for lane in self._lanes.values():
             lane.key = lane.cfg.api_key()  # ConfigError (exit 2) when the env var is missing
         try:
-            for lane in self._lanes.values():
-                cfg = lane.cfg
-                connector = aiohttp.TCPConnector(
-                    limit=cfg.concurrency + 8, limit_per_host=0, ttl_dns_cache=300
-                )
-                headers = {**lane.provider.headers(lane.key), **cfg.headers}
-                lane.session = aiohttp.ClientSession(
-                    connector=connector,
-                    headers=headers,
-                    timeout=aiohttp.ClientTimeout(total=cfg.timeout_s),
-                    raise_for_status=False,
-                )
+            await self.executor.open(self._lanes)
+            self._open = True
             if self._cache_path is not None:
                 self.cache = ResponseCache(self._cache_path)
             if self._trace_dir is not None:
                 self.trace = Trace(self._trace_dir, self._writer)
+                self._tracer = TraceObserver(self.trace)
+                self.observe(self._tracer)
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        for lane in self._lanes.values():
-            if lane.session is not None:
-                await lane.session.close()
-                lane.session = None
+        if self._open:
+            self._open = False
+            await self.executor.close()
         if self.cache is not None:
             await self.cache.flush()
             self.cache.close()
             self.cache = None
+        if self._tracer is not None:
+            self.unobserve(self._tracer)
+            self._tracer = None
         if self.trace is not None:
             self.trace.close()
             self.trace = None
 
     # -- the call ---------------------------------------------------------------------------
     async def complete(self, endpoint: str, request: ChatRequest) -> Completion:
-        """Answer one chat request: cache -> admission -> retry boundary -> provider.
+        """Answer one chat request: cache -> admission -> retry boundary -> provider -> executor.
 
         Raises ``RequestError`` (this record fails, the run goes on) or ``AuthError`` (abort).
         """
@@ -178,32 +200,38 @@ class Engine:
             raise ConfigError(f"unknown endpoint {endpoint!r}; known: {', '.join(self._lanes)}")
         if self._aborted is not None:
             raise self._aborted
-        stats = lane.stats
-        stats.requests += 1
+        call = Call(lane.name, lane.cfg.model, estimate_tokens(request))
+        events = self.events
+        for hook in events.requested:
+            hook(call)
         key = None
         if self.cache is not None:
             key = cache_key(lane.cfg.provider, lane.cfg.base_url, lane.cfg.model, request)
             hit = self.cache.get(key)
             if hit is not None:
-                stats.cache_hits += 1
                 hit.cached, hit.cost_usd, hit.latency_s, hit.attempts = True, 0.0, 0.0, 0
-                if self.trace is not None:
-                    self._trace(lane, hit, 0.0, 200, None)
+                call.status = 200
+                for hook in events.cached:
+                    hook(call, hit)
                 return hit
         if request.n > 1 and not lane.provider.supports_n:
             done = await self._fan_out(lane, request)
         else:
-            done = await self._call(lane, request)
+            done = await self._call(lane, call, lane.provider.encode(request))
         if key is not None and self.cache is not None:
             self.cache.put(key, done)
         return done
 
-    async def _fan_out(self, lane: _Lane, request: ChatRequest) -> Completion:
+    async def _fan_out(self, lane: Lane, request: ChatRequest) -> Completion:
         """n separate calls for a protocol without ``n`` (Anthropic), merged into one."""
         one = msgspec.structs.replace(request, n=1)
+        body, est = lane.provider.encode(one), estimate_tokens(one)
         try:
             async with asyncio.TaskGroup() as tg:  # one failing cancels its siblings
-                tasks = [tg.create_task(self._call(lane, one)) for _ in range(request.n)]
+                tasks = [
+                    tg.create_task(self._call(lane, Call(lane.name, lane.cfg.model, est), body))
+                    for _ in range(request.n)
+                ]
         except BaseExceptionGroup as eg:
             auth = eg.subgroup(AuthError)
             raise (auth or eg).exceptions[0] from None
@@ -219,190 +247,106 @@ class Engine:
             cost_usd=sum(p.cost_usd for p in parts),
         )
 
-    async def _call(self, lane: _Lane, request: ChatRequest) -> Completion:
-        """The retry boundary around one logical call; accounts, traces and maps errors."""
-        body = lane.provider.encode(request)
-        # tokens the server will count at admission: OpenAI's rule of thumb (chars/4, +3 per
-        # message, +3 for the reply) plus the completion allowance; a high guess only costs pace
-        est = (
-            sum(len(m.content) for m in request.messages) / 4
-            + 3 * len(request.messages)
-            + 3
-            + (request.max_tokens if request.max_tokens is not None else EST_MAX_TOKENS) * max(1, request.n)
-        )
-        state = [0, 0, 0]  # attempts (failed ones count), 429s received, last HTTP status
-        t0 = time.monotonic()
-        stats = lane.stats
+    async def _call(self, lane: Lane, call: Call, body: bytes) -> Completion:
+        """One logical call through the retry boundary; maps the way it ended to an error."""
         try:
-            try:
-                done = await self._attempt(lane, body, est, state)
-            except _Transient:
-                if lane.cfg.max_attempts <= 1:
-                    raise
-                await asyncio.sleep(random.uniform(0, BACKOFF_BASE_S))
-                retrying = AsyncRetrying(
-                    stop=stop_after_attempt(lane.cfg.max_attempts - 1),
-                    wait=wait_random_exponential(multiplier=2 * BACKOFF_BASE_S, max=BACKOFF_MAX_S),
-                    retry=retry_if_exception_type(_Transient),
-                    reraise=True,
-                )
-                async for attempt in retrying:
-                    with attempt:
-                        stats.retries += 1
-                        done = await self._attempt(lane, body, est, state)
-        except _Transient as exc:
-            stats.errors += 1
+            done = await retrying(lane.policy, self._attempt, lane, call, body, on_retry=self._retried)
+        except Transient as exc:
             err_cls = ReplyError if exc.reply_error else RequestError
-            err = err_cls(
-                f"endpoint {lane.name!r}: gave up after {state[0]} attempts: {exc}",
+            error: Exception = err_cls(
+                f"endpoint {lane.name!r}: gave up after {call.attempts} attempts: {exc}",
                 status=exc.status or None,
                 endpoint=lane.name,
             )
-            self._trace_failure(lane, t0, state, err)
-            raise err from None
-        except RequestError as exc:  # AuthError is not a RequestError: it aborts below
-            stats.errors += 1
-            self._trace_failure(lane, t0, state, exc)
-            raise
         except AuthError as exc:
-            stats.errors += 1
-            self._aborted = exc
-            self._trace_failure(lane, t0, state, exc)
-            raise
-        latency = time.monotonic() - t0
-        usage = done.usage
-        done.latency_s = latency
-        done.attempts = state[0]
-        done.cost_usd = usage.prompt_tokens * lane.price_in + usage.completion_tokens * lane.price_out
-        stats.ok += 1
-        stats.prompt_tokens += usage.prompt_tokens
-        stats.completion_tokens += usage.completion_tokens
-        stats.cost_usd += done.cost_usd
-        if self.trace is not None:
-            self._trace(lane, done, latency, state[2], None, state[0], state[1])
-        return done
+            self._aborted = error = exc
+        except RequestError as exc:
+            error = exc
+        else:
+            u = done.usage
+            done.latency_s = call.elapsed_s
+            done.attempts = call.attempts
+            done.cost_usd = u.prompt_tokens * lane.price_in + u.completion_tokens * lane.price_out
+            for hook in self.events.completed:
+                hook(call, done)
+            return done
+        for hook in self.events.failed:
+            hook(call, error)
+        raise error from None
 
-    async def _attempt(self, lane: _Lane, body: bytes, est: float, state: list[int]) -> Completion:
-        """One attempt: admission, send, classify. 429s loop back into admission in here."""
+    def _retried(self, lane: Lane, call: Call, body: bytes) -> None:
+        for hook in self.events.retried:
+            hook(call)
+
+    async def _attempt(self, lane: Lane, call: Call, body: bytes) -> Completion:
+        """One attempt: admission, send, classify. 429s loop back into admission in here; the
+        lease is released and the exchange accounted in one place, the ``finally``."""
         admission = lane.admission
-        stats = lane.stats
-        session = lane.session
-        if session is None:
-            raise RuntimeError("Engine is not open: use `async with Engine(...) as engine`")
-        state[0] += 1
+        events = self.events
+        call.attempts += 1
         while True:
-            lease = await admission.acquire(est)
-            stats.calls += 1
-            stats.in_flight += 1
+            lease = await admission.acquire(call.est_tokens)
+            for hook in events.admitted:
+                hook(call)
+            call.status, call.timed_out = 0, False
+            headers: Mapping[str, str] | None = None
+            used: int | None = None
+            for hook in events.sent:
+                hook(call)
             try:
-                async with session.post(lane.provider.url, data=body) as resp:
-                    status = resp.status
-                    raw = await resp.read()
-                    headers = lane.provider.limits(resp.headers)
-            except TimeoutError:
-                stats.in_flight -= 1
-                stats.timeouts += 1
-                admission.release(lease, 0)
-                state[2] = 0
-                raise _Transient(f"no reply within {lane.cfg.timeout_s:g}s") from None
-            except aiohttp.ClientError as exc:
-                stats.in_flight -= 1
-                admission.release(lease, 0)
-                state[2] = 0
-                detail = redact(str(exc), lane.key)
-                raise _Transient(
-                    f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-                ) from None
-            except BaseException:  # cancelled: give the slot back
-                stats.in_flight -= 1
-                admission.release(lease, 0)
-                raise
-            stats.in_flight -= 1
-            state[2] = status
-            if status < 300:
-                try:
+                status, raw, reply_headers = await self.executor.send(lane, body)
+                call.status = status
+                headers = lane.provider.limits(reply_headers)
+                if status < 300:
                     done = lane.provider.decode(raw)
-                except ReplyError as exc:
-                    admission.release(lease, status, headers)
-                    raise _Transient(redact(str(exc), lane.key), status, reply_error=True) from None
-                u = done.usage
-                admission.release(lease, status, headers, u.prompt_tokens + u.completion_tokens)
-                return done
-            admission.release(lease, status, headers)
-            if status == 429:
-                stats.http_429 += 1
-                state[1] += 1
-                if state[1] >= MAX_RATE_LIMITED:
-                    raise RequestError(
-                        f"endpoint {lane.name!r}: still rate limited (429) after {state[1]} tries: "
-                        f"{error_message(raw, lane.key)}",
-                        status=429,
-                        endpoint=lane.name,
-                    )
-                continue
-            message = error_message(raw, lane.key)
-            if status in (401, 403):
-                raise AuthError(
-                    f"endpoint {lane.name!r} ({lane.provider.url}) refused the credentials "
-                    f"(HTTP {status}: {message}); check {lane.cfg.api_key_env or 'the API key'}"
-                )
-            if status in _TRANSIENT_STATUS or status >= 500:
-                raise _Transient(f"HTTP {status}: {message}", status)
-            raise RequestError(
-                f"endpoint {lane.name!r}: HTTP {status}: {message}", status=status, endpoint=lane.name
-            )
+                    used = done.usage.prompt_tokens + done.usage.completion_tokens
+                    return done
+                if status == 429:
+                    call.http_429 += 1
+                    for hook in events.throttled:
+                        hook(call)
+                    if call.http_429 >= MAX_RATE_LIMITED:
+                        raise RequestError(
+                            f"endpoint {lane.name!r}: still rate limited (429) after {call.http_429} "
+                            f"tries: {error_message(raw, lane.key)}",
+                            status=429,
+                            endpoint=lane.name,
+                        )
+                    continue
+                raise self._refusal(lane, status, raw)
+            except SendError as exc:
+                call.timed_out = exc.timeout
+                raise Transient(redact(str(exc), lane.key)) from None
+            except ReplyError as exc:
+                raise Transient(redact(str(exc), lane.key), call.status, reply_error=True) from None
+            finally:
+                if used is None:
+                    admission.release(lease, call.status, headers)
+                else:
+                    admission.release(lease, call.status, headers, used)
+                for hook in events.answered:
+                    hook(call)
 
-    # -- trace ------------------------------------------------------------------------------
-    def _trace(
-        self,
-        lane: _Lane,
-        done: Completion,
-        latency: float,
-        status: int,
-        error: str | None,
-        attempts: int = 0,
-        http_429: int = 0,
-    ) -> None:
-        assert self.trace is not None
-        u = done.usage
-        self.trace.write(
-            TraceEvent(
-                ts=time.time(),
-                endpoint=lane.name,
-                model=lane.cfg.model,
-                latency_s=round(latency, 6),
-                prompt_tokens=u.prompt_tokens,
-                completion_tokens=u.completion_tokens,
-                cost_usd=done.cost_usd,
-                attempts=attempts,
-                http_429=http_429,
-                cache_hit=done.cached,
-                status=status,
-                error=error,
+    def _refusal(self, lane: Lane, status: int, raw: bytes) -> Exception:
+        """The error for a non-2xx, non-429 reply."""
+        message = error_message(raw, lane.key)
+        if status in (401, 403):
+            return AuthError(
+                f"endpoint {lane.name!r} ({lane.provider.url}) refused the credentials "
+                f"(HTTP {status}: {message}); check {lane.cfg.api_key_env or 'the API key'}"
             )
+        if status in _TRANSIENT_STATUS or status >= 500:
+            return Transient(f"HTTP {status}: {message}", status)
+        return RequestError(
+            f"endpoint {lane.name!r}: HTTP {status}: {message}", status=status, endpoint=lane.name
         )
-
-    def _trace_failure(self, lane: _Lane, t0: float, state: list[int], exc: Exception) -> None:
-        if self.trace is not None:
-            self.trace.write(
-                TraceEvent(
-                    ts=time.time(),
-                    endpoint=lane.name,
-                    model=lane.cfg.model,
-                    latency_s=round(time.monotonic() - t0, 6),
-                    attempts=state[0],
-                    http_429=state[1],
-                    status=state[2],
-                    error=type(exc).__name__,
-                )
-            )
 
     # -- introspection ----------------------------------------------------------------------
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """Plain-dict copy of the stats, plus each endpoint's current target rate (req/min)."""
         out = {}
         for name, lane in self._lanes.items():
-            d = msgspec.to_builtins(lane.stats)
+            d = msgspec.to_builtins(self.stats[name])
             d["rate_rpm"] = lane.admission.effective_rpm()
             out[name] = d
         return out

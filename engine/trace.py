@@ -5,22 +5,25 @@ attempts, http_429 (rate-limit answers before it went through), cache_hit, statu
 of the last attempt; 0 = no answer) and error (the exception class of a failed call). Never a
 key, a header or a message body.
 
-Lines are encoded with msgspec and written in batches (64 KiB or once a second) with plain
-``os.write``; a SIGKILL loses at most the last second of trace, never a record. Each ``Trace``
-opens a new shard, so a resumed run appends its own file beside the old ones.
+``TraceObserver`` turns request events (``engine.events``) into lines; ``Trace`` writes them
+through the run store's ``ShardWriter``, buffered (64 KiB or once a second): the shard being
+written is ``shard-NNNNN.jsonl.partial`` and is sealed (renamed) on close, like every shard. A
+SIGKILL loses at most the last second of trace, never a record; the next ``Trace`` in that
+folder seals the torn shard and opens a new one beside it.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import time
 from pathlib import Path
 
 import msgspec
 
-FLUSH_BYTES = 64 * 1024
-FLUSH_AFTER_S = 1.0
+from engine.events import Call, Observer
+from engine.store import ShardWriter
+from engine.types import Completion
+
+SHARD_LINES = 1_000_000
 
 
 class TraceEvent(msgspec.Struct, kw_only=True):
@@ -38,49 +41,80 @@ class TraceEvent(msgspec.Struct, kw_only=True):
     error: str | None = None
 
 
-_SHARD = re.compile(r"^shard-(?:[\w.]+-)?(\d{5})\.jsonl$")
-
-
 class Trace:
     """Buffered JSONL writer of ``TraceEvent`` lines."""
 
     def __init__(self, folder: str | Path, writer: str = ""):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        prefix = f"shard-{writer}-" if writer else "shard-"
-        nums = [
-            int(m.group(1))
-            for p in self.folder.iterdir()
-            if p.name.startswith(prefix) and (m := _SHARD.match(p.name))
-        ]
-        self.path = self.folder / f"{prefix}{max(nums, default=-1) + 1:05d}.jsonl"
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._buf = bytearray()
-        self._last = time.monotonic()
+        self._shards = ShardWriter.resume(self.folder, writer, SHARD_LINES)
         self._encoder = msgspec.json.Encoder()
         self.lines = 0
 
     def __repr__(self) -> str:
-        return f"Trace({str(self.path)!r})"
+        return f"Trace({str(self.folder)!r})"
 
     def write(self, event: TraceEvent) -> None:
-        self._encoder.encode_into(event, self._buf, -1)
-        self._buf += b"\n"
+        shards = self._shards
+        self._encoder.encode_into(event, shards.pending, -1)
+        shards.pending += b"\n"
+        shards.append()
         self.lines += 1
-        if len(self._buf) >= FLUSH_BYTES or time.monotonic() - self._last > FLUSH_AFTER_S:
-            self.flush()
 
     def flush(self) -> None:
-        self._last = time.monotonic()
-        if self._buf and self._fd is not None:
-            data = bytes(self._buf)
-            self._buf.clear()
-            done = 0
-            while done < len(data):
-                done += os.write(self._fd, data[done:])
+        self._shards.flush()
 
     def close(self) -> None:
-        self.flush()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._shards.seal()
+
+
+class TraceObserver(Observer):
+    """One trace line per call that ended: answered from cache, completed or failed."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+
+    def cached(self, call: Call, done: Completion) -> None:
+        self.trace.write(
+            TraceEvent(
+                ts=time.time(),
+                endpoint=call.endpoint,
+                model=call.model,
+                latency_s=0.0,
+                prompt_tokens=done.usage.prompt_tokens,
+                completion_tokens=done.usage.completion_tokens,
+                attempts=0,
+                cache_hit=True,
+                status=200,
+            )
+        )
+
+    def completed(self, call: Call, done: Completion) -> None:
+        u = done.usage
+        self.trace.write(
+            TraceEvent(
+                ts=time.time(),
+                endpoint=call.endpoint,
+                model=call.model,
+                latency_s=round(done.latency_s, 6),
+                prompt_tokens=u.prompt_tokens,
+                completion_tokens=u.completion_tokens,
+                cost_usd=done.cost_usd,
+                attempts=call.attempts,
+                http_429=call.http_429,
+                status=call.status,
+            )
+        )
+
+    def failed(self, call: Call, error: BaseException) -> None:
+        self.trace.write(
+            TraceEvent(
+                ts=time.time(),
+                endpoint=call.endpoint,
+                model=call.model,
+                latency_s=round(call.elapsed_s, 6),
+                attempts=call.attempts,
+                http_429=call.http_429,
+                status=call.status,
+                error=type(error).__name__,
+            )
+        )

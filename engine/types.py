@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import msgspec
 
+from engine.schema import Msg as Message  # the one message Struct: records and requests alike
 
-class Message(msgspec.Struct, frozen=True):
-    role: str  # "system" | "user" | "assistant"
-    content: str
+__all__ = ["ChatRequest", "Choice", "Completion", "Message", "Usage", "user"]
 
 
 class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 import pytest
+from executors import UrllibExecutor
 from fakeserver import FakeServer
 
 import engine.client as client_mod
+from engine.admission import Admission
 from engine.client import Engine
 from engine.config import EndpointConfig
 from engine.errors import AuthError, ConfigError, ReplyError, RequestError
+from engine.events import Observer
 from engine.store import iter_raw
 from engine.types import ChatRequest, user
 
@@ -187,3 +192,147 @@ async def test_stats_and_snapshot_are_plain_counters():
         snap = engine.snapshot()
     assert snap["a"]["requests"] == 3 and snap["a"]["ok"] == 3 and snap["a"]["in_flight"] == 0
     assert snap["a"]["calls"] == 3
+
+
+# -- request events and seams ------------------------------------------------------------------
+
+
+class Recorder(Observer):
+    """Logs every event it is told, with the call's counters at that moment."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+
+    def requested(self, call):
+        self.log.append(("requested", call.endpoint))
+
+    def cached(self, call, done):
+        self.log.append(("cached", call.endpoint))
+
+    def admitted(self, call):
+        self.log.append(("admitted", call.attempts))
+
+    def sent(self, call):
+        self.log.append(("sent", call.attempts))
+
+    def answered(self, call):
+        self.log.append(("answered", call.status))
+
+    def throttled(self, call):
+        self.log.append(("throttled", call.http_429))
+
+    def retried(self, call):
+        self.log.append(("retried", call.attempts))
+
+    def completed(self, call, done):
+        self.log.append(("completed", call.attempts, call.http_429, done.text))
+
+    def failed(self, call, error):
+        self.log.append(("failed", type(error).__name__, call.status))
+
+
+async def test_an_attempt_emits_its_events_in_order(tmp_path):
+    rec = Recorder()
+    script = ["status:503", ("status", 429, {"error": {"message": "slow"}}, {"retry-after-ms": "1"})]
+    async with (
+        FakeServer(script=script) as srv,
+        Engine(ep(srv), cache_path=tmp_path / "c.sqlite", observers=(rec,)) as engine,
+    ):
+        await engine.complete("a", REQ)
+        await engine.complete("a", REQ)  # from the cache
+        srv.rule = lambda s: ("status", 400, {"error": {"message": "bad"}}, {})
+        with pytest.raises(RequestError):
+            await engine.complete("a", ChatRequest(messages=user("other")))
+    assert rec.log == [
+        ("requested", "a"),
+        *[("admitted", 1), ("sent", 1), ("answered", 503)],
+        ("retried", 1),
+        *[("admitted", 2), ("sent", 2), ("throttled", 1), ("answered", 429)],
+        *[("admitted", 2), ("sent", 2), ("answered", 200)],
+        ("completed", 2, 1, "echo: hello"),
+        ("requested", "a"),
+        ("cached", "a"),
+        ("requested", "a"),
+        *[("admitted", 1), ("sent", 1), ("answered", 400)],
+        ("failed", "RequestError", 400),
+    ]
+
+
+async def test_a_cancelled_call_gives_its_slot_back_and_is_answered_once():
+    rec = Recorder()
+    async with FakeServer(script=["hang"]) as srv, Engine(ep(srv, concurrency=1), observers=(rec,)) as engine:
+        task = asyncio.create_task(engine.complete("a", REQ))
+        while len(srv.seen) < 1:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert engine.stats["a"].in_flight == 0
+        done = await asyncio.wait_for(engine.complete("a", REQ), 5)  # the one slot is free again
+    assert done.text == "echo: hello"
+    assert [e for e in rec.log if e[0] == "answered"] == [("answered", 0), ("answered", 200)]
+
+
+async def test_injected_executor_and_shared_admission_replace_the_defaults(tmp_path):
+    """A different HTTP client (urllib in threads) and ONE admission shared by two endpoints (the
+    shape of a shared limiter): the engine and its accounting are unchanged, the cap is shared."""
+    executor = UrllibExecutor()
+    shared = Admission(concurrency=2)
+    async with FakeServer(latency_s=0.05) as srv:
+        cfgs = {n: EndpointConfig(base_url=srv.url, model=n, concurrency=16) for n in ("a", "b")}
+        async with Engine(
+            cfgs, admissions={"a": shared, "b": shared}, executor=executor, trace_dir=tmp_path / "trace"
+        ) as engine:
+            done = await asyncio.gather(
+                *(engine.complete("ab"[i % 2], ChatRequest(messages=user(f"q{i}"))) for i in range(20))
+            )
+            assert engine.lanes["a"].admission is engine.lanes["b"].admission is shared
+    assert [d.text for d in done] == [f"echo: q{i}" for i in range(20)]
+    assert executor.sent == len(srv.seen) == 20
+    assert executor.peak <= 2  # one cap of 2 across both endpoints, not 16 each
+    assert engine.stats["a"].ok == engine.stats["b"].ok == 10
+    assert len(list(iter_raw(tmp_path, "trace"))) == 20
+
+
+async def test_injected_executor_keeps_retry_and_error_mapping():
+    executor = UrllibExecutor()
+    async with FakeServer(script=["status:503"]) as srv, Engine(ep(srv), executor=executor) as engine:
+        done = await engine.complete("a", REQ)
+        srv.rule = lambda s: ("status", 404, {"error": {"message": "no such model"}}, {})
+        with pytest.raises(RequestError, match="HTTP 404: no such model"):
+            await engine.complete("a", ChatRequest(messages=user("x")))
+    assert done.attempts == 2 and engine.stats["a"].retries == 1 and executor.sent == 3
+
+
+def test_admissions_for_unknown_endpoints_are_a_config_error():
+    with pytest.raises(ConfigError, match="nope"):
+        Engine(
+            {"a": EndpointConfig(base_url="http://127.0.0.1:9/v1", model="m")},
+            admissions={"nope": Admission(1)},
+        )
+
+
+def test_a_killed_runs_trace_shard_is_sealed_and_the_next_run_opens_its_own(tmp_path):
+    """Trace shards go through the run store's shard writer: ``.partial`` while written, a torn
+    last line cut and the shard sealed when the next run opens the folder."""
+    import os
+
+    from engine.trace import Trace, TraceEvent
+
+    event = TraceEvent(ts=1.0, endpoint="a", model="m", latency_s=0.1, status=200)
+    killed = Trace(tmp_path / "trace")
+    killed.write(event)
+    killed.flush()
+    (partial,) = (tmp_path / "trace").glob("*.jsonl.partial")
+    with open(partial, "ab") as f:
+        f.write(b'{"ts": 2.0, "endpo')  # the kill landed mid-line
+    os.close(killed._shards.fd)  # what the kill does to the file descriptor
+
+    again = Trace(tmp_path / "trace")
+    again.write(event)
+    again.close()
+    assert sorted(p.name for p in (tmp_path / "trace").iterdir()) == [
+        "shard-00000.jsonl",
+        "shard-00001.jsonl",
+    ]
+    assert [line["ts"] for line in iter_raw(tmp_path, "trace")] == [1.0, 1.0]
