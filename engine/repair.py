@@ -34,7 +34,7 @@ import orjson
 
 from engine.errors import DamagedRunError, UsageError
 from engine.schema import KINDS
-from engine.store import RunStore, atomic_write, shard_paths
+from engine.store import RunStore, atomic_write, read_manifest, shard_paths
 
 QUARANTINE = "quarantine"
 _PROBLEM_ID = re.compile(rb'"problem_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
@@ -77,6 +77,22 @@ def first_damage(run_dir: str | Path) -> DamagedRunError | None:
                         break
                     if (why := check_line(line, decoder)) is not None:
                         return DamagedRunError(f"{path}:{n}", f"unreadable line: {why[:120]}", str(root))
+    return _missing_shard(root)
+
+
+def _missing_shard(root: Path) -> DamagedRunError | None:
+    """A shard the manifest lists that is gone (deleted, or moved by hand): its records are lost,
+    and a resume would not redo them, so say so instead of reporting smaller counts."""
+    manifest = read_manifest(root)
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
+    for entry in shards if isinstance(shards, list) else []:
+        rel = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            continue
+        if not (root / rel).exists() and not (root / f"{rel}.partial").exists():
+            return DamagedRunError(
+                str(root / "manifest.json"), f"it lists {rel}, which is missing", str(root)
+            )
     return None
 
 

@@ -17,6 +17,8 @@ def cli_main(args) -> int:
     root = Path(args.run_dir)
     if not root.is_dir():
         raise UsageError(f"{root}: no such run directory")
+    if not (root / "manifest.json").exists() and not any(root.glob("*/shard-*")):
+        raise UsageError(f"{root}: not a run directory (no shards, no manifest.json)")
     read_manifest(root)  # DamagedRunError (exit 2, names the file and `fair repair`) if unreadable
     if (damage := first_damage(root)) is not None:
         raise damage

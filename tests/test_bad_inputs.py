@@ -184,6 +184,28 @@ CONFIG_CASES = [  # (section path, key, value, text the error must contain)
     (("samples",), "policy", "some", "samples.policy"),
     ((), "extra_table", {"a": 1}, "extra_table"),
     ((), "endpoints", 5, "endpoints"),
+    # second corpus (QA pass): fields added since, URL ports, header injection, 64-bit seeds
+    (("run",), "seed", 10**20, "run.seed"),  # sent to servers as a 64-bit int
+    (("run",), "max_cost_usd", -1.0, "run.max_cost_usd"),
+    (("run",), "max_cost_usd", 0, "run.max_cost_usd"),
+    (("student",), "top_p", 0.0, "student.top_p"),
+    (("student",), "top_p", 1.5, "student.top_p"),
+    (("student",), "server", "gpu", "student.server"),
+    (("student",), "adapter", "", "student.adapter"),
+    (("student",), "model", "", "student.model"),
+    (("samples",), "answer_line", 1, "samples.answer_line"),
+    (("endpoints", "a"), "base_url", "http://127.0.0.1:99999/v1", "base_url"),
+    (("endpoints", "a"), "base_url", "http://127.0.0.1:0/v1", "base_url"),
+    (("endpoints", "a"), "base_url", "http://127.0.0.1:/v1", "base_url"),
+    (("endpoints", "a"), "base_url", "http:///v1", "base_url"),
+    (("endpoints", "a"), "headers", {"X-A": "a\r\nEvil: 1"}, "headers"),
+    (("endpoints", "a"), "headers", {"X A:": "v"}, "headers"),
+    (("endpoints", "a"), "mode", "offline", "mode"),
+    (("endpoints", "a"), "batch", {"poll_s": 0}, "batch.poll_s"),
+    (("endpoints", "a"), "batch", {"price_factor": 2}, "batch.price_factor"),
+    (("endpoints", "a"), "batch", {"max_bytes": 10}, "batch.max_bytes"),
+    (("endpoints", "a"), "batch", {"fallback": "retry"}, "batch.fallback"),
+    (("endpoints", "a"), "batch", {"lingr_s": 3}, "lingr_s"),
 ]
 
 
@@ -222,6 +244,36 @@ def test_config_file(tmp_path, name):
     path = tmp_path / "job.toml"
     path.write_bytes(data)
     one_error(fair("run", str(path), "--run-dir", str(tmp_path / "run")), 2, str(path), needle)
+
+
+CONFIG_TOGETHER = {  # values that are bad only together: one validation step names them
+    "batch-on-gemini": ({"provider": "gemini", "mode": "batch"}, "batch"),
+    "batch-over-openai-limit": ({"mode": "batch", "batch": {"max_items": 60_000}}, "batch.max_items"),
+    "student-adapter-not-a-folder": ({}, "student.adapter"),
+}
+
+
+@pytest.mark.parametrize("name", CONFIG_TOGETHER)
+def test_config_values_together(tmp_path, name):
+    raw_cfg = base_config()
+    updates, needle = CONFIG_TOGETHER[name]
+    raw_cfg["endpoints"]["a"].update(updates)
+    if name.startswith("student-adapter"):
+        raw_cfg["student"]["adapter"] = str(tmp_path / "no-adapter")
+    path = tmp_path / "job.toml"
+    path.write_text(tomli_w.dumps(raw_cfg))
+    one_error(fair("run", str(path), "--run-dir", str(tmp_path / "run"), "--no-progress"), 2, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_key_pasted_into_api_key_env_is_not_echoed(tmp_path):
+    raw_cfg = base_config()
+    raw_cfg["endpoints"]["a"]["api_key_env"] = "sk-proj-abcdef1234567890 secret"
+    path = tmp_path / "job.toml"
+    path.write_text(tomli_w.dumps(raw_cfg))
+    res = fair("run", str(path), "--run-dir", str(tmp_path / "run"), "--no-progress")
+    one_error(res, 2, "api_key_env")
+    assert "sk-proj" not in res.err
 
 
 def test_the_base_config_itself_is_valid(tmp_path):
@@ -283,6 +335,7 @@ BAD_LINES = {
     "null-message": b'{"id": "x", "messages": [null]}',
     "duplicate-id": b'{"id": "g0", "prompt": "again"}',
     "duplicate-int-id": b'{"id": "g1", "prompt": "again"}',
+    "id-5000-digits": b'{"id": 1' + b"0" * 5000 + b', "prompt": "q"}',
 }
 GOOD_IDS = ["g0", "g1", "g2", "g3"]
 
@@ -332,6 +385,14 @@ def test_generate_accepts_odd_but_valid_lines(server, tmp_path, name):
     clean(res)
     assert res.rc == 0, res.err
     assert len(responses(tmp_path / "out")) == len(GOOD_IDS) + 1
+
+
+def test_generate_accepts_a_bom_at_the_start_of_the_file(server, tmp_path):
+    inp = generate_input(tmp_path / "in.jsonl", b'{"id": "x", "prompt": "q"}')
+    inp.write_bytes(b"\xef\xbb\xbf" + inp.read_bytes())  # as Notepad writes UTF-8
+    res = gen(server, inp, tmp_path / "out")
+    clean(res)
+    assert res.rc == 0 and sorted(responses(tmp_path / "out")) == sorted([*GOOD_IDS, "x"]), res.err
 
 
 # -- dataset lines, through `fair run` against the simulator ---------------------------------------
@@ -394,6 +455,10 @@ BAD_DATASET_LINES = {
     "bad-answer": b'{"id": "x", "question": "q", "answer": "lots"}',
     "duplicate-id": b'{"id": "d1", "question": "q", "answer": "1"}',
     "nul-bytes": b"\x00\x00",
+    "answer-5000-digits": b'{"id": "x", "question": "q", "answer": 1' + b"0" * 5000 + b"}",
+    "answer-object": b'{"id": "x", "question": "q", "answer": {"v": 1}}',
+    "empty-question": b'{"id": "x", "question": "", "answer": "1"}',
+    "trailing-garbage": b'{"id": "x", "question": "q", "answer": "1"} xx',
 }
 
 
@@ -409,6 +474,44 @@ def test_dataset_line(sim, tmp_path, name):
     assert len(named) == 1 and named[0].startswith("fair: skipped input"), res.err
     done = [r["id"] for r in iter_raw(run_dir, "problems")]
     assert sorted(done) == sorted(QUESTIONS)
+
+
+NAMED_DATASETS = {  # (folder, file, good items, the bad item, `file:line` the skip names)
+    "gsm8k-no-final-line": ("gsm8k", "train.jsonl", "jsonl", {"question": "q", "answer": "no marker"}, 3),
+    "gsm8k-gold-not-a-number": ("gsm8k", "train.jsonl", "jsonl", {"question": "q", "answer": "#### lots"}, 3),
+    "svamp-answer-text": ("svamp", "SVAMP.json", "array", {"ID": "chal-9", "Body": "b", "Question": "q",
+                                                          "Answer": "seven"}, 4),
+    "strategyqa-answer-maybe": ("strategyqa", "train.json", "array", {"qid": "s9", "question": "q?",
+                                                                     "answer": "maybe"}, 4),
+}  # fmt: skip
+NAMED_GOOD = {
+    "gsm8k": [{"question": QUESTIONS[k][0], "answer": f"x\n#### {QUESTIONS[k][1]}"} for k in ("d0", "d1")],
+    "svamp": [{"ID": f"chal-{i}", "Body": "Ann has pens.", "Question": QUESTIONS[k][0],
+               "Answer": float(QUESTIONS[k][1])} for i, k in enumerate(("d0", "d1"))],
+    "strategyqa": [{"qid": f"s{i}", "question": f"Is {i} even?", "answer": i % 2 == 0} for i in range(2)],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NAMED_DATASETS)
+def test_named_dataset_item(sim, tmp_path, name):
+    """The gsm8k / svamp / strategyqa readers (not only jsonl) skip a bad item naming file:line."""
+    folder, file, shape, bad, line = NAMED_DATASETS[name]
+    items = [*NAMED_GOOD[folder], bad]
+    (tmp_path / folder).mkdir()
+    path = tmp_path / folder / file
+    if shape == "jsonl":
+        path.write_bytes(b"\n".join(orjson.dumps(i) for i in items) + b"\n")
+    else:  # one item a line: [\n item,\n item\n]
+        path.write_bytes(b"[\n" + b",\n".join(orjson.dumps(i) for i in items) + b"\n]\n")
+    split = "all" if folder == "svamp" else "train"  # svamp's "train" is a seeded 70 % of the items
+    cfg = job(tmp_path, sim.base_url, path, dataset={"name": folder, "path": str(tmp_path), "split": split})
+    run_dir = tmp_path / "run"
+    res = fair("run", str(cfg), "--run-dir", str(run_dir), "--no-progress")
+    clean(res)
+    assert res.rc == 0, res.err
+    named = [ln for ln in res.lines() if f"{path}:{line}" in ln]
+    assert len(named) == 1 and named[0].startswith("fair: skipped input"), res.err
+    assert len(list(iter_raw(run_dir, "problems"))) == 2
 
 
 # =================================================================================================
@@ -592,6 +695,28 @@ def test_server_durations_are_clamped(tmp_path, name):
     assert elapsed < 30, f"a server-given pause was not clamped ({elapsed:.1f}s)"
 
 
+@pytest.mark.parametrize("retry_after", ["0", "-99999999"])
+def test_repeated_429s_with_no_pause_after_successes(tmp_path, retry_after):
+    """One line's first calls are refused with a zero (or negative: clamped to zero) Retry-After
+    after others went through: admission blocks and probes (it divided by that zero once)."""
+    refused: list[Seen] = []
+
+    def rule(seen: Seen) -> tuple | None:
+        if "'question 3'" in str(seen.body) and len(refused) < 3:
+            refused.append(seen)
+            return raw(b'{"error": {"message": "slow down"}}', 429, {"retry-after": retry_after})
+        return None
+
+    inp = write_input(tmp_path / "in.jsonl", 4)
+    with FakeServerThread(rule=rule) as srv:
+        res = gen(srv, inp, tmp_path / "out", "--concurrency", "1", deadline=30)
+    clean(res)
+    assert res.rc == 0, res.err
+    assert len(refused) == 3
+    assert all(r["error"] is None for r in responses(tmp_path / "out").values())
+    assert sorted(responses(tmp_path / "out")) == [f"r{i}" for i in range(4)]
+
+
 def test_anthropic_reset_in_the_far_future_is_clamped(tmp_path):
     hdr = {
         "anthropic-ratelimit-requests-remaining": "0",
@@ -709,6 +834,20 @@ FLAG_CASES = {
     "demo-problems": (["demo", "--problems", "0"], "--problems"),
     "export-format": (["export", "r", "--format", "csv"], "--format"),
     "unknown-command": (["frobnicate"], "frobnicate"),
+    "seed-beyond-64-bit": ([*GEN, "--seed", str(10**20)], "--seed"),
+    "endpoint-port-99999": (gen_argv(endpoint="http://127.0.0.1:99999/v1"), "--endpoint"),
+    "price-in-negative": ([*GEN, "--price-in", "-1"], "--price-in"),
+    "batch-on-gemini": ([*GEN, "--mode", "batch", "--provider", "gemini"], "batch"),
+    "batch-over-the-limit": ([*GEN, "--mode", "batch", "--batch-max-items", "900000"], "batch.max_items"),
+    "batch-poll-zero": ([*GEN, "--mode", "batch", "--batch-poll", "0"], "--batch-poll"),
+    "workers-without-ray": ([*GEN, "--workers", "2"], "--workers"),
+    "loop-unknown": ([*GEN, "--loop", "trio"], "--loop"),
+    "train-seed-beyond-64-bit": (["train", "r", "--seed", str(2**64)], "--seed"),
+    "serve-student-gpu-memory": (["serve-student", "--gpu-memory-utilization", "2"], "--gpu-memory"),
+    "run-metrics-port": (["run", "job.toml", "--metrics-port", "70000"], "--metrics-port"),
+    "run-pilot-zero": (["run", "job.toml", "--estimate", "--pilot", "0"], "--pilot"),
+    "batches-unknown-action": (["batches", "delete", "r"], "action"),
+    "sim-host-unresolvable": (["sim", "--host", "no-such-host.invalid", "--port", "0"], "--host"),
     "no-command": ([], "command"),
 }  # fmt: skip
 
@@ -793,8 +932,21 @@ def test_train_on_a_missing_or_empty_run_dir(tmp_path, what):
     assert ("no samples" in line) if what == "empty" else ("no such run directory" in line)
 
 
-def test_repair_on_a_folder_that_is_no_run(tmp_path):
-    one_error(fair("repair", str(tmp_path)), 2, "not a run directory")
+@pytest.mark.parametrize("cmd", ["repair", "status"])
+def test_a_folder_that_is_no_run(tmp_path, cmd):
+    one_error(fair(cmd, str(tmp_path)), 2, "not a run directory")
+
+
+@pytest.mark.parametrize("cmd", ["serve-student", "eval"])
+def test_an_adapter_folder_without_adapter_config_fails_before_loading(tmp_path, cmd):
+    """Named at once, not after minutes of loading the base model (then a peft traceback)."""
+    (tmp_path / "ad").mkdir()
+    extra = ["--port", "0"] if cmd == "serve-student" else ["--out", str(tmp_path / "e"), "--no-base"]
+    t0 = time.monotonic()
+    res = fair(cmd, "--adapter", f"x={tmp_path / 'ad'}", *extra)
+    clean(res)  # eval may first note that the folder has no training record (its overlap check)
+    assert res.rc == 2 and "adapter_config.json" in res.lines()[-1] and str(tmp_path) in res.lines()[-1]
+    assert time.monotonic() - t0 < 30
 
 
 # -- damaged run directories -----------------------------------------------------------------------
@@ -838,6 +990,57 @@ def test_damaged_shard_line_names_file_line_and_repair(server, finished_generate
 def test_damaged_manifest_names_it(finished_generate, junk):
     (finished_generate / "manifest.json").write_bytes(junk)
     one_error(fair("status", str(finished_generate)), 2, "manifest.json:", "fair repair")
+
+
+def _shard_is_a_directory(out: Path) -> str:
+    shard = shard_paths(out, "responses")[0]
+    shard.unlink()
+    shard.mkdir()
+    return str(shard)
+
+
+def _manifest_is_a_directory(out: Path) -> str:
+    (out / "manifest.json").unlink()
+    (out / "manifest.json").mkdir()
+    return "manifest.json"
+
+
+DAMAGED_FILES = {
+    "shard-is-a-directory": _shard_is_a_directory,
+    "manifest-is-a-directory": _manifest_is_a_directory,
+}
+
+
+@pytest.mark.parametrize("what", DAMAGED_FILES)
+@pytest.mark.parametrize("cmd", ["resume", "status"])
+def test_a_directory_where_a_file_goes(server, finished_generate, tmp_path, cmd, what):
+    out = finished_generate
+    needle = DAMAGED_FILES[what](out)
+    res = gen(server, tmp_path / "in.jsonl", out) if cmd == "resume" else fair("status", str(out))
+    one_error(res, 2, needle)
+
+
+def test_a_shard_the_manifest_lists_but_is_gone(server, finished_generate):
+    out = finished_generate
+    shard = shard_paths(out, "responses")[0]
+    shard.unlink()
+    one_error(fair("status", str(out)), 2, "manifest.json", shard.name, f"fair repair {out}")
+    res = fair("repair", str(out))
+    clean(res)
+    assert res.rc == 0, res.err
+    assert fair("status", str(out)).rc == 0
+
+
+def test_an_unreadable_cache_is_moved_aside(server, finished_generate, tmp_path):
+    out = finished_generate
+    before = responses(out)
+    (out / "cache.sqlite").write_bytes(b"not a database" * 100)
+    argv = ["--endpoint", server.url, "--input", str(tmp_path / "in.jsonl"), "--output", str(out)]
+    res = fair("generate", "--model", "m", "--no-progress", *argv)  # with its cache (gen() has none)
+    clean(res)
+    assert res.rc == 0, res.err
+    assert any("unreadable cache" in ln and "moved to cache.sqlite.damaged-" in ln for ln in res.lines())
+    assert list(out.glob("cache.sqlite.damaged-*")) and responses(out) == before
 
 
 def test_repair_then_resume_restores_every_record(server, finished_generate, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import urllib.parse
 from pathlib import Path
 
 import tomli_w
@@ -244,9 +245,9 @@ toml_values = st.recursive(
     max_leaves=8,
 )
 FIELDS = {
-    "run": ["seed", "max_in_flight", "shard_records", "breaker_window", "breaker_rate"],
+    "run": ["seed", "max_in_flight", "shard_records", "breaker_window", "breaker_rate", "max_cost_usd"],
     "dataset": ["name", "split", "limit", "offset", "task"],
-    "student": ["endpoint", "attempts", "temperature", "max_tokens"],
+    "student": ["endpoint", "attempts", "temperature", "max_tokens", "top_p", "server", "model"],
     "teachers": ["endpoints", "temperature", "max_tokens", "review_max_tokens"],
     "review": ["gold_check", "threshold", "min_valid", "aggregation", "early_stop"],
     "endpoints.a": [
@@ -258,6 +259,8 @@ FIELDS = {
         "rpm",
         "timeout_s",
         "max_attempts",
+        "headers",
+        "mode",
     ],
 }
 near = st.one_of(  # values of the right type, around the edges of their ranges
@@ -268,6 +271,11 @@ near = st.one_of(  # values of the right type, around the edges of their ranges
         ["openai", "gemini", "mean", "median", "reject", "off", "v1", "v9", "http://h/v1", "h:1", "a", "b"]
     ),
     st.lists(st.sampled_from(["a", "b", "c", "s", "zz"]), max_size=4),
+    st.sampled_from(
+        ["http://h:99999/v1", "http://h:65535/v1", "http://[::1]:8000/v1", "http://h:/v1", "batch"]
+    ),
+    st.integers(2**63 - 2, 2**64),  # seeds around the 64-bit edge
+    st.dictionaries(st.sampled_from(["X-A", "X A", "x:y", ""]), st.text(max_size=6), max_size=2),
 )
 EDITS = st.lists(
     st.sampled_from(
@@ -296,6 +304,11 @@ def check_config(cfg: RunConfig) -> None:
         assert ep.base_url.startswith(("http://", "https://")) and ep.model
         assert ep.concurrency >= 1 and ep.timeout_s > 0 and ep.max_attempts >= 1 and ep.price_in >= 0
         assert ep.rpm is None or ep.rpm > 0
+        port = urllib.parse.urlsplit(ep.base_url).port  # raises on a port out of range
+        assert port is None or 1 <= port <= 65_535
+        for name, value in ep.headers.items():  # nothing aiohttp would refuse, no CR/LF injection
+            assert name and not any(c in name for c in " :\r\n") and not any(c in value for c in "\r\n\x00")
+    assert -(2**63) <= cfg.run.seed < 2**63
 
 
 @settings(SETTINGS, max_examples=300)
