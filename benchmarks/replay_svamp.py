@@ -1,19 +1,26 @@
-"""``fair bench replay-svamp``: three distillation recipes on the FAIR paper's real SVAMP texts.
+"""``fair bench replay-svamp``: four distillation recipes on the FAIR paper's real SVAMP texts.
 
 1. **Pipeline.** The simulator (``replay-svamp`` profile) replays what real models wrote for the
    387 SVAMP training questions of the FAIR release: GPT-3.5-Turbo, Gemini-1.0-Pro and
    Mixtral-8x7B rationales, mistake explanations and peer scores, and Llama-2-7b-chat's recorded
    wrong answers as the student. One full FAIR job runs over them (student attempt -> grade ->
    rationales + explanations -> gold check -> peer review -> threshold -> samples).
-2. **Three recipes, one budget.** SmolLM2-135M-Instruct (LoRA) is trained three times with the
-   same optimizer steps, batch size, sequence length, lr, seed and LoRA shape:
+2. **Four recipes, one budget.** SmolLM2-135M-Instruct (LoRA) is trained four times with the
+   same optimizer steps, sequence length, lr, seed and LoRA shape:
 
    - ``fair``: the committee run's samples as written (accepted rationales + mistake
      explanations), the FAIR loss with ``alpha`` (default 0.5); the run's gold check is the
      engine's default (``reject``), ``--gold-check`` changes it;
    - ``single-teacher``: every rationale one teacher (``--teacher``, default ``gpt``) wrote for
      the same problems, with no gold check, no peer review and no mistake learning (``alpha=0``);
-   - ``fair-no-mistake``: the committee run's rationale-learning samples only (``alpha=0``).
+   - ``fair-no-mistake``: the committee run's rationale-learning samples only (``alpha=0``);
+   - ``fair-paper``: the paper's method: a second committee run in paper mode (``prompts =
+     "paper"``, gold as a review hint, no gold check, texts as written, every reviewer asked),
+     paired batches (a rationale batch and a mistake batch per step), alpha 0.5, tested with its
+     own solve prompt.
+
+   Every recipe sees ``batch_size`` rationale examples per step (``BATCHING``): the mistake task
+   is FAIR's extra, not a replacement.
 
    A ``fair run`` config needs at least two teachers (peer review), so ``single-teacher`` is not
    a second pipeline run: its run directory is built from the committee run's ``rationales``
@@ -24,7 +31,8 @@
    is spent on mistake samples since there are none in their run directories.
 3. **Evaluation.** Base and the three adapters, greedy, on SVAMP questions (``svamp/SVAMP.json``)
    whose text is *not* among the 387 replayed questions (a seeded random subset of ``--eval-n``),
-   graded by ``trainer.evaluate`` (strict and flexible, 95 % Wilson intervals).
+   graded by ``trainer.evaluate`` (strict and flexible, 95 % Wilson intervals), and an exact
+   McNemar test between recipes on the same questions (``paired_tests``).
 
 Reports per recipe the samples used, steps, wall and CPU seconds, final losses; per model the
 accuracies with intervals; pipeline figures; and writes ``OUT/report.md``. CPU seconds are this
@@ -54,7 +62,7 @@ from typing import Any
 from engine.errors import FairError
 from engine.schema import Problem, Sample
 
-RECIPES = ("fair", "single-teacher", "fair-no-mistake")
+RECIPES = ("fair", "single-teacher", "fair-no-mistake", "fair-paper")
 TEACHERS = ("gpt", "gemini", "mistral")  # the replay profile's model names = the release's authors
 RELEASE_FILES = tuple(
     f"fair-release/Llama-2-7b-chat-hf_svamp_{kind}_round0.json" for kind in ("rationale", "feedback", "false")
@@ -145,19 +153,27 @@ def held_out(data: Path, train: list[Problem], n: int | None, seed: int) -> list
 # -- pipeline -------------------------------------------------------------------------------------
 
 
-def job_config(sim_url: str, seed: int, gold_check: str = "reject"):
+def job_config(sim_url: str, seed: int, gold_check: str = "reject", paper: bool = False):
+    """The committee job; ``paper``: the paper's configuration (``examples/paper.toml``: paper
+    prompts with the gold hint in review, no gold check, texts kept as written)."""
     from engine.config import RunConfig, convert_config
 
     endpoints = {t: {"base_url": sim_url, "model": t} for t in TEACHERS}
     endpoints["student"] = {"base_url": sim_url, "model": "student"}
     raw = {
         "run": {"seed": seed},
-        "dataset": {"name": "svamp"},
+        "dataset": {"name": "svamp", "split": "all"},  # the 387 replayed questions, whatever split
         "student": {"endpoint": "student", "attempts": 1, "temperature": 0.0},
         "teachers": {"endpoints": list(TEACHERS)},
         "endpoints": endpoints,
         "review": {"gold_check": gold_check},
     }  # otherwise the defaults: accept iff mean score > 3, sample policy "paper"
+    if paper:
+        # every reviewer asked (no early stop), so the report shows the paper's committee whole
+        review = {"gold_check": "off", "early_stop": False}
+        raw.update(prompts="paper", review=review, samples={"answer_line": False})
+        raw["student"].update(temperature=0.3, top_p=0.9)  # replayed: the recorded answers either way
+        raw["teachers"].update(temperature=0.8, max_tokens=512)
     return convert_config(raw, RunConfig, source="bench replay-svamp")
 
 
@@ -174,13 +190,15 @@ def _env(name: str, value: str):
             os.environ[name] = old
 
 
-def run_pipeline(out: Path, data: Path, problems: list[Problem], seed: int, gold_check: str) -> dict:
+def run_pipeline(
+    out: Path, data: Path, problems: list[Problem], seed: int, gold_check: str, paper: bool = False
+) -> dict:
     """The FAIR job over the replayed committee; returns its figures (and the run directory)."""
     from engine.pipeline import Job
     from engine.report import summarize
     from engine.services import Services, free_port
 
-    run_dir = out / "run"
+    run_dir = out / ("run-paper" if paper else "run")
     t0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
     with Services(out / "logs") as services:
         port = free_port()
@@ -191,7 +209,7 @@ def run_pipeline(out: Path, data: Path, problems: list[Problem], seed: int, gold
                 f"http://127.0.0.1:{port}/health",
                 timeout=120,
             )
-        job = Job(job_config(f"http://127.0.0.1:{port}/v1", seed, gold_check), run_dir)
+        job = Job(job_config(f"http://127.0.0.1:{port}/v1", seed, gold_check, paper), run_dir)
         outcome = asyncio.run(job.run(problems))
     s = summarize(run_dir)
     return {
@@ -264,8 +282,10 @@ def _children_cpu() -> float:
 # -- recipes --------------------------------------------------------------------------------------
 
 
-def recipe_samples(run_dir: Path, problems: list[Problem], teacher: str) -> dict[str, list[Sample]]:
-    """The samples each recipe trains on, from the committee run's records."""
+def recipe_samples(
+    run_dir: Path, problems: list[Problem], teacher: str, paper_run: Path | None = None
+) -> dict[str, list[Sample]]:
+    """The samples each recipe trains on, from the committee runs' records."""
     from engine.prompts import prompt_set
     from engine.schema import Msg, Rationale
     from engine.store import iter_records
@@ -294,7 +314,16 @@ def recipe_samples(run_dir: Path, problems: list[Problem], teacher: str) -> dict
         "fair": committee,
         "single-teacher": single,
         "fair-no-mistake": [s for s in committee if s.task == "rationale"],
+        "fair-paper": load_samples([paper_run]) if paper_run is not None else [],
     }
+
+
+# Every arm sees batch_size rationale examples per step (the mistake task is FAIR's extra): the
+# rationale-only arms a batch of them, fair-paper a rationale batch plus a mistake batch (paired),
+# fair one mixed batch of twice the size (about half of it rationales, the same tokens per step
+# as fair-paper in one pass).
+BATCHING = {"fair": ("mixed", 2), "single-teacher": ("mixed", 1), "fair-no-mistake": ("mixed", 1),
+            "fair-paper": ("paired", 1)}  # fmt: skip
 
 
 def train_recipe(name: str, samples: list[Sample], out: Path, opts: dict, alpha: float) -> dict:
@@ -303,13 +332,15 @@ def train_recipe(name: str, samples: list[Sample], out: Path, opts: dict, alpha:
     from trainer.train import TrainConfig, train
 
     run_dir = write_run_dir(out / "recipes" / name, samples)
+    batching, scale = BATCHING[name]
     cfg = TrainConfig(
         inputs=[str(run_dir)],
         out=str(out / "train" / name),
         model=opts["model"],
         alpha=alpha,
         max_steps=opts["steps"],
-        batch_size=opts["batch_size"],
+        batch_size=opts["batch_size"] * scale,
+        batching=batching,
         max_seq_len=opts["max_seq_len"],
         lr=opts["lr"],
         seed=opts["seed"],
@@ -330,8 +361,11 @@ def train_recipe(name: str, samples: list[Sample], out: Path, opts: dict, alpha:
         return round(sum(vals) / len(vals), 4) if vals else None
 
     tasks = [s.task for s in samples]
+    n_rat = [r["tokens_rationale"] for r in rows if r["split"] == "train"]
     return {
         "recipe": name,
+        "batching": batching,
+        "rationale_tokens_per_step": round(sum(n_rat) / len(n_rat)) if n_rat else None,
         "samples": len(samples),
         "rationale": tasks.count("rationale"),
         "mistake": tasks.count("mistake"),
@@ -339,7 +373,7 @@ def train_recipe(name: str, samples: list[Sample], out: Path, opts: dict, alpha:
         "problems": len({s.problem_id for s in samples}),
         "alpha": alpha,
         "steps": summary["steps"],
-        "epochs": round(summary["steps"] * opts["batch_size"] / max(1, summary["train_examples"]), 2),
+        "epochs": round(summary["steps"] * cfg.batch_size / max(1, summary["train_examples"]), 2),
         "tokens": summary["tokens_seen"],
         "wall_s": round(wall, 1),
         "cpu_s": round(cpu, 1),
@@ -367,6 +401,39 @@ def cut_at_limit(wrong_dir: Path, names: list[str], model: str | None, limit: in
     return out
 
 
+def mcnemar(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value: b and c are the discordant pairs (binomial, p = 1/2)."""
+    from math import comb
+
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
+
+
+PAIRS = (("fair-paper", "single-teacher"), ("fair", "single-teacher"), ("fair-paper", "fair"),
+         ("fair-paper", "base"), ("fair", "base"), ("single-teacher", "base"))  # fmt: skip
+
+
+def paired_tests(eval_dir: Path, evalset: list[Problem], names: list[str]) -> list[dict]:
+    """McNemar on the same held-out questions, flexible grading: per pair of models, how many
+    questions only the first got right (b), only the second (c), and the exact p-value."""
+    right = {}
+    for name in names:
+        path = eval_dir / "wrong" / f"{name}__svamp-heldout.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        wrong = {r["id"] for r in rows if not r["flexible_ok"]}
+        right[name] = {p.id for p in evalset} - wrong
+    out = []
+    for a, b in PAIRS:
+        if a in right and b in right:
+            only_a, only_b = len(right[a] - right[b]), len(right[b] - right[a])
+            out.append(
+                {"a": a, "b": b, "only_a": only_a, "only_b": only_b, "p": round(mcnemar(only_a, only_b), 4)}
+            )
+    return out
+
+
 # -- the benchmark --------------------------------------------------------------------------------
 
 
@@ -384,7 +451,7 @@ def run(args: argparse.Namespace) -> dict:
     opts = resolve(args)
     data = find_data(args.data_dir)
     out = Path(args.out)
-    for sub in ("run", "recipes", "train", "eval", "logs", "tiny-model"):
+    for sub in ("run", "run-paper", "recipes", "train", "eval", "logs", "tiny-model"):
         shutil.rmtree(out / sub, ignore_errors=True)  # a benchmark starts clean (no resume, no cache)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -401,13 +468,18 @@ def run(args: argparse.Namespace) -> dict:
     print(f"== FAIR pipeline on {len(problems)} replayed SVAMP problems", file=sys.stderr, flush=True)
     pipeline = run_pipeline(out, data, problems, opts["seed"], opts["gold_check"])
     pipeline.update(paper_agreement(Path(pipeline["run_dir"]), replay))
-    sets = recipe_samples(Path(pipeline["run_dir"]), problems, opts["teacher"])
+    print("== the same in paper mode", file=sys.stderr, flush=True)
+    pipeline_paper = run_pipeline(out, data, problems, opts["seed"], "off", paper=True)
+    pipeline_paper.update(paper_agreement(Path(pipeline_paper["run_dir"]), replay))
+    sets = recipe_samples(
+        Path(pipeline["run_dir"]), problems, opts["teacher"], Path(pipeline_paper["run_dir"])
+    )
 
     if opts["size"] == "tiny" and not opts["model"]:
         from trainer.model import save_tiny_student
 
         opts["model"] = save_tiny_student(out / "tiny-model")
-    alphas = {"fair": opts["alpha"], "single-teacher": 0.0, "fair-no-mistake": 0.0}
+    alphas = {"fair": opts["alpha"], "single-teacher": 0.0, "fair-no-mistake": 0.0, "fair-paper": 0.5}
     training = [train_recipe(name, sets[name], out, opts, alphas[name]) for name in RECIPES]
 
     from trainer.evaluate import evaluate
@@ -424,6 +496,7 @@ def run(args: argparse.Namespace) -> dict:
         out=out / "eval",
         progress=True,
         device=None if opts["device"] == "auto" else opts["device"],
+        prompt_versions={"fair-paper": "paper"},  # tested with the prompt it was trained on
     )
     evaluation = {
         "backend": ev["backend"],
@@ -457,6 +530,8 @@ def run(args: argparse.Namespace) -> dict:
         "eval_questions": len(evalset),
         "max_new_tokens": opts["max_new_tokens"],
         "pipeline": pipeline,
+        "pipeline_paper": pipeline_paper,
+        "paired_tests": paired_tests(out / "eval", evalset, list(ev["results"])),
         "training": [{k: v for k, v in row.items() if k != "adapter"} for row in training],
         "accuracy": accuracy,
         "evaluation": evaluation,
@@ -471,8 +546,9 @@ def run(args: argparse.Namespace) -> dict:
 
 # -- rendering ------------------------------------------------------------------------------------
 
-TRAIN_COLS = ["recipe", "samples", "rationale", "mistake", "teachers", "alpha", "steps", "epochs",
-              "tokens", "wall_s", "cpu_s", "final_loss", "loss_rationale_last5"]  # fmt: skip
+TRAIN_COLS = ["recipe", "samples", "rationale", "mistake", "teachers", "alpha", "batching",
+              "rationale_tokens_per_step", "steps", "epochs", "tokens", "wall_s", "cpu_s", "final_loss",
+              "loss_rationale_last5"]  # fmt: skip
 
 
 def _ci(row: dict, mode: str) -> str:
@@ -511,6 +587,12 @@ def table(result: dict) -> str:
             f"{e['cpu_s']} s CPU):",
             format_table(_accuracy_rows(result)),
             "",
+            "paired (McNemar, flexible, same questions): "
+            + "; ".join(
+                f"{t['a']} vs {t['b']}: {t['only_a']}/{t['only_b']} p={t['p']}"
+                for t in result["paired_tests"]
+            ),
+            "",
             f"total {result['wall_s']} s wall, {result['cpu_s']} s CPU; report {result['report']}",
         ]
     )
@@ -540,7 +622,13 @@ def write_report(out: Path, result: dict, ev: dict) -> Path:
         f"- **single-teacher**: every rationale of `{result['teacher']}` for the same problems, no gold "
         "check, no peer review, no mistake learning (built from the committee run's rationale "
         "records: a run config needs two teachers);",
-        "- **fair-no-mistake**: the committee run's rationale samples only (alpha 0).",
+        "- **fair-no-mistake**: the committee run's rationale samples only (alpha 0);",
+        "- **fair-paper**: the paper's method (`examples/paper.toml`): paper prompts, the gold as a "
+        "hint in the review prompt, no gold check, texts as written; paired batches (a rationale "
+        "batch and a mistake batch per step), alpha 0.5; tested with its own (paper) solve prompt.",
+        "",
+        "Every arm sees the same number of rationale examples per step (`batch_size`): fair-paper "
+        "adds a mistake batch, fair a mixed batch of twice the size.",
         "",
         "## Pipeline (replayed FAIR-release texts)",
         "",
@@ -565,6 +653,15 @@ def write_report(out: Path, result: dict, ev: dict) -> Path:
         f"`wrong & cut`: wrong answers that ran into the {result['max_new_tokens']}-token limit.",
         "",
         *md(_accuracy_rows(result)),
+        "",
+        "Paired test on the same questions (exact McNemar, flexible grading): `only_a` questions "
+        "only the first model got right, `only_b` only the second.",
+        "",
+        *md(result["paired_tests"]),
+        "",
+        "## Pipeline in paper mode (the fair-paper arm's samples)",
+        "",
+        *md([{"figure": k, "value": v} for k, v in result["pipeline_paper"].items() if k != "run_dir"]),
         "",
         report_markdown(ev).replace("# Student evaluation", "### Evaluation detail").strip(),
         "",

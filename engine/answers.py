@@ -11,8 +11,10 @@ Two modes, as in lm-evaluation-harness's GSM8K task:
   is X", "Answer: X", "#### X" (GSM8K), ``\\boxed{X}`` (LaTeX) and, for numeric tasks, a line
   starting "A: X" (the GSM8K example solutions). The last marker in the text that carries an
   answer wins. A reply that is nothing but the answer ("18", "Yes.", "(B)") counts as well.
-* ``flexible``: the strict answer if there is one, else a fallback: the last number in the text
-  (numeric); a reply opening with "Yes"/"No", else the last yes/no/true/false word (yesno); the
+* ``flexible``: the strict answer if there is one, else a fallback: the number the final
+  statement gives (numeric; ``final_statement_number``: a sentence-level rule, so "Emily used a
+  total of 52 beads for her 44 friends." gives 52, not the trailing 44); a reply opening with
+  "Yes"/"No", else the last yes/no/true/false word (yesno); the
   last "(B)" / "option B" / trailing bare letter, else a unique option-text match (choice).
 
 Numbers are compared as numbers, never as strings: "1,234" = "1234", "$18.00" = "18",
@@ -241,8 +243,60 @@ def _extract_numeric(text: str, mode: str) -> str | None:
             return found
     if mode == "strict":
         return None
-    found = list(_NUMBER.finditer(text))
-    return _render(found[-1]) if found else None
+    return final_statement_number(text)
+
+
+# -- the final statement of free-form text (no answer marker) -----------------------------------
+
+_SENTENCE_END = re.compile(r"(?<=[.!?:])\s+|\n+")
+_PAREN = re.compile(r"\([^()]*\)")
+_CLAUSE = re.compile(r",\s+|;\s+|\s+which\s+|\s+so\s+|\s+and\s+(?:so|thus|therefore)\s+", re.I)
+_CUE = re.compile(r"\b(?:total\s+of|in\s+total|in\s+all|altogether|equals?|is|are|was|were)\b", re.I)
+# a number right after one of these is a detail ("with 104 dollars", "during the 19 weeks")
+_DETAIL = re.compile(
+    r"\b(?:with|at|during|to|for|of|per|from|on|in|than|by|after|before|among|over|out|each|every"
+    r"|have|left|join)\s+(?:the\s+|a\s+|an\s+|his\s+|her\s+|their\s+|its\s+)?\$?$",
+    re.I,
+)
+
+
+def final_statement(text: str) -> str | None:
+    """The last sentence (or line) of the text that holds a number, parentheses dropped."""
+    for sentence in reversed(_SENTENCE_END.split(text)):
+        bare = _PAREN.sub("", sentence)
+        if _NUMBER.search(bare):
+            return bare
+    return None
+
+
+def final_statement_number(text: str) -> str | None:
+    """The number the final statement gives as its result, by a sentence-level rule.
+
+    In the last sentence with a number: the result of its last "=", if that starts the rest;
+    else, in its last clause with a number, the first number after the last "total of / in
+    all / is / are / equals" cue; else the first number that is not a detail introduced by a
+    preposition ("You can buy 4 packs with 104 dollars" -> 4); else the last number.
+    ``tests/test_answers.py`` measures it on the FAIR release (confusion table with ``-s``).
+    """
+    s = final_statement(text)
+    if s is None:
+        return None
+    if "=" in s:
+        seg = s.rsplit("=", 1)[1]
+        nums = list(_NUMBER.finditer(seg))
+        if nums and not re.search(r"[^\W_]", seg[: nums[0].start()]):
+            return _render(nums[0])
+        if nums:
+            s = seg
+    clause = [c for c in _CLAUSE.split(s) if _NUMBER.search(c)][-1]
+    nums = list(_NUMBER.finditer(clause))
+    cues = list(_CUE.finditer(clause))
+    if cues:
+        after = [m for m in nums if m.start() >= cues[-1].end()]
+        if after:
+            return _render(after[0])
+    free = [m for m in nums if not _DETAIL.search(clause[: m.start()])]
+    return _render(free[0] if free else nums[-1])
 
 
 _YESNO = re.compile(r"\b(yes|no|true|false)\b", re.I)
@@ -390,6 +444,16 @@ def is_correct(pred: str | None, gold: str, task: str) -> bool:
         except ValueError:
             return False
     raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+
+
+def states_answer(text: str, gold: str, task: str) -> bool:
+    """Does the text state the gold anywhere (any number equal to it; the yes/no word; the
+    letter)? A rationale that never does cannot have reached it."""
+    if task == "numeric":
+        return any(is_correct(_render(m), gold, task) for m in _NUMBER.finditer(_clean(text or "")))
+    if task == "yesno":
+        return any(_YESNO_CANON[w.lower()] == gold for w in _YESNO.findall(text or ""))
+    return re.search(rf"\b{re.escape(gold)}\b", text or "") is not None
 
 
 def grade(

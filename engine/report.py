@@ -11,6 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from engine.errortypes import TYPES, UNKNOWN, majority
 from engine.store import iter_raw, read_manifest
 
 
@@ -42,13 +43,16 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         else:
             per_reviewer[rv["reviewer"]].append(rv["score"])
 
+    judges = judge_quality(root)
     samples = collections.Counter(s["task"] for s in iter_raw(root, "samples"))
+    authored = collections.Counter(s["teacher"] for s in iter_raw(root, "samples"))
     failures = [f for f in iter_raw(root, "failures") if f["problem_id"] not in done_ids]
 
     calls = collections.Counter()
     cost = 0.0
     tokens = 0
     latency: list[float] = []
+    spent: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)  # endpoint -> stage
     for t in iter_raw(root, "trace"):
         if t.get("cache_hit"):
             calls["cache_hits"] += 1
@@ -57,6 +61,7 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         calls["http_429"] += t.get("http_429", 0)
         calls["retries"] += max(0, t.get("attempts", 1) - 1)
         cost += t.get("cost_usd", 0.0)
+        spent[t["endpoint"]][t.get("stage") or "other"] += t.get("cost_usd", 0.0)
         tokens += t.get("prompt_tokens", 0) + t.get("completion_tokens", 0)
         if t.get("latency_s") is not None:
             latency.append(t["latency_s"])
@@ -99,6 +104,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
             }
             for name in sorted(set(per_reviewer) | set(invalid))
         },
+        "judges": judges,
+        "error_types": error_types(root),
         "reviews": n_reviews,
         "feedback": sum(1 for _ in iter_raw(root, "feedback")),
         "samples": dict(samples),
@@ -113,6 +120,35 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "cost_usd": cost,
         "teacher_calls_per_mistake": teacher_calls / mistakes if mistakes else None,
         "latency_p50_s": statistics.median(latency) if latency else None,
+        "cost_per_sample": _cost_per_sample(spent, authored),
+    }
+
+
+def _cost_per_sample(spent: dict[str, collections.Counter], authored: collections.Counter) -> dict[str, Any]:
+    """Dollars per accepted sample: per endpoint (all its calls, reviews of others included, over
+    the samples it authored) and per stage (the stage's calls over all samples)."""
+    total = sum(authored.values())
+    stages: collections.Counter = collections.Counter()
+    for by_stage in spent.values():
+        stages.update(by_stage)
+
+    def per(usd: float, n: int) -> float | None:
+        return usd / n if n else None
+
+    return {
+        "samples": total,
+        "endpoints": {
+            name: {
+                "usd": sum(s.values()),
+                "by_stage": dict(s),
+                "samples": authored[name],
+                "usd_per_sample": per(sum(s.values()), authored[name]),
+            }
+            for name, s in sorted(spent.items())
+        },
+        "stages": {
+            name: {"usd": usd, "usd_per_sample": per(usd, total)} for name, usd in sorted(stages.items())
+        },
     }
 
 
@@ -171,13 +207,177 @@ def render_markdown(s: dict[str, Any], title: str = "FAIR run report") -> str:
         lines.append(
             f"| {name} | {r['reviews']} | {_num(r['mean_score'])} | {_pct(r['pass_rate'])} | {r['invalid']} |"
         )
+    lines += _cost_markdown(s.get("cost_per_sample") or {})
+    lines += _judges_markdown(s.get("judges") or {})
+    lines += _error_types_markdown(s.get("error_types") or {})
     if s["failures"]:
         lines += ["", "## Failures", ""]
         lines += [f"- `{f['problem_id']}` at {f['stage']}: {f['reason']}" for f in s["failures"][:50]]
     return "\n".join(lines) + "\n"
 
 
+def _cost_markdown(c: dict[str, Any]) -> list[str]:
+    if not c.get("endpoints"):
+        return []
+    stages = list(c["stages"])
+    lines = [
+        "",
+        "## Dollars per accepted sample",
+        "",
+        f"{c['samples']} accepted samples. Per endpoint: its calls' dollars by stage, over the samples "
+        "it authored (a teacher's reviews of others count against it); last row: each stage over all "
+        "samples.",
+        "",
+        "| endpoint | " + " | ".join(f"$ {x}" for x in stages) + " | $ total | samples | $ / sample |",
+        "|---|" + "---|" * (len(stages) + 3),
+    ]
+    for name, e in c["endpoints"].items():
+        cells = " | ".join(f"{e['by_stage'].get(x, 0.0):.4f}" for x in stages)
+        lines.append(
+            f"| {name} | {cells} | {e['usd']:.4f} | {e['samples']} | {_num(e['usd_per_sample'], '.5f')} |"
+        )
+    per_stage = " | ".join(_num(c["stages"][x]["usd_per_sample"], ".5f") for x in stages)
+    total = sum(v["usd"] for v in c["stages"].values())
+    lines.append(
+        f"| per sample | {per_stage} | {_num(total / c['samples'] if c['samples'] else None, '.5f')} | "
+        f"{c['samples']} | |"
+    )
+    return lines
+
+
 def write_report(run_dir: str | Path) -> Path:
     path = Path(run_dir) / "report.md"
     path.write_text(render_markdown(summarize(run_dir)))
     return path
+
+
+# -- judge quality ------------------------------------------------------------------------------
+
+
+def _ranks(xs: list[float]) -> list[float]:
+    """Ranks 1..n, ties given their average rank."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rho (Pearson on average ranks); None below 3 pairs or with a constant side."""
+    if len(a) < 3:
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    return cov / (va * vb) ** 0.5 if va and vb else None
+
+
+def judge_quality(root: Path, threshold: float = 3.0) -> dict[str, Any]:
+    """Per reviewer of rationales: leniency, agreement with the others, false accepts; and the
+    committee's accepted rationales that never state the gold."""
+    rationales = {r["id"]: r for r in iter_raw(root, "rationales")}
+    by_target: dict[str, dict[str, int]] = collections.defaultdict(dict)
+    for rv in iter_raw(root, "reviews"):
+        if rv["target_id"] in rationales and rv["score"] is not None:
+            by_target[rv["target_id"]][rv["reviewer"]] = rv["score"]
+    reviewers = sorted({name for scores in by_target.values() for name in scores})
+    out: dict[str, Any] = {"reviewers": {}}
+    for name in reviewers:
+        mine = [(t, sc[name]) for t, sc in by_target.items() if name in sc]
+        values = [v for _, v in mine]
+        rhos = []
+        for other in reviewers:
+            pairs = [(sc[name], sc[other]) for sc in by_target.values() if name in sc and other in sc]
+            if other != name and (rho := spearman([p[0] for p in pairs], [p[1] for p in pairs])) is not None:
+                rhos.append((rho, len(pairs)))
+        votes = [rationales[t].get("gold_match") for t, v in mine if v > threshold]
+        known = [g for g in votes if g is not None]
+        out["reviewers"][name] = {
+            "scores": len(values),
+            "mean_score": statistics.fmean(values) if values else None,
+            "accept_share": sum(v > threshold for v in values) / len(values) if values else None,
+            "spearman_vs_others": (sum(r * n for r, n in rhos) / sum(n for _, n in rhos) if rhos else None),
+            "false_accept_share": sum(g is False for g in known) / len(known) if known else None,
+        }
+    accepted = [r for r in rationales.values() if r.get("accepted")]
+    stated = [r.get("gold_stated") for r in accepted if r.get("gold_stated") is not None]
+    matched = [r.get("gold_match") for r in accepted if r.get("gold_match") is not None]
+    out["accepted"] = len(accepted)
+    out["accepted_never_stating_gold"] = sum(s is False for s in stated) / len(stated) if stated else None
+    out["accepted_wrong_final_answer"] = sum(m is False for m in matched) / len(matched) if matched else None
+    return out
+
+
+def _judges_markdown(j: dict[str, Any]) -> list[str]:
+    if not j.get("reviewers"):
+        return []
+    lines = [
+        "",
+        "## Judge quality (reviews of rationales)",
+        "",
+        "| reviewer | scores | mean score | share > 3 (accept votes) | Spearman ρ vs other reviewers "
+        "| accept votes for a wrong final answer |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in j["reviewers"].items():
+        lines.append(
+            f"| {name} | {r['scores']} | {_num(r['mean_score'])} | {_pct(r['accept_share'])} | "
+            f"{_num(r['spearman_vs_others'])} | {_pct(r['false_accept_share'])} |"
+        )
+    lines += [
+        "",
+        f"Accepted rationales that never state the gold answer: {_pct(j['accepted_never_stating_gold'])}; "
+        f"whose final answer is not the gold: {_pct(j['accepted_wrong_final_answer'])} "
+        f"(of {j['accepted']} accepted).",
+    ]
+    return lines
+
+
+# -- error types --------------------------------------------------------------------------------
+
+
+def error_types(root: Path) -> dict[str, Any]:
+    """Each teacher's tags, and per mistake the majority tag (``engine.errortypes``)."""
+    per_teacher: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    per_attempt: dict[str, list[str]] = collections.defaultdict(list)
+    for f in iter_raw(root, "feedback"):
+        tag = f.get("error_type") or UNKNOWN
+        per_teacher[f["teacher"]][tag] += 1
+        per_attempt[f["attempt_id"]].append(tag)
+    mistakes = collections.Counter(majority(tags) for tags in per_attempt.values())
+    split = sum(len(set(tags)) > 1 for tags in per_attempt.values())
+    return {
+        "mistakes": dict(mistakes),
+        "teachers": {k: dict(v) for k, v in sorted(per_teacher.items())},
+        "teachers_disagree": split,
+        "n": len(per_attempt),
+    }
+
+
+def _error_types_markdown(e: dict[str, Any]) -> list[str]:
+    if not e.get("n"):
+        return []
+    n = e["n"]
+    lines = [
+        "",
+        "## Student error types (majority of the teachers' tags)",
+        "",
+        "| error type | mistakes | share |",
+        "|---|---|---|",
+    ]
+    for tag in (*TYPES, UNKNOWN):
+        k = e["mistakes"].get(tag, 0)
+        lines.append(f"| {tag} | {k} | {_pct(k / n)} |")
+    lines += ["", f"Teachers disagree on {e['teachers_disagree']} of {n} mistakes; per teacher:", ""]
+    for teacher, tags in e["teachers"].items():
+        lines.append(f"- {teacher}: " + ", ".join(f"{t} {c}" for t, c in sorted(tags.items())))
+    return lines

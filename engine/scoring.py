@@ -7,6 +7,12 @@
                                          None with fewer than min_valid valid scores
     decided(received, pending, **rule)-> the verdict if no outcome of the pending reviews can
                                          change it, else None (early stopping)
+    Calibration                       -> per-reviewer score statistics; ``value(reviewer, s)``
+                                         puts a score on the pooled scale (aggregation
+                                         "calibrated": a lenient and a harsh reviewer weigh
+                                         the same)
+    calibrated_verdicts(items, ...)   -> offline: every item's verdict with each reviewer
+                                         standardised against all its scores in the run
 
 A valid score is an integer 1-5; anything else (None, 0, 83: what the FAIR release holds for
 unparseable or out-of-range reviews) is dropped before aggregating. With the defaults this is
@@ -17,6 +23,7 @@ Pure Python: the trainer imports this module too.
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from collections.abc import Sequence
@@ -24,6 +31,8 @@ from collections.abc import Sequence
 MIN_SCORE = 1
 MAX_SCORE = 5
 AGGREGATIONS = ("mean", "median", "min")
+PRIOR_WEIGHT = 10.0  # pseudo-scores at the pooled mean/sd before a reviewer's own count
+MIN_SD = 0.25  # a reviewer who always gives the same score is not stretched without bound
 
 # "[4]", "[ 4 ]", "[4/5]", "[4 / 5]"; any other bracket content is not a score.
 _BRACKETED = re.compile(r"\[\s*(-?\d+)\s*(?:/\s*5\s*)?\]")
@@ -113,3 +122,71 @@ def decided(
             return None
     (only,) = outcomes
     return only
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrated aggregation
+
+
+class Calibration:
+    """Running per-reviewer mean and sd; maps a score onto the pooled scale of all reviewers.
+
+    ``value(r, s) = μ + σ · (s - μ_r) / σ_r`` where μ, σ are pooled over every reviewer and
+    μ_r, σ_r are reviewer ``r``'s, shrunk towards the pooled ones by ``PRIOR_WEIGHT`` pseudo-scores
+    (a reviewer seen a few times is barely moved). Averaging these values and comparing with the
+    threshold is the ``calibrated`` rule. In a live run the statistics are those of the scores
+    received so far; ``calibrated_verdicts`` uses the whole run's.
+    """
+
+    def __init__(self) -> None:
+        self.stats: dict[str, list[float]] = {}  # reviewer -> [n, sum, sum of squares]
+
+    def add(self, reviewer: str, score: int | None) -> None:
+        if is_valid(score):
+            st = self.stats.setdefault(reviewer, [0.0, 0.0, 0.0])
+            st[0] += 1
+            st[1] += score  # type: ignore[operator]
+            st[2] += score * score  # type: ignore[operator]
+
+    def pooled(self) -> tuple[float, float]:
+        n = sum(st[0] for st in self.stats.values())
+        if n == 0:
+            return 3.0, 1.0
+        mean = sum(st[1] for st in self.stats.values()) / n
+        var = sum(st[2] for st in self.stats.values()) / n - mean * mean
+        return mean, max(MIN_SD, math.sqrt(max(0.0, var)))
+
+    def reviewer(self, name: str) -> tuple[float, float]:
+        mu, sd = self.pooled()
+        n, total, sq = self.stats.get(name, [0.0, 0.0, 0.0])
+        k = PRIOR_WEIGHT
+        mean = (total + k * mu) / (n + k)
+        second = (sq + k * (sd * sd + mu * mu)) / (n + k)
+        return mean, max(MIN_SD, math.sqrt(max(0.0, second - mean * mean)))
+
+    def value(self, reviewer: str, score: int) -> float:
+        mu, sd = self.pooled()
+        mean_r, sd_r = self.reviewer(reviewer)
+        return mu + sd * (score - mean_r) / sd_r
+
+
+def calibrated_verdict(
+    scores: Sequence[tuple[str, int | None]], cal: Calibration, *, threshold: float = 3.0, min_valid: int = 1
+) -> tuple[bool | None, float | None]:
+    """(verdict, calibrated mean) of one item's ``(reviewer, score)`` pairs."""
+    values = [cal.value(r, s) for r, s in scores if is_valid(s)]  # type: ignore[arg-type]
+    if len(values) < max(min_valid, 1):
+        return None, None
+    mean = sum(values) / len(values)
+    return mean > threshold, mean
+
+
+def calibrated_verdicts(
+    items: Sequence[Sequence[tuple[str, int | None]]], *, threshold: float = 3.0, min_valid: int = 1
+) -> list[bool | None]:
+    """Each item's calibrated verdict, every reviewer standardised against all its scores."""
+    cal = Calibration()
+    for item in items:
+        for reviewer, score in item:
+            cal.add(reviewer, score)
+    return [calibrated_verdict(item, cal, threshold=threshold, min_valid=min_valid)[0] for item in items]

@@ -1,4 +1,8 @@
-"""Shared fixtures: where the offline datasets live."""
+"""Shared fixtures: where the offline datasets live.
+
+Tests that need ``../shared/datasets`` skip with the reason when it is absent, unless
+``FAIR_REQUIRE_DATA=1`` (set by ``.ci/run``): then they fail, so CI cannot pass by skipping.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +23,23 @@ def data_dir() -> Path | None:
     return None
 
 
+def missing_data(reason: str) -> None:
+    """Skip for ``reason``, or fail under ``FAIR_REQUIRE_DATA=1`` (CI has the data)."""
+    if os.environ.get("FAIR_REQUIRE_DATA") == "1":
+        pytest.fail(f"FAIR_REQUIRE_DATA=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def need_file(path: Path) -> Path:
+    """``path`` if it is a file, else skip (or fail under FAIR_REQUIRE_DATA=1)."""
+    if not path.is_file():
+        missing_data(f"{path} absent")
+    return path
+
+
 @pytest.fixture
 def datasets_dir() -> Path:
     d = data_dir()
     if d is None:
-        pytest.skip("reference datasets absent: set FAIR_DATA_DIR or provide ../shared/datasets")
+        missing_data("reference datasets absent: set FAIR_DATA_DIR or provide ../shared/datasets")
     return d

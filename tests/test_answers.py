@@ -17,6 +17,7 @@ from engine.answers import (
     is_correct,
     normalize_gold,
 )
+from tests.conftest import missing_data, need_file
 
 # --------------------------------------------------------------------------------------------- numbers
 
@@ -262,7 +263,7 @@ MODEL_FIELDS = ("6b_finetuning", "6b_verification", "175b_finetuning", "175b_ver
 def _solutions(datasets_dir):
     path = datasets_dir / "gsm8k" / "example_model_solutions.jsonl"
     if not path.is_file():
-        pytest.skip(f"{path} absent")
+        missing_data(f"{path} absent")
     tests = [json.loads(line) for line in (datasets_dir / "gsm8k" / "test.jsonl").open()]
     rows = [json.loads(line) for line in path.open()]
     for row, test in zip(rows, tests, strict=True):
@@ -286,8 +287,7 @@ def test_gsm8k_agreement(datasets_dir):
     print(
         f"\nGSM8K example solutions: grading agrees with is_correct on {agree}/{total} = {agree / total:.4f}"
     )
-    assert total == 5276
-    assert agree / total >= 0.99
+    assert (agree, total) == (5276, 5276)
 
 
 @pytest.mark.parametrize(
@@ -304,3 +304,69 @@ def test_gsm8k_agreement_other_answer_lines(datasets_dir, rewrite, mode):
     """The same solutions with their final line in the other formats models use."""
     agree, total = _agreement(_solutions(datasets_dir), rewrite, mode)
     assert agree / total >= 0.99, f"{agree}/{total}"
+
+
+# --------------------------------------------------------------------------------------------- FAIR release
+
+
+def _last_number(text: str) -> str | None:
+    """The grader before the final-statement rule: an answer marker, else the last number."""
+    from engine.answers import _NUMBER, _clean, _render
+
+    explicit = extract_answer(text, "numeric", mode="strict")
+    if explicit is not None:
+        return explicit
+    found = list(_NUMBER.finditer(_clean(text)))
+    return _render(found[-1]) if found else None
+
+
+def test_final_statement_gold_check_on_the_fair_release(datasets_dir):
+    """Free-form teacher text (no answer line): the final statement's number, not the last one.
+
+    Measured on the 1,161 released SVAMP rationales against the paper's own verdicts; the
+    confusion table (``-s``) counts, per paper verdict, which texts each rule finds the gold in.
+    """
+    from collections import Counter
+
+    from engine.scoring import verdict
+
+    path = need_file(datasets_dir / "fair-release" / "Llama-2-7b-chat-hf_svamp_rationale_round0.json")
+    table: Counter = Counter()
+    for row in json.loads(path.read_text()):
+        gold = normalize_gold(row["gold_answer"], "numeric")
+        for teacher in ("gpt_rationale", "gemini_rationale", "mistral_rationale"):
+            text, *scores = row[teacher]
+            old = is_correct(_last_number(text), gold, "numeric")
+            new = grade(text, gold, "numeric")[1]
+            table["accepted" if verdict(scores) else "rejected", old, new] += 1
+    print("\nFAIR SVAMP release, gold check: last number (old) vs final statement (new)")
+    print("| paper verdict | n | old ✓ new ✓ | old ✗ new ✓ | old ✓ new ✗ | old ✗ new ✗ |")
+    print("|---|---|---|---|---|---|")
+    for v in ("accepted", "rejected"):
+        cells = [table[v, o, n] for o, n in ((True, True), (False, True), (True, False), (False, False))]
+        print(f"| {v} | {sum(cells)} | " + " | ".join(map(str, cells)) + " |")
+    acc_old = table["accepted", True, True] + table["accepted", True, False]
+    acc_new = table["accepted", True, True] + table["accepted", False, True]
+    print(f"paper-accepted rationales passing the gold check: {acc_old} (old) -> {acc_new} (new) of 826")
+    assert sum(table.values()) == 1161
+    assert acc_new >= acc_old + 35  # the trailing-quantity cases are recovered
+    assert table["accepted", True, False] + table["rejected", True, False] <= 3  # and barely any lost
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("Therefore, Emily used a total of 52 beads to make necklaces for her 44 friends.", "52"),
+        ("So John needs 29 planks in total (12 large planks + 17 small planks).", "29"),
+        ("So, you can buy 4 packs of DVDs with 104 dollars.", "4"),
+        ("Therefore, if they harvest a total of 35 sacks, they will harvest 420 oranges in total.", "420"),
+        ("Lewis earns $7 each week during the 19 weeks of harvest.", "7"),
+        ("Kelly needs to give away 20 - 12 = 8 games to have 12 games left.", "8"),
+        ("Step 1: 3 + 4 = 7.\nSo she has 7 apples.", "7"),
+        ("She had 5 apples and ate 2, so 3 are left.", "3"),
+    ],
+)
+def test_final_statement_number(text, number):
+    assert extract_answer(text, "numeric") == number
+    # a different number in the final statement is rejected
+    assert not grade(text, str(int(number) + 1), "numeric")[1]

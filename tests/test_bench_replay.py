@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import missing_data
+
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
@@ -32,7 +34,7 @@ def parse(*argv: str) -> argparse.Namespace:
 def bench(tmp_path_factory) -> tuple[dict, Path, Path]:
     data = data_dir()
     if data is None or not all((data / f).is_file() for f in replay_svamp.RELEASE_FILES):
-        pytest.skip("FAIR release data absent: set FAIR_DATA_DIR or provide ../shared/datasets")
+        missing_data("FAIR release data absent: set FAIR_DATA_DIR or provide ../shared/datasets")
     try:
         from trainer.model import load_tokenizer
 
@@ -70,7 +72,7 @@ def test_recipes_train_on_different_sample_sets(bench):
     def samples(name: str) -> list[dict]:
         return list(iter_raw(out / "recipes" / name, "samples"))
 
-    fair, single, no_mistake = (samples(n) for n in replay_svamp.RECIPES)
+    fair, single, no_mistake, paper = (samples(n) for n in replay_svamp.RECIPES)
     committee = list(iter_raw(out / "run", "samples"))
     # (a) FAIR: the committee run's samples exactly, both tasks
     assert {s["id"] for s in fair} == {s["id"] for s in committee}
@@ -85,6 +87,14 @@ def test_recipes_train_on_different_sample_sets(bench):
     # every prompt is the rendered solve prompt of the problem, as in the committee run
     prompts = {s["problem_id"]: s["messages"] for s in committee if s["task"] == "rationale"}
     assert all(s["messages"] == prompts[s["problem_id"]] for s in single if s["problem_id"] in prompts)
+
+    # (d) the paper's method: the paper-mode run's samples, paper prompts, no gold check
+    assert {s["id"] for s in paper} == {s["id"] for s in iter_raw(out / "run-paper", "samples")}
+    assert all(s["prompt_version"] == "paper" for s in paper)
+    assert not any(r["status"] == "rejected_gold" for r in iter_raw(out / "run-paper", "rationales"))
+    mistake_prompts = [s["messages"][-1]["content"] for s in paper if s["task"] == "mistake"]
+    assert mistake_prompts and all("Hint: The correct answer should be" in m for m in mistake_prompts)
+    assert rows["fair-paper"]["batching"] == "paired" and rows["fair"]["batching"] == "mixed"
 
     assert rows["fair"]["mistake"] > 0 and rows["single-teacher"]["mistake"] == 0
     assert rows["fair-no-mistake"]["mistake"] == 0
@@ -110,6 +120,18 @@ def test_evaluation_is_held_out_with_intervals(bench):
     assert not {norm(h["question"]).lower() for h in held} & replayed
 
 
+def test_paired_tests_count_the_discordant_questions(bench):
+    result, _, _ = bench
+    tests = {(t["a"], t["b"]): t for t in result["paired_tests"]}
+    assert ("fair-paper", "single-teacher") in tests and ("fair", "single-teacher") in tests
+    for t in tests.values():
+        assert t["only_a"] + t["only_b"] <= result["eval_questions"] and 0 < t["p"] <= 1
+    # exact McNemar reference values (two-sided binomial, p = 1/2)
+    assert replay_svamp.mcnemar(0, 0) == 1.0
+    assert replay_svamp.mcnemar(0, 5) == pytest.approx(0.0625)
+    assert replay_svamp.mcnemar(2, 10) == pytest.approx(0.0386, abs=1e-4)
+
+
 def test_table_and_json_shape(bench):
     result, _, _ = bench
     text = replay_svamp.table(result)
@@ -125,7 +147,7 @@ def test_missing_data_names_the_path(tmp_path):
 def test_held_out_excludes_every_training_question(tmp_path):
     data = data_dir()
     if data is None or not (data / replay_svamp.SVAMP_FILE).is_file():
-        pytest.skip("SVAMP absent: set FAIR_DATA_DIR or provide ../shared/datasets")
+        missing_data("SVAMP absent: set FAIR_DATA_DIR or provide ../shared/datasets")
     train = ReplayData.load(data).problems("svamp")
     pool = replay_svamp.held_out(data, train, None, 0)
     assert len(pool) == 1000 - 387

@@ -131,3 +131,85 @@ def test_parse_adapters_names_and_checks(tmp_path):
     assert parse_adapters([f"{tmp_path}/run1/adapter"]) == {"run1": f"{tmp_path}/run1/adapter"}
     with pytest.raises(FileNotFoundError):
         parse_adapters([f"x={tmp_path}/missing"])
+
+
+def test_base_and_adapter_outputs_differ_and_switching_back_restores_base(tiny_model, tiny_adapter):
+    """One generator, adapters switched in place: the LoRA text differs from the base text, and
+    'base' after 'lora' is again exactly what a generator without adapters produces."""
+    chats = [[{"role": "user", "content": q}] for q in ("What is 2 + 2?", "Name a colour.", "Count to 3.")]
+    plain, _ = HFGenerator(tiny_model, {}, device="cpu").generate("base", chats, 8, 3)
+    gen = HFGenerator(tiny_model, {"lora": tiny_adapter}, device="cpu")
+    base, _ = gen.generate("base", chats, 8, 3)
+    lora, _ = gen.generate("lora", chats, 8, 3)
+    base_again, _ = gen.generate("base", chats, 8, 3)
+    assert base == plain == base_again
+    assert all(b != a for b, a in zip(base, lora, strict=True))
+
+
+# -- leak refusal ---------------------------------------------------------------------------------
+
+
+def _trained_on(folder, ids: list[str]) -> str:
+    from engine.splits import ids_digest, write_training_record
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_training_record(folder, {"runs": [], "problem_ids": ids, "problem_ids_sha256": ids_digest(ids)})
+    return str(folder)
+
+
+def test_eval_refuses_to_score_training_questions(datasets_dir, tmp_path, capsys):
+    from engine.cli import main
+    from engine.config import DatasetSection
+    from engine.datasets import load_problems
+
+    test = load_problems(DatasetSection(name="svamp", split="test", limit=5), data_dir=datasets_dir)
+    adapter = _trained_on(tmp_path / "leaky" / "adapter", [p.id for p in test[:3]])
+    code = main(["eval", "--adapter", f"leaky={adapter}", "--datasets", "svamp", "--split", "test",
+                 "--limit", "5", "--out", str(tmp_path / "eval")])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    print("\n" + err[-1])
+    assert code == 2
+    assert err[-1].startswith("fair: config error: eval: refusing to score: leaky was trained on 3 of the 5")
+    assert "svamp/test" in err[-1] and "--allow-overlap" in err[-1]
+    assert not (tmp_path / "eval").exists()  # refused before any generation
+
+
+def test_allow_overlap_scores_and_says_so_in_bold(datasets_dir, tiny_model, tiny_adapter, tmp_path):
+    import shutil
+
+    from engine.cli import main
+    from engine.config import DatasetSection
+    from engine.datasets import load_problems
+
+    test = load_problems(DatasetSection(name="svamp", split="test", limit=2), data_dir=datasets_dir)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter, adapter)
+    _trained_on(adapter, [test[0].id])
+    code = main(["eval", "--model", tiny_model, "--adapter", f"leaky={adapter}", "--datasets", "svamp",
+                 "--limit", "2", "--max-new-tokens", "3", "--backend", "transformers", "--no-progress",
+                 "--allow-overlap", "--out", str(tmp_path / "eval")])  # fmt: skip
+    assert code == 0
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert (
+        "**Scored on training questions (--allow-overlap): leaky was trained on 1 of the 2 svamp/test"
+        in report
+    )
+
+
+def test_readme_workflow_is_leak_free(datasets_dir):
+    """examples/committee.toml collects mistakes on GSM8K train; `fair eval` scores test by default."""
+    from engine.cli import build_parser
+    from engine.config import DatasetSection, load_config
+    from engine.datasets import load_problems
+    from engine.splits import overlaps
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "examples" / "committee.toml")
+    assert cfg.dataset.split == "train" and DatasetSection().split == "train"
+    trained = load_problems(cfg.dataset, data_dir=datasets_dir)
+    assert len(trained) == 7473
+    split = build_parser().parse_args(["eval", "--datasets", "gsm8k"]).split
+    scored = load_problems(DatasetSection(name="gsm8k", split=split), data_dir=datasets_dir)
+    record = {"problem_ids": [p.id for p in trained]}
+    assert overlaps(record, scored, split) == {}
+    assert {p.question for p in trained}.isdisjoint({p.question for p in scored})

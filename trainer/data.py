@@ -24,15 +24,17 @@ Two batch layouts carry the same examples:
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine.schema import Sample
-from engine.store import iter_records
+if TYPE_CHECKING:  # msgspec/orjson stay out of the import path (the GPU image lacks them)
+    from engine.schema import Sample
 
 IGNORE_INDEX = -100
 TASKS = ("rationale", "mistake")
@@ -92,11 +94,16 @@ class Batch:
 
 def load_samples(run_dirs: Iterable[str | Path]) -> list[Sample]:
     """Every ``samples`` record of the run directories, deduplicated by id, in a stable order."""
+    from engine.schema import Sample
+    from engine.store import iter_records
+
     seen: dict[str, Sample] = {}
     for run_dir in run_dirs:
         path = Path(run_dir)
         if not path.is_dir():
-            raise FileNotFoundError(f"run directory not found: {path}")
+            from engine.errors import UsageError
+
+            raise UsageError(f"{path}: no such run directory")
         for s in iter_records(path, "samples", Sample):
             seen.setdefault(s.id, s)
     return sorted(seen.values(), key=lambda s: s.id)
@@ -218,6 +225,34 @@ def epoch_batches(examples: Sequence[Example], batch_size: int, seed: int, epoch
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def step_units(
+    examples: Sequence[Example], batch_size: int, seed: int, epoch: int, batching: str = "mixed"
+) -> list[list[list[Example]]]:
+    """The step units of one epoch; a unit is the batches of one accumulation slot.
+
+    ``mixed``: each unit is one ``epoch_batches`` group. ``paired`` (the paper's): each unit is a
+    rationale batch and a mistake batch, each task shuffled on its own; the epoch has as many
+    units as the larger task has batches, and the smaller task's batches cycle.
+    """
+    if batching == "mixed":
+        return [[g] for g in epoch_batches(examples, batch_size, seed, epoch)]
+    if batching != "paired":
+        raise ValueError(f"batching must be mixed or paired, not {batching!r}")
+    per_task = [
+        epoch_batches([e for e in examples if e.task == t], batch_size, seed + t, epoch)
+        for t in (TASK_IDS["rationale"], TASK_IDS["mistake"])
+    ]
+    n = max(len(b) for b in per_task)
+    return [[b[i % len(b)] for b in per_task if b] for i in range(n)]
+
+
+def units_per_epoch(examples: Sequence[Example], batch_size: int, batching: str = "mixed") -> int:
+    if batching == "mixed":
+        return math.ceil(len(examples) / batch_size)
+    counts = [sum(e.task == t for e in examples) for t in TASK_IDS.values()]
+    return max(math.ceil(c / batch_size) for c in counts)
+
+
 # -- synthetic data (tests, benchmarks) ---------------------------------------------------------
 
 
@@ -226,7 +261,7 @@ def synthetic_samples(n_problems: int, seed: int = 0, mistakes_per_problem: int 
     ``solve`` / ``mistake`` prompts, and step-by-step responses of varied length (a few to a few
     dozen steps, like teacher rationales) that end with the instructed answer line."""
     from engine.prompts import prompt_set
-    from engine.schema import Msg, Problem
+    from engine.schema import Msg, Problem, Sample
 
     rng = random.Random(seed)
     prompts = prompt_set()

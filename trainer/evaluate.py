@@ -18,7 +18,6 @@ the strict grader marked wrong, with both predictions and the generated text).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import sys
@@ -152,27 +151,35 @@ class HFGenerator:
 
 
 class VLLMGenerator:
-    """vLLM's offline engine (GPU): adapters are served per request through ``LoRARequest``."""
+    """vLLM's offline engine (GPU): adapters are served per request through ``LoRARequest``.
 
-    def __init__(self, model: str | None, adapters: dict[str, str]):
+    Checks before vLLM starts (``trainer.vllm_backend``): an allowed ``max_lora_rank`` covering the
+    adapters, ``gpu_memory_utilization`` in (0, 1], ``architectures`` in the model's config; and
+    the CUDA memory a model trained in this process still caches is released first."""
+
+    def __init__(
+        self,
+        model: str | None,
+        adapters: dict[str, str],
+        *,
+        gpu_memory_utilization: float | None = None,
+        max_lora_rank: int | None = None,
+    ):
+        from trainer import vllm_backend as V
+
+        V.require_vllm()
+        self.adapters = {k: str(v) for k, v in adapters.items()}
+        kwargs: dict = {"max_loras": max(1, len(self.adapters))}
+        if self.adapters:
+            rank = V.choose_max_lora_rank(self.adapters, max_lora_rank)
+            kwargs |= {"enable_lora": True, "max_lora_rank": rank}
+        if V.check_memory_utilization(gpu_memory_utilization) is not None:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        path = V.model_folder(model)
+        V.free_cuda_memory()
         from vllm import LLM
 
-        from trainer.model import load_student, resolve_model
-
-        path, kwargs = resolve_model(model)
-        if "gguf_file" in kwargs:  # vLLM wants an HF folder: dequantize once into the cache
-            load_student(model, device="cpu")
-            path, _ = resolve_model(model)
-        self.adapters = {k: str(v) for k, v in adapters.items()}
-        ranks = [
-            json.loads((Path(p) / "adapter_config.json").read_text())["r"] for p in self.adapters.values()
-        ]
-        self.llm = LLM(
-            model=path,
-            enable_lora=bool(ranks),
-            max_lora_rank=max(ranks, default=16),
-            max_loras=max(1, len(ranks)),
-        )
+        self.llm = LLM(model=path, **kwargs)
 
     def generate(
         self, name: str, chats: list[list[dict]], max_new_tokens: int, batch_size: int, progress: bool = False
@@ -193,13 +200,27 @@ class VLLMGenerator:
 
 
 def pick_backend(backend: str, adapters: dict[str, str]) -> str:
+    """``vllm`` asked for but not installed: exit 2 with the install hint (never a silent
+    fallback); ``auto`` takes vLLM when it can and says so when it falls back to transformers."""
+    from trainer import vllm_backend
+
+    if backend == "vllm":
+        vllm_backend.require_vllm()
     if backend != "auto":
         return backend
     import torch
 
-    has_vllm = importlib.util.find_spec("vllm") is not None
     all_lora = all(_is_adapter(p) for p in adapters.values())
-    return "vllm" if has_vllm and torch.cuda.is_available() and all_lora else "transformers"
+    why = (
+        "vLLM is not installed" if not vllm_backend.have_vllm()
+        else "no CUDA GPU" if not torch.cuda.is_available()
+        else "a fully fine-tuned model is among the adapters" if not all_lora
+        else None
+    )  # fmt: skip
+    if why is None:
+        return "vllm"
+    print(f"fair eval: backend auto -> transformers ({why})", file=sys.stderr)
+    return "transformers"
 
 
 # -- the evaluation ----------------------------------------------------------------------------
@@ -217,11 +238,18 @@ def evaluate(
     out: str | Path | None = None,
     progress: bool = False,
     device: str | None = None,
+    gpu_memory_utilization: float | None = None,
+    max_lora_rank: int | None = None,
+    overlap: Sequence[str] = (),
+    prompt_versions: dict[str, str] | None = None,
 ) -> dict:
     """Generate and grade; returns ``{"results": {model: {dataset: {...}}}, ...}``.
 
     ``problems`` maps a dataset name to its problems (a plain list is grouped by
     ``Problem.dataset``). With ``out``, writes the report, plot and wrong cases there too.
+    ``overlap``: notes of training questions scored anyway (``--allow-overlap``), shown in bold.
+    ``prompt_versions``: model name -> prompt version of its ``solve`` prompt (default ``v1``), so
+    a model trained on the paper's prompts is tested with them.
     """
     adapters_s = {k: str(v) for k, v in (adapters or {}).items()}
     if isinstance(problems, list):
@@ -234,7 +262,12 @@ def evaluate(
     if "base" in adapters_s:
         raise ValueError("'base' is reserved for the model without adapter")
     chosen = pick_backend(backend, adapters_s)
-    gen = VLLMGenerator(model, adapters_s) if chosen == "vllm" else HFGenerator(model, adapters_s, device)
+    if chosen == "vllm":
+        gen = VLLMGenerator(
+            model, adapters_s, gpu_memory_utilization=gpu_memory_utilization, max_lora_rank=max_lora_rank
+        )
+    else:
+        gen = HFGenerator(model, adapters_s, device)
 
     results: dict[str, dict] = {}
     wrong: dict[tuple[str, str], list[dict]] = {}
@@ -242,7 +275,9 @@ def evaluate(
     for name in names:
         results[name] = {}
         for dataset, items in problems.items():
-            texts, n = gen.generate(name, [_chat(p) for p in items], max_new_tokens, batch_size, progress)
+            version = (prompt_versions or {}).get(name, "v1")
+            chats = [_chat(p, version) for p in items]
+            texts, n = gen.generate(name, chats, max_new_tokens, batch_size, progress)
             n_tokens += n
             graded = [grade(t, p) for t, p in zip(texts, items, strict=True)]
             results[name][dataset] = {mode: accuracy(graded, mode) for mode in MODES}
@@ -268,6 +303,7 @@ def evaluate(
         "elapsed_s": elapsed,
         "generated_tokens": n_tokens,
         "tokens_per_s": n_tokens / elapsed if elapsed else None,
+        "overlap": list(overlap),
     }
     if out is not None:
         summary["files"] = write_outputs(summary, wrong, Path(out))
@@ -291,6 +327,7 @@ def report_markdown(summary: dict) -> str:
         f"Greedy decoding, `{summary['backend']}` backend; accuracy with 95 % Wilson interval. "
         "strict = the instructed final line; flexible = the last answer-like token.",
         "",
+        *(f"**Scored on training questions (--allow-overlap): {n}.**\n" for n in summary.get("overlap", [])),
         "| model | " + " | ".join(f"{d} strict | {d} flexible" for d in datasets) + " |",
         "|---|" + "---|---|" * len(datasets),
     ]
@@ -356,6 +393,38 @@ def parse_adapters(specs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def check_overlap(
+    adapters: dict[str, str], problems: dict[str, list[Problem]], split: str, *, allow: bool
+) -> list[str]:
+    """Refuse (ConfigError, exit 2) to score a trained model on questions of its own training
+    samples; with ``allow`` the overlaps become notes that the report prints in bold."""
+    from engine.errors import ConfigError
+    from engine.splits import RECORD, find_training_record, overlaps
+
+    notes = []
+    for name, path in adapters.items():
+        record = find_training_record(path)
+        if record is None:
+            print(
+                f"fair eval: {name}: {path} has no training record ({RECORD}); "
+                "overlap with its training questions not checked",
+                file=sys.stderr,
+            )
+            continue
+        for items in problems.values():
+            for where, ids in overlaps(record, items, split).items():
+                note = (
+                    f"{name} was trained on {len(ids)} of the {len(items)} {where} questions "
+                    f"scored here (e.g. {ids[0]})"
+                )
+                if not allow:
+                    raise ConfigError(
+                        f"eval: refusing to score: {note}; evaluate another split, or pass --allow-overlap"
+                    )
+                notes.append(note)
+    return notes
+
+
 def cli_main(args) -> int:
     from engine.config import DatasetSection
     from engine.datasets import load_problems
@@ -365,6 +434,10 @@ def cli_main(args) -> int:
         name: load_problems(DatasetSection(name=name, split=args.split, limit=args.limit))
         for name in (d.strip() for d in args.datasets.split(",") if d.strip())
     }
+    notes = check_overlap(adapters, problems, args.split, allow=getattr(args, "allow_overlap", False))
+    for path in adapters.values():  # now, not after minutes of loading the base model (then a traceback)
+        if not _is_adapter(path):
+            raise FileNotFoundError(f"--adapter {path}: not a LoRA adapter folder (no adapter_config.json)")
     summary = evaluate(
         args.model,
         adapters,
@@ -375,6 +448,9 @@ def cli_main(args) -> int:
         backend=args.backend,
         out=args.out,
         progress=not args.no_progress,
+        gpu_memory_utilization=getattr(args, "gpu_memory_utilization", None),
+        max_lora_rank=getattr(args, "max_lora_rank", None),
+        overlap=notes,
     )
     print(report_markdown(summary), file=sys.stderr)
     print(json.dumps({"results": summary["results"], "files": summary.get("files")}))

@@ -1,14 +1,16 @@
 """Recipe: distil the FAIR samples of one or more run directories into a student (LoRA or full).
 
 Reads top to bottom in the order it runs (nanoGPT's loop in torchtune's recipe shape):
-
-    config  ->  data (samples -> split by problem -> tokens)  ->  model (+ LoRA)  ->  optimizer,
-    schedule  ->  resume?  ->  loop: [micro-batches -> loss -> backward] x grad_accum -> clip ->
-    step -> log -> validate (keep best/) -> checkpoint  ->  OUT/adapter, metrics, plot
+``setup`` (config -> data: samples -> split by problem -> tokens -> model (+ LoRA) -> optimizer
+-> resume?), ``run_loop`` ([batches -> loss -> backward] x grad_accum -> clip -> step -> log ->
+validate (keep best/) -> checkpoint) and ``finish`` (OUT/adapter, plot, summary).
 
 Features: LoRA via peft (all linear layers by default) or full fine-tuning; the FAIR loss
-(``trainer.loss``: α·mistake + (1-α)·rationale from one mixed forward pass, token-normalised
-across micro-batches); padding-free packing (``trainer.data``); bf16 + SDPA + gradient
+(``trainer.loss``: α·mistake + (1-α)·rationale, each a token mean over its own task, normalised
+over the whole step). ``batching = "mixed"`` (default) feeds one batch per step in which the
+shuffle mixes both tasks (one forward pass); ``"paired"`` is the paper's: a full rationale batch
+and a full mistake batch per step (two forward passes; the smaller task's batches cycle);
+padding-free packing (``trainer.data``); bf16 + SDPA + gradient
 checkpointing on GPU, fp32 on CPU; warmup + cosine or constant schedule; seeded; a checkpoint
 that holds everything resume needs (adapter, optimizer, step, RNG states, config; the lr is a
 function of the step, as in nanoGPT, so no scheduler state);
@@ -22,6 +24,8 @@ Output folder::
     OUT/best/              adapter with the lowest validation loss
     OUT/adapter/           the final adapter: load_student(adapter="OUT/adapter")
     OUT/loss.png           both loss terms over the steps
+    OUT/fair_training.json the input runs (dataset, split, id digests) and the trained problem
+                           ids, also inside adapter/ and best/: `fair eval` refuses to score them
 
 Raises ``ConfigError`` for a bad config, ``FileNotFoundError`` for a missing run directory, and
 ``ValueError`` when the run directories hold no samples.
@@ -29,6 +33,7 @@ Raises ``ConfigError`` for a bad config, ``FileNotFoundError`` for a missing run
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -36,13 +41,15 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import msgspec
 import torch
 
-from engine.errors import ConfigError
+from engine import splits
+from engine.errors import ConfigError, UsageError
 from trainer import data as D
 from trainer.loss import TaskTokens, enable_packed_attention, micro_loss, per_token_loss
 
@@ -61,6 +68,9 @@ class TrainConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     lora_dropout: float = 0.05
     lora_target_modules: str | list[str] = "all-linear"  # peft: every linear layer but the head
     alpha: float = 0.5  # weight of the mistake-learning term
+    # mixed: one batch per step, the two tasks as the shuffle mixes them (one forward pass);
+    # paired: the paper's, a full rationale batch and a full mistake batch per step (two passes)
+    batching: Literal["mixed", "paired"] = "mixed"
     epochs: int = 3
     max_steps: int | None = None  # optimizer steps; overrides epochs
     batch_size: int = 8  # examples per micro-batch (one packed row)
@@ -142,12 +152,15 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_weights(model, tokenizer, folder: Path, finetune: str) -> None:
+def _save_weights(model, tokenizer, folder: Path, finetune: str, provenance: dict | None = None) -> None:
+    """Weights (and, for a full model, the tokenizer) plus the training record, swapped in whole."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     if finetune == "full":
         tokenizer.save_pretrained(tmp)
+    if provenance is not None:  # travels with the folder: `fair eval` refuses to score on these ids
+        splits.write_training_record(tmp, provenance)
     _replace_dir(tmp, folder)
 
 
@@ -199,33 +212,33 @@ def _warn_config_changes(saved: dict, cfg: TrainConfig) -> None:
 
 
 class Progress:
-    """One status line on stderr: step, per-task loss, tokens/s, ETA (rewritten in place on a TTY)."""
+    """The step bar on stderr (``engine.progress``: rich on a terminal, plain lines elsewhere):
+    steps done, per-task loss, tokens/s, ETA; notes print above it."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.tty = sys.stderr.isatty()
+    def __init__(self, total: int, enabled: bool, start: int = 0):
+        from engine.progress import Progress as Bar
+
+        self.bar = Bar(total, label="step", enabled=enabled, requests=False)
+        self.bar.resumed, self.start = start, start
+        self.bar.start()
 
     def update(self, row: dict, eta_s: float) -> None:
-        if not self.enabled:
-            return
-
         def fmt(v: float | None) -> str:
-            return "  -  " if v is None else f"{v:.3f}"
+            return "-" if v is None else f"{v:.3f}"
 
-        line = (
-            f"step {row['step']}/{self.total}  loss {row['loss']:.3f}  "
-            f"mistake {fmt(row['loss_mistake'])}  rationale {fmt(row['loss_rationale'])}  "
-            f"{row['tokens_per_s']:.0f} tok/s  ETA {int(eta_s) // 60}m{int(eta_s) % 60:02d}s"
+        self.bar.done = row["step"] - self.start
+        self.bar.fields.update(
+            loss=f"{row['loss']:.3f}",
+            mistake=fmt(row["loss_mistake"]),
+            rationale=fmt(row["loss_rationale"]),
+            tok_s=f"{row['tokens_per_s']:.0f}",
         )
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def note(self, text: str) -> None:
-        if self.enabled:
-            print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
+        self.bar.note(text)
 
     def close(self) -> None:
-        if self.enabled and self.tty:
-            print(file=sys.stderr)
+        self.bar.stop()
 
 
 @torch.no_grad()
@@ -247,34 +260,83 @@ def estimate_val_loss(model, batches: list[D.Batch], alpha: float, device) -> di
     return {"val_loss": loss, "val_loss_mistake": mis, "val_loss_rationale": rat}
 
 
-# -- the recipe ---------------------------------------------------------------------------------
+# -- the recipe: setup -------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Run the recipe; returns a summary dict. ``on_step(step, row)`` is called after every logged
-    optimizer step (an exception raised there stops training, like a kill would)."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = find_checkpoint(out)
-    if ckpt is not None and not cfg.resume:
-        raise ConfigError(f"{out} already holds a checkpoint: pass --resume, or choose another --out")
-    (out / "config.json").write_text(json.dumps(msgspec.to_builtins(cfg), indent=2))
+@dataclass
+class Recipe:
+    """Everything the loop needs, built by ``setup`` (torchtune's recipe shape: setup, then train)."""
 
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    on_gpu = device.startswith("cuda")
-    dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32, "float32": torch.float32}.get(
-        cfg.dtype, torch.bfloat16
-    )
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    cfg: TrainConfig
+    out: Path
+    device: str
+    on_gpu: bool
+    dtype: torch.dtype
+    tokenizer: object
+    model: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    train_ex: list[D.Example]
+    val_ex: list[D.Example]
+    stats: dict
+    val_batches: list[D.Batch]
+    pad_id: int
+    units_per_epoch: int  # step units (micro-batches, or rationale+mistake pairs) per epoch
+    total_steps: int
+    warmup: int
+    provenance: dict  # engine.splits.training_record: what `fair eval` checks for leaks
+    step: int = 0
+    best_val: float = math.inf
+    best_step: int | None = None
+    tokens_seen: int = 0
+    updating: bool = False  # inside optimizer.step(): an interrupt there must not checkpoint
+    epoch_cache: dict[int, list[list[list[D.Example]]]] = field(default_factory=dict)
 
-    # -- data: samples -> split by problem -> tokens ---------------------------------------
-    from trainer.model import load_student, load_tokenizer
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
 
-    tokenizer = load_tokenizer(cfg.model)
+    def micro_batches(self, step: int) -> list[D.Batch]:
+        """The batches of optimizer step ``step`` (deterministic in the step: resume-safe): per
+        accumulated unit one mixed batch, or under ``batching = "paired"`` a rationale batch
+        and a mistake batch."""
+        cfg, out = self.cfg, []
+        for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
+            epoch, i = divmod(k, self.units_per_epoch)
+            if epoch not in self.epoch_cache:
+                self.epoch_cache.clear()
+                self.epoch_cache[epoch] = D.step_units(
+                    self.train_ex, cfg.batch_size, cfg.seed, epoch, cfg.batching
+                )
+            for group in self.epoch_cache[epoch][i]:
+                out.append(D.collate(group, packing=cfg.packing, pad_id=self.pad_id).to(self.device))
+        return out
+
+    def save_weights(self, folder: Path) -> None:
+        _save_weights(self.model, self.tokenizer, folder, self.cfg.finetune, self.provenance)
+
+    def checkpoint(self) -> None:
+        extra = {
+            "step": self.step,
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "tokens_seen": self.tokens_seen,
+        }
+        save_checkpoint(self.out, self.model, self.tokenizer, self.optimizer, self.cfg, extra)
+
+    def validate(self) -> dict:
+        row = estimate_val_loss(self.model, self.val_batches, self.cfg.alpha, self.device)
+        if row and row["val_loss"] < self.best_val:
+            self.best_val, self.best_step = row["val_loss"], self.step
+            self.save_weights(self.out / "best")
+        return row
+
+
+def _setup_data(cfg: TrainConfig, tokenizer) -> tuple[list, list, list, dict, list]:
+    """samples -> split by problem -> tokens; returns (samples, train, val, stats, val batches)."""
     samples = D.load_samples(cfg.inputs)
     if not samples:
-        raise ValueError(f"no samples in {cfg.inputs}: run `fair run` first")
+        raise UsageError(f"no samples in {', '.join(map(str, cfg.inputs))}: run `fair run` first")
     train_samples, val_samples = D.split_by_problem(samples, cfg.val_fraction, cfg.seed)
     train_ex, stats = D.tokenize(train_samples, tokenizer, cfg.max_seq_len)
     val_ex, _ = D.tokenize(val_samples, tokenizer, cfg.max_seq_len)
@@ -285,15 +347,13 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
         D.collate(val_ex[i : i + cfg.batch_size], packing=cfg.packing, pad_id=pad_id)
         for i in range(0, len(val_ex), cfg.batch_size)
     ]
-    micro_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
-    total_steps = (
-        cfg.max_steps
-        if cfg.max_steps is not None
-        else cfg.epochs * math.ceil(micro_per_epoch / cfg.grad_accum)
-    )
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.05 * total_steps)
+    return samples, train_ex, val_ex, stats, val_batches
 
-    # -- model: base (+ LoRA), resumed weights if any -------------------------------------
+
+def _setup_model(cfg: TrainConfig, ckpt: Path | None, device: str, dtype, on_gpu: bool):
+    """The base model (+ LoRA), resumed weights if any, packing and checkpointing switched on."""
+    from trainer.model import load_student
+
     if ckpt is not None and cfg.finetune == "lora":
         model, _ = load_student(
             cfg.model, adapter=ckpt / "adapter", dtype=dtype, device=device, trainable_adapter=True
@@ -320,108 +380,149 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     if cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else on_gpu:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
+    return model
 
-    # -- optimizer and schedule ------------------------------------------------------------
+
+def _resume(r: Recipe, ckpt: Path | None) -> None:
+    """Optimizer moments, RNG, step and best-so-far from the checkpoint; metrics trimmed to it."""
+    if ckpt is None:
+        if r.metrics_path.exists():
+            r.metrics_path.unlink()
+        return
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    _warn_config_changes(state["config"], r.cfg)
+    r.optimizer.load_state_dict(state["optimizer"])
+    for group in r.optimizer.param_groups:  # hyperparameters come from the config, moments from the file
+        group["weight_decay"] = r.cfg.weight_decay
+    set_rng_state(state["rng"])
+    r.step, r.best_val, r.best_step = state["step"], state["best_val"], state["best_step"]
+    r.tokens_seen = state.get("tokens_seen", 0)
+    if r.metrics_path.exists():  # rows logged after the checkpoint will be logged again
+        rows = [json.loads(line) for line in r.metrics_path.read_text().splitlines() if line]
+        kept = [row for row in rows if row["step"] <= r.step]
+        r.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+
+
+def setup(cfg: TrainConfig) -> Recipe:
+    """config -> data -> model (+ LoRA) -> optimizer -> resume; writes OUT/config.json and the
+    training record (``engine.splits``: the input runs and the trained problem ids)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = find_checkpoint(out)
+    if ckpt is not None and not cfg.resume:
+        raise ConfigError(f"{out} already holds a checkpoint: pass --resume, or choose another --out")
+    (out / "config.json").write_text(json.dumps(msgspec.to_builtins(cfg), indent=2))
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.startswith("cuda")
+    dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32, "float32": torch.float32}.get(
+        cfg.dtype, torch.bfloat16
+    )
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    from trainer.model import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    samples, train_ex, val_ex, stats, val_batches = _setup_data(cfg, tokenizer)
+    provenance = splits.training_record(cfg.inputs, samples)
+    splits.write_training_record(out, provenance)
+    units = D.units_per_epoch(train_ex, cfg.batch_size, cfg.batching)
+    total_steps = (
+        cfg.max_steps if cfg.max_steps is not None else cfg.epochs * math.ceil(units / cfg.grad_accum)
+    )
+    model = _setup_model(cfg, ckpt, device, dtype, on_gpu)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), fused=on_gpu or None
     )
-
-    # -- resume ----------------------------------------------------------------------------
-    step, best_val, best_step, tokens_seen = 0, math.inf, None, 0
-    metrics_path = out / "metrics.jsonl"
-    if ckpt is not None:
-        state = torch.load(ckpt / "state.pt", weights_only=False)
-        _warn_config_changes(state["config"], cfg)
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:  # hyperparameters come from the config, moments from the file
-            group["weight_decay"] = cfg.weight_decay
-        set_rng_state(state["rng"])
-        step, best_val, best_step = state["step"], state["best_val"], state["best_step"]
-        tokens_seen = state.get("tokens_seen", 0)
-        if metrics_path.exists():  # rows logged after the checkpoint will be logged again
-            rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-            kept = [r for r in rows if r["step"] <= step]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    elif metrics_path.exists():
-        metrics_path.unlink()
-
-    progress = Progress(total_steps, cfg.progress)
-    progress.note(
-        f"fair train: {len(train_ex)} train / {len(val_ex)} val examples "
-        f"({stats['truncated']} cut, {stats['dropped']} dropped), {n_trainable / 1e6:.2f}M trainable "
-        f"params, {total_steps} steps on {device} ({dtype}), resumed at step {step}"
+    r = Recipe(
+        cfg=cfg,
+        out=out,
+        device=device,
+        on_gpu=on_gpu,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        model=model,
+        params=params,
+        optimizer=optimizer,
+        train_ex=train_ex,
+        val_ex=val_ex,
+        stats=stats,
+        val_batches=val_batches,
+        pad_id=tokenizer.pad_token_id or 0,
+        units_per_epoch=units,
+        total_steps=total_steps,
+        warmup=cfg.warmup_steps if cfg.warmup_steps is not None else int(0.05 * total_steps),
+        provenance=provenance,
     )
-    epoch_cache: dict[int, list[list[D.Example]]] = {}
+    _resume(r, ckpt)
+    return r
 
-    def micro_batches(step: int) -> list[D.Batch]:
-        """The grad_accum micro-batches of optimizer step ``step`` (deterministic: resume-safe)."""
-        out_batches = []
-        for k in range(step * cfg.grad_accum, (step + 1) * cfg.grad_accum):
-            epoch, i = divmod(k, micro_per_epoch)
-            if epoch not in epoch_cache:
-                epoch_cache.clear()
-                epoch_cache[epoch] = D.epoch_batches(train_ex, cfg.batch_size, cfg.seed, epoch)
-            group = epoch_cache[epoch][i]
-            out_batches.append(D.collate(group, packing=cfg.packing, pad_id=pad_id).to(device))
-        return out_batches
 
-    def checkpoint() -> None:
-        extra = {"step": step, "best_val": best_val, "best_step": best_step, "tokens_seen": tokens_seen}
-        save_checkpoint(out, model, tokenizer, optimizer, cfg, extra)
+# -- the recipe: the loop -----------------------------------------------------------------------
 
-    def validate() -> dict:
-        nonlocal best_val, best_step
-        row = estimate_val_loss(model, val_batches, cfg.alpha, device)
-        if row and row["val_loss"] < best_val:
-            best_val, best_step = row["val_loss"], step
-            _save_weights(model, tokenizer, out / "best", cfg.finetune)
-        return row
 
-    # -- the loop --------------------------------------------------------------------------
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu and dtype == torch.bfloat16 else None
+def train_step(r: Recipe, autocast) -> tuple[list[D.Batch], TaskTokens, float, float, float, float]:
+    """One optimizer step: forward/backward every batch of the step, clip, update.
+
+    Returns (batches, token counts, ce sum mistake, ce sum rationale, grad norm, lr)."""
+    cfg = r.cfg
+    batches = r.micro_batches(r.step)
+    n = TaskTokens.of(batches)  # token counts over the whole step, before any forward
+    ce_mis = ce_rat = 0.0
+    for b in batches:
+        with autocast if autocast is not None else contextlib.nullcontext():
+            loss, s = micro_loss(r.model, b, cfg.alpha, n)
+        loss.backward()
+        ce_mis += s["ce_mistake"]
+        ce_rat += s["ce_rationale"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(r.params, cfg.grad_clip or math.inf)
+    lr = cfg.lr * get_lr(r.step, r.total_steps, r.warmup, cfg.schedule, cfg.min_lr_ratio)
+    for group in r.optimizer.param_groups:  # the schedule is a function of the step alone
+        group["lr"] = lr
+    r.updating = True
+    r.optimizer.step()
+    r.updating = False
+    r.optimizer.zero_grad(set_to_none=True)
+    r.step += 1
+    return batches, n, ce_mis, ce_rat, float(grad_norm), lr
+
+
+def run_loop(r: Recipe, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Steps until ``total_steps``, logging, validating and checkpointing; returns loop figures."""
+    cfg = r.cfg
+    progress = Progress(r.total_steps, cfg.progress, start=r.step)
+    n_trainable = sum(p.numel() for p in r.params)
+    progress.note(
+        f"fair train: {len(r.train_ex)} train / {len(r.val_ex)} val examples "
+        f"({r.stats['truncated']} cut, {r.stats['dropped']} dropped), {n_trainable / 1e6:.2f}M trainable "
+        f"params, {r.total_steps} steps ({cfg.batching} batches) on {r.device} ({r.dtype}), "
+        f"resumed at step {r.step}"
+    )
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if r.on_gpu and r.dtype == torch.bfloat16 else None
+    )
     t_start, steps_timed, last_row, val_row = time.perf_counter(), 0, None, {}
-    updating = False
     try:
-        with open(metrics_path, "a") as log:
-            while step < total_steps:
+        with open(r.metrics_path, "a") as log:
+            while r.step < r.total_steps:
                 t0 = time.perf_counter()
-                batches = micro_batches(step)
-                n = TaskTokens.of(batches)  # token counts over the whole step, before any forward
-                ce_mis = ce_rat = 0.0
-                for b in batches:
-                    if autocast is not None:
-                        with autocast:
-                            loss, s = micro_loss(model, b, cfg.alpha, n)
-                    else:
-                        loss, s = micro_loss(model, b, cfg.alpha, n)
-                    loss.backward()
-                    ce_mis += s["ce_mistake"]
-                    ce_rat += s["ce_rationale"]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
-                lr = cfg.lr * get_lr(step, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
-                for group in optimizer.param_groups:  # the schedule is a function of the step alone
-                    group["lr"] = lr
-                updating = True
-                optimizer.step()
-                updating = False
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
+                batches, n, ce_mis, ce_rat, grad_norm, lr = train_step(r, autocast)
 
                 # -- log ---------------------------------------------------------------
-                if on_gpu:
+                if r.on_gpu:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
                 step_tokens = sum(b.n_tokens for b in batches)
-                tokens_seen += step_tokens
+                r.tokens_seen += step_tokens
                 steps_timed += 1
                 mis = ce_mis / n.mistake if n.mistake else None
                 rat = ce_rat / n.rationale if n.rationale else None
                 row = {
                     "split": "train",
-                    "step": step,
-                    "epoch": step * cfg.grad_accum / micro_per_epoch,
+                    "step": r.step,
+                    "epoch": r.step * cfg.grad_accum / r.units_per_epoch,
                     "lr": lr,
                     "loss": cfg.alpha * (mis or 0.0) + (1 - cfg.alpha) * (rat or 0.0),
                     "loss_mistake": mis,
@@ -431,67 +532,86 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
                     "tokens_rationale": n.rationale,
                     "tokens": step_tokens,
                     "tokens_per_s": step_tokens / dt,
-                    "grad_norm": float(grad_norm),
+                    "grad_norm": grad_norm,
                     "step_s": dt,
                 }
                 last_row = row
-                if step % cfg.log_every == 0 or step == total_steps:
+                if r.step % cfg.log_every == 0 or r.step == r.total_steps:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                     elapsed = time.perf_counter() - t_start
-                    progress.update(row, elapsed / steps_timed * (total_steps - step))
+                    progress.update(row, elapsed / steps_timed * (r.total_steps - r.step))
                     if on_step is not None:
-                        on_step(step, row)
+                        on_step(r.step, row)
 
                 # -- validate, checkpoint ------------------------------------------------
-                final = step == total_steps
-                if val_batches and (final or (cfg.eval_every and step % cfg.eval_every == 0)):
-                    val_row = validate()
-                    log.write(json.dumps({"split": "val", "step": step, **val_row}) + "\n")
+                final = r.step == r.total_steps
+                if r.val_batches and (final or (cfg.eval_every and r.step % cfg.eval_every == 0)):
+                    val_row = r.validate()
+                    log.write(json.dumps({"split": "val", "step": r.step, **val_row}) + "\n")
                     log.flush()
                     progress.note(
-                        f"step {step}: val loss {val_row['val_loss']:.4f} (best {best_val:.4f} @ {best_step})"
+                        f"step {r.step}: val loss {val_row['val_loss']:.4f} "
+                        f"(best {r.best_val:.4f} @ {r.best_step})"
                     )
-                if final or (cfg.save_every and step % cfg.save_every == 0):
-                    checkpoint()
+                if final or (cfg.save_every and r.step % cfg.save_every == 0):
+                    r.checkpoint()
     except KeyboardInterrupt:
         # The weights and optimizer are those of the last completed step, unless the interrupt
         # landed inside optimizer.step() (then the last saved checkpoint stands).
-        if not updating and step > 0:
-            checkpoint()
-            progress.note(f"fair train: interrupted; checkpoint at step {step}, continue with --resume")
+        if not r.updating and r.step > 0:
+            r.checkpoint()
+            progress.note(f"fair train: interrupted; checkpoint at step {r.step}, continue with --resume")
         raise
     finally:
         progress.close()
+    return {
+        "last_row": last_row,
+        "val_row": val_row,
+        "elapsed_s": time.perf_counter() - t_start,
+        "steps_timed": steps_timed,
+    }
 
-    # -- outputs ---------------------------------------------------------------------------
-    final_dir = out / ("adapter" if cfg.finetune == "lora" else "model")
-    _save_weights(model, tokenizer, final_dir, cfg.finetune)
+
+def finish(r: Recipe, loop: dict) -> dict:
+    """OUT/adapter (or model), the loss plot, and the summary."""
+    cfg = r.cfg
+    final_dir = r.out / ("adapter" if cfg.finetune == "lora" else "model")
+    r.save_weights(final_dir)
     from trainer.plots import plot_losses
 
-    plot = plot_losses(metrics_path, out / "loss.png")
-    elapsed = time.perf_counter() - t_start
+    plot = plot_losses(r.metrics_path, r.out / "loss.png")
+    last, elapsed = loop["last_row"], loop["elapsed_s"]
     return {
-        "out": str(out),
+        "out": str(r.out),
         "adapter" if cfg.finetune == "lora" else "model": str(final_dir),
-        "best": str(out / "best") if best_step is not None else None,
-        "best_step": best_step,
-        "best_val_loss": best_val if best_step is not None else None,
-        "steps": step,
-        "train_examples": len(train_ex),
-        "val_examples": len(val_ex),
-        "truncated": stats["truncated"],
-        "dropped": stats["dropped"],
-        "trainable_params": n_trainable,
-        "loss": last_row["loss"] if last_row else None,
-        "loss_mistake": last_row["loss_mistake"] if last_row else None,
-        "loss_rationale": last_row["loss_rationale"] if last_row else None,
-        "val_loss": val_row.get("val_loss"),
-        "tokens_seen": tokens_seen,
-        "tokens_per_s": (tokens_seen / elapsed) if steps_timed else None,
+        "best": str(r.out / "best") if r.best_step is not None else None,
+        "best_step": r.best_step,
+        "best_val_loss": r.best_val if r.best_step is not None else None,
+        "steps": r.step,
+        "batching": cfg.batching,
+        "train_examples": len(r.train_ex),
+        "val_examples": len(r.val_ex),
+        "truncated": r.stats["truncated"],
+        "dropped": r.stats["dropped"],
+        "trainable_params": sum(p.numel() for p in r.params),
+        "loss": last["loss"] if last else None,
+        "loss_mistake": last["loss_mistake"] if last else None,
+        "loss_rationale": last["loss_rationale"] if last else None,
+        "val_loss": loop["val_row"].get("val_loss"),
+        "tokens_seen": r.tokens_seen,
+        "tokens_per_s": (r.tokens_seen / elapsed) if loop["steps_timed"] else None,
         "elapsed_s": elapsed,
         "plot": str(plot) if plot else None,
+        "training_record": str(r.out / splits.RECORD),
     }
+
+
+def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run the recipe; returns a summary dict. ``on_step(step, row)`` is called after every logged
+    optimizer step (an exception raised there stops training, like a kill would)."""
+    r = setup(cfg)
+    return finish(r, run_loop(r, on_step))
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -517,6 +637,7 @@ def config_from_args(args) -> TrainConfig:
         "lora_rank": getattr(args, "lora_rank", None),
         "seed": getattr(args, "seed", None),
         "max_seq_len": getattr(args, "max_seq_len", None),
+        "batching": getattr(args, "batching", None),
     }
     base.update({k: v for k, v in overrides.items() if v is not None})
     if getattr(args, "full", False):
@@ -537,6 +658,18 @@ def cli_main(args) -> int:
     cfg = config_from_args(args)
     if not cfg.inputs:
         raise ConfigError("train: no run directory given (positional RUN_DIR or `inputs` in the TOML)")
+    _check_inputs(cfg.inputs)  # before the model loads: a bad path costs a second, not a minute
     summary = train(cfg)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _check_inputs(inputs) -> None:
+    """Each input is a run directory holding at least one sample (UsageError, exit 2, if not)."""
+    from engine.store import iter_records
+
+    for run_dir in map(Path, inputs):
+        if not run_dir.is_dir():
+            raise UsageError(f"{run_dir}: no such run directory")
+        if next(iter_records(run_dir, "samples"), None) is None:
+            raise UsageError(f"{run_dir}: no samples in this run directory: run `fair run` first")

@@ -2,7 +2,10 @@
 
 A template file has a ``### system`` and a ``### user`` section; ``{placeholders}`` are filled
 with ``str.format``. ``problem`` renders a Problem (question, plus passage and options for
-multiple choice) and ``answer_format`` is the per-task answer instruction. The version string
+multiple choice), ``answer_format`` is the per-task answer instruction and ``error_type_format``
+asks a teacher for the student's error type (``engine.errortypes``). Versions: ``v1`` (ours:
+answer-line instructions) and ``paper`` (the FAIR paper's prompts, DESIGN.md section 8: bare
+"Let's think step by step", the gold as a hint in the mistake and review prompts). The version string
 goes into every record made from a template.
 """
 
@@ -12,6 +15,7 @@ import tomllib
 from functools import cache
 from pathlib import Path
 
+from engine.errortypes import INSTRUCTION as ERROR_TYPE_FORMAT
 from engine.schema import Problem
 from engine.types import Message
 
@@ -48,6 +52,7 @@ class PromptSet:
 
     def render(self, name: str, problem: Problem, **values: str) -> tuple[Message, ...]:
         system, user = self.templates[name]
+        values.setdefault("error_type_format", ERROR_TYPE_FORMAT)
         text = user.format(
             problem=render_problem(problem), answer_format=self.answer_formats[problem.task], **values
         )
@@ -68,3 +73,17 @@ class PromptSet:
 @cache
 def prompt_set(version: str = "v1") -> PromptSet:
     return PromptSet(version)
+
+
+def versions(root: Path = ROOT) -> list[str]:
+    """Every prompt version shipped (folders of ``prompts/``)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+def identify_any(messages: list[dict] | tuple[Message, ...], prefer: str = "v1") -> str | None:
+    """The template name, whichever shipped version made the messages (``prefer`` is tried first)."""
+    for v in [prefer, *(x for x in versions() if x != prefer)]:
+        name = prompt_set(v).identify(messages)
+        if name is not None:
+            return name
+    return None

@@ -7,7 +7,8 @@ template that made the request (``prompt_set().identify``):
 - ``solve`` / ``mistake``: a step-by-step rationale ending in "The answer is X."; X is the gold
   answer with probability ``skill``, else a plausible wrong one (numeric slip, flipped yes/no,
   another option letter);
-- ``feedback``: an explanation of the student's mistake that names the gold answer;
+- ``feedback``: an explanation of the student's mistake that names the gold answer, opening
+  with a bracketed error-type tag (``engine.errortypes``);
 - ``review`` / ``review_feedback``: a short justification ending in "[k]"; k is high when the
   reviewed text's final answer is right and low when it is wrong, shifted by the reviewer's
   ``leniency`` plus gaussian noise, and sometimes (``invalid_review_rate``) unparseable.
@@ -21,14 +22,17 @@ import hashlib
 import random
 import re
 
-from engine.prompts import prompt_set, render_problem
+from engine.errortypes import TYPES
+from engine.prompts import identify_any, prompt_set, render_problem
 from engine.schema import Problem
 from engine.sim.profiles import ModelProfile
 
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _ANSWER = re.compile(r"answer is\s*:?\s*\**\s*\(?\$?\s*(-?[\d,]*\.?\d+|[A-Za-z]+)", re.IGNORECASE)
 _QUOTED = re.compile(r'"""\n(.*?)\n"""', re.DOTALL)
-_GOLD_HINT = re.compile(r"The correct final answer is (.+?)\. ")
+_GOLD_HINT = re.compile(r"(?:The correct final answer is|The correct answer should be) (.+?)\.(?:\s|$)")
+# how often a simulated teacher names each error type (engine.errortypes.TYPES order)
+_ERROR_WEIGHTS = (0.15, 0.35, 0.3, 0.12, 0.03, 0.05)
 
 
 def norm(text: str) -> str:
@@ -158,8 +162,10 @@ def _rationale(problem: Problem, answer: str, correct: bool, rng: random.Random)
 
 def _feedback(problem: Problem, gold: str, answer: str, rng: random.Random) -> str:
     where = rng.choice(("in the second step", "when combining the quantities", "at the final step"))
+    tag = rng.choices(TYPES, weights=_ERROR_WEIGHTS)[0]
     return "\n".join(
         (
+            f"[{tag}]",
             f"The student's reasoning goes wrong {where}: it uses the wrong operation or the wrong fact, "
             "so the conclusion does not follow from the question.",
             f"The correct final answer is {gold}, not the student's.",
@@ -206,11 +212,22 @@ def generic_reply() -> str:
 # -- the generator -------------------------------------------------------------------------------
 
 
+class _AnyVersion:
+    """Template names of requests made with any shipped prompt version (v1, paper)."""
+
+    def __init__(self, prefer: str = "v1"):
+        self.prefer = prefer
+        self.templates = prompt_set(prefer).templates
+
+    def identify(self, messages) -> str | None:
+        return identify_any(messages, self.prefer)
+
+
 class Reasoning:
     """Reasoning content over a set of known problems."""
 
     def __init__(self, problems: list[Problem] | None = None, prompt_version: str = "v1"):
-        self.prompts = prompt_set(prompt_version)
+        self.prompts = _AnyVersion(prompt_version)
         self.by_line: dict[str, list[Problem]] = {}
         for p in problems or ():
             self.add(p)

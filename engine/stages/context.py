@@ -9,11 +9,18 @@ from typing import Protocol
 from engine.config import RunConfig
 from engine.prompts import PromptSet
 from engine.schema import Record
+from engine.scoring import Calibration
 from engine.types import ChatRequest, Completion
 
 
 class Completer(Protocol):
-    async def complete(self, endpoint: str, request: ChatRequest) -> Completion: ...
+    async def complete(self, endpoint: str, request: ChatRequest, stage: str = "") -> Completion: ...
+
+
+class Prior(Protocol):
+    """Records an interrupted run wrote, by id (a dict, or ``engine.resume.PriorRecords``)."""
+
+    def get(self, record_id: str, /) -> Record | None: ...
 
 
 @dataclass
@@ -21,8 +28,9 @@ class StageContext:
     engine: Completer
     cfg: RunConfig
     prompts: PromptSet
-    prior: dict[str, Record] = field(default_factory=dict)  # records of unfinished problems, by id
+    prior: Prior = field(default_factory=dict)  # records of unfinished problems (engine.resume)
     counts: Counter = field(default_factory=Counter)  # live figures for progress and report
+    calibration: Calibration = field(default_factory=Calibration)  # aggregation = "calibrated"
 
     @property
     def version(self) -> str:

@@ -42,7 +42,7 @@ async def _one(
         seed=ctx.cfg.run.seed,
     )
     try:
-        done = await ctx.engine.complete(reviewer, request)
+        done = await ctx.engine.complete(reviewer, request, "review")
     except RequestError as exc:
         ctx.counts["review_errors"] += 1
         ctx.counts[f"error:{type(exc).__name__}"] += 1
@@ -73,13 +73,16 @@ async def review(
     early_stop: bool | None = None,
 ) -> tuple[list[Review], list[Score]]:
     """Collect reviews of one text (a rationale, or with ``mistake`` an explanation of it)."""
+    # the gold reaches the reviewer only where the template has the paper's hint line
     if mistake is None:
-        messages = ctx.prompts.render("review", problem, solution=solution)
+        messages = ctx.prompts.render("review", problem, solution=solution, gold=problem.answer)
     else:
         messages = ctx.prompts.render(
-            "review_feedback", problem, solution=solution, student_answer=mistake.text
+            "review_feedback", problem, solution=solution, student_answer=mistake.text, gold=problem.answer
         )
     early = ctx.cfg.review.early_stop if early_stop is None else early_stop
+    if ctx.cfg.review.aggregation == "calibrated":
+        early = False  # calibrated scores are not bounded by 1-5: ask every reviewer
     order = reviewers_for(ctx, author, target_id)
     reviews: list[Review] = []
     scores: list[Score] = []
@@ -93,5 +96,6 @@ async def review(
         r = await _one(ctx, problem, target_id, author, reviewer, messages)
         if r is not None:
             reviews.append(r)
+            ctx.calibration.add(reviewer, r.score)
         scores.append(Score(reviewer, r.score if r is not None else None))
     return reviews, scores

@@ -1,8 +1,15 @@
 """Training samples: rationale-learning from accepted rationales, mistake-learning from explanations.
 
-Policy ``paper``: one accepted rationale and one explanation per mistake, picked at random with
-a generator seeded by (run seed, problem id) — the pick never depends on completion order.
-Policy ``all``: every accepted rationale and every explanation.
+Policy ``paper`` (DESIGN.md section 8): a problem with no accepted rationale gives no samples;
+otherwise one accepted rationale and one explanation per mistake, picked at random with a
+generator seeded by (run seed, problem id), so the pick never depends on completion order.
+Policy ``all``: every accepted rationale and every explanation, whatever was accepted.
+
+With ``samples.answer_line`` an accepted rationale that has no explicit answer statement (strict
+extraction finds none: the FAIR release texts, free-form teachers) gets "The answer is X."
+appended, X its gold-checked final answer, so the student learns to state one; the sample
+records that it was added. Explanations lose their error-type tag line (the tag is kept on the
+sample as the majority of the teachers' tags).
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 import random
 import zlib
 
+from engine.answers import extract_answer
+from engine.errortypes import majority, strip_tag
 from engine.schema import Attempt, Feedback, Msg, Problem, Rationale, Sample, Score
 from engine.stages.context import StageContext
 
@@ -22,6 +31,13 @@ def _msgs(messages) -> list[Msg]:
     return [Msg(m.role, m.content) for m in messages]
 
 
+def with_answer_line(text: str, answer: str | None, problem: Problem) -> tuple[str, bool]:
+    """``text`` ending in an answer statement; (text, whether one was appended)."""
+    if answer is None or extract_answer(text, problem.task, mode="strict", options=problem.options):
+        return text, False
+    return f"{text.rstrip()}\nThe answer is {answer}.", True
+
+
 def build(
     ctx: StageContext,
     problem: Problem,
@@ -32,27 +48,35 @@ def build(
 ) -> list[Sample]:
     rng = _rng(ctx.cfg.run.seed, problem.id)
     paper = ctx.cfg.samples.policy == "paper"
+    if paper and not accepted:
+        return []
     out: list[Sample] = []
-    chosen = [rng.choice(accepted)] if paper and accepted else accepted
+    chosen = [rng.choice(accepted)] if paper else accepted
     solve = _msgs(ctx.prompts.render("solve", problem))
     for r in chosen:
+        response, added = r.text, False
+        if ctx.cfg.samples.answer_line:
+            # the gold-checked answer; with gold check off, the rationale's own final answer
+            response, added = with_answer_line(r.text, r.answer, problem)
         out.append(
             Sample(
                 id=f"{problem.id}/sample/rationale/{r.teacher}",
                 problem_id=problem.id,
                 task="rationale",
                 messages=solve,
-                response=r.text,
+                response=response,
                 teacher=r.teacher,
                 scores=r.scores,
                 source_id=r.id,
                 prompt_version=ctx.version,
+                answer_line_added=added,
             )
         )
     for m in mistakes:
         pool = explanations.get(m.id, [])
         picked = [rng.choice(pool)] if paper and pool else pool
-        prompt = _msgs(ctx.prompts.render("mistake", problem, student_answer=m.text))
+        prompt = _msgs(ctx.prompts.render("mistake", problem, student_answer=m.text, gold=problem.answer))
+        tag = majority(f.error_type or "" for f in pool)
         for f in picked:
             out.append(
                 Sample(
@@ -60,11 +84,12 @@ def build(
                     problem_id=problem.id,
                     task="mistake",
                     messages=prompt,
-                    response=f.text,
+                    response=strip_tag(f.text),
                     teacher=f.teacher,
                     scores=(feedback_scores or {}).get(f.id, []),
                     source_id=f.id,
                     prompt_version=ctx.version,
+                    error_type=tag,
                 )
             )
     return out

@@ -24,10 +24,11 @@ async def attempt(ctx: StageContext, problem: Problem, k: int) -> Attempt:
         messages=ctx.prompts.render("solve", problem),
         max_tokens=cfg.max_tokens,
         temperature=cfg.temperature,
+        top_p=cfg.top_p,
         seed=ctx.cfg.run.seed + k,
         sample_index=k,
     )
-    done = await ctx.engine.complete(cfg.endpoint, request)
+    done = await ctx.engine.complete(cfg.endpoint, request, "student")
     pred, correct = grade(done.text, problem.answer, problem.task)
     return Attempt(
         id=rid,
@@ -39,6 +40,7 @@ async def attempt(ctx: StageContext, problem: Problem, k: int) -> Attempt:
         correct=correct,
         prompt_version=ctx.version,
         finish_reason=done.choices[0].finish_reason,
+        model=ctx.cfg.endpoints[cfg.endpoint].model,
     )
 
 

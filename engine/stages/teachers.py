@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from engine.answers import grade
+from engine.answers import grade, states_answer
+from engine.errortypes import UNKNOWN, parse_error_type
 from engine.schema import Attempt, Feedback, Problem, Rationale
 from engine.stages.context import StageContext
 from engine.types import ChatRequest
@@ -29,7 +30,8 @@ async def rationale(ctx: StageContext, problem: Problem, teacher: str) -> Ration
     if (prior := ctx.reuse(rid)) is not None:
         return prior  # type: ignore[return-value]
     messages = ctx.prompts.render("solve", problem)
-    done = await ctx.engine.complete(teacher, _request(ctx, messages, ctx.cfg.teachers.max_tokens))
+    request = _request(ctx, messages, ctx.cfg.teachers.max_tokens)
+    done = await ctx.engine.complete(teacher, request, "rationale")
     pred, correct = grade(done.text, problem.answer, problem.task)
     return Rationale(
         id=rid,
@@ -37,18 +39,23 @@ async def rationale(ctx: StageContext, problem: Problem, teacher: str) -> Ration
         teacher=teacher,
         text=done.text,
         answer=pred,
-        gold_match=None if ctx.cfg.review.gold_check == "off" else correct,
+        gold_match=correct,  # with gold_check = "off" only recorded (report: judge quality)
+        gold_stated=states_answer(done.text, problem.answer, problem.task),
         prompt_version=ctx.version,
     )
 
 
 async def feedback(ctx: StageContext, problem: Problem, teacher: str, mistake: Attempt) -> Feedback:
-    """A teacher explains one student mistake, with the gold answer as a hint."""
+    """A teacher explains one student mistake, with the gold answer as a hint, and tags its type."""
     rid = feedback_id(mistake, teacher)
     if (prior := ctx.reuse(rid)) is not None:
         return prior  # type: ignore[return-value]
     messages = ctx.prompts.render("feedback", problem, student_answer=mistake.text, gold=problem.answer)
-    done = await ctx.engine.complete(teacher, _request(ctx, messages, ctx.cfg.teachers.max_tokens))
+    request = _request(ctx, messages, ctx.cfg.teachers.max_tokens)
+    done = await ctx.engine.complete(teacher, request, "feedback")
+    tag = parse_error_type(done.text)
+    if tag == UNKNOWN:
+        ctx.counts["unknown_error_types"] += 1
     return Feedback(
         id=rid,
         problem_id=problem.id,
@@ -56,4 +63,5 @@ async def feedback(ctx: StageContext, problem: Problem, teacher: str, mistake: A
         attempt_id=mistake.id,
         text=done.text,
         prompt_version=ctx.version,
+        error_type=tag,
     )
