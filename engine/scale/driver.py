@@ -1,0 +1,466 @@
+"""The driver: plan the blocks, keep N worker actors busy, survive their deaths, merge the result.
+
+Only the driver writes ``manifest.json``, ``config.toml`` and ``report.md``; workers write
+records, traces, caches and their attempt manifests (``engine.scale.worker``). The loop:
+
+* each worker has up to ``PER_WORKER`` blocks in flight (one waiting on its network while the
+  other starts or ends);
+* a block is handed out under a new epoch: ``blocks/<block>.fence`` is rewritten first, which
+  fences off any earlier attempt still alive;
+* a worker that dies (SIGKILL, OOM, node lost) is replaced, its leases are released in the
+  limiter, and its blocks are queued again; a block whose attempts killed ``MAX_DEATHS``
+  workers in a row stops the run (exit 1, naming it);
+* an attempt that reports ``aborted`` (401/403, the breaker) stops everything: workers are
+  killed, the manifest says ``aborted``, exit 3; ``config_error`` (a worker without the API
+  key) the same with exit 2.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from engine.errors import AbortRun, ConfigError, FairError, one_line
+from engine.scale import check_address, import_ray
+from engine.scale.plan import Block, Plan
+from engine.store import RunStore, atomic_write, recover_partial
+
+PER_WORKER = 2  # blocks in flight per worker
+MAX_DEATHS = 3  # workers a block may kill in a row before the run stops
+COMPLETE = frozenset({"done", "done_with_failures"})
+
+
+class Driver:
+    """Ray, the limiter and the worker pool of one scaled run."""
+
+    def __init__(
+        self, run_dir: Path, address: str, workers: int, limits: dict, endpoints: list[str], progress: bool
+    ):
+        self.run_dir = Path(run_dir)
+        self.address = check_address(address)
+        self.n = workers
+        self.limits = limits
+        self.endpoints = endpoints
+        self.progress = progress
+        self.pid_dir = self.run_dir / "blocks" / "pids"
+        self.ray: Any = None
+        self.limiter: Any = None
+        self.pool: list[Any] = []
+        self.names: list[str] = []
+        self.spawned = 0
+        self.deaths: collections.Counter[str] = collections.Counter()
+        self.killed_workers = 0
+        self.ray_start_s = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> Driver:
+        ray = self.ray = import_ray()
+        t0 = time.monotonic()
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,
+            "log_to_driver": False,
+        }
+        if self.address == "local":
+            ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), **kwargs)
+        else:
+            _token_auth_like_ray_start()
+            try:
+                ray.init(address=self.address, **kwargs)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ConfigError(
+                    f"--ray {self.address}: cannot join the cluster: {one_line(str(exc), 200)}"
+                ) from None
+        from engine.scale.limiter import Limiter
+
+        self.pid_dir.mkdir(parents=True, exist_ok=True)
+        self.limiter = Limiter.remote(self.limits, str(self.pid_dir))
+        for _ in range(self.n):
+            self._spawn()
+        ray.get([w.pid.remote() for w in self.pool] + [self.limiter.pid.remote()])
+        self.ray_start_s = time.monotonic() - t0
+        return self
+
+    def _spawn(self, slot: int | None = None) -> None:
+        from engine.scale.worker import BlockWorker
+
+        name = f"w{self.spawned}"
+        self.spawned += 1
+        actor = BlockWorker.remote(name, self.limiter, self.endpoints, str(self.pid_dir))
+        if slot is None:
+            self.pool.append(actor)
+            self.names.append(name)
+        else:
+            self.pool[slot], self.names[slot] = actor, name
+
+    def stop(self) -> None:
+        if self.ray is None:
+            return
+        for actor in self.pool:
+            with contextlib.suppress(Exception):
+                self.ray.kill(actor)
+        if self.limiter is not None:
+            with contextlib.suppress(Exception):
+                self.ray.kill(self.limiter, no_restart=True)
+        self.ray.shutdown()
+        self.ray = None
+
+    # -- the loop ---------------------------------------------------------------------------
+    def next_epoch(self, block: str) -> int:
+        """Bump ``blocks/<block>.fence`` (a new inode: older attempts stop) and return the epoch."""
+        path = self.run_dir / "blocks" / f"{block}.fence"
+        try:
+            epoch = int(path.read_text().split()[0]) + 1
+        except (FileNotFoundError, ValueError, IndexError):
+            epoch = 1
+        atomic_write(path, f"{epoch}\n".encode())
+        return epoch
+
+    def run(self, blocks: list[Block], submit: Callable[[Any, Block, int], Any]) -> list[dict[str, Any]]:
+        """Run ``blocks`` to completion; ``submit(actor, block, epoch)`` starts one attempt."""
+        ray = self.ray
+        pending = collections.deque(blocks)
+        inflight: dict[Any, tuple[Block, int, Any]] = {}  # ref -> (block, slot, actor)
+        load = [0] * self.n
+        results: list[dict[str, Any]] = []
+        total, t0 = len(blocks), time.monotonic()
+        while pending or inflight:
+            for slot in range(self.n):
+                while pending and load[slot] < PER_WORKER and not self._isolated(slot, inflight):
+                    if self.deaths[pending[0].id] and load[slot]:
+                        break  # a block that was on a dead worker runs alone: the next death is its own
+                    block = pending.popleft()
+                    ref = submit(self.pool[slot], block, self.next_epoch(block.id))
+                    inflight[ref] = (block, slot, self.pool[slot])
+                    load[slot] += 1
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            for ref in ready:
+                block, slot, actor = inflight.pop(ref)
+                if self.pool[slot] is actor:
+                    load[slot] -= 1
+                try:
+                    res = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    self._dead(slot, actor, load)
+                    self._retry(block, "its worker died", pending, inflight)
+                    continue
+                except ray.exceptions.RayTaskError as exc:
+                    self._retry(block, one_line(str(exc.cause if exc.cause else exc), 300), pending, inflight)
+                    continue
+                status = res["status"]
+                if status == "aborted":
+                    raise _Stop(AbortRun(f"block {block.id}: {res['error']}"), [*results, res])
+                if status == "config_error":
+                    raise _Stop(ConfigError(f"block {block.id}: {res['error']}"), [*results, res])
+                if status == "fenced":
+                    continue
+                self.deaths.pop(block.id, None)
+                results.append(res)
+                if self.progress:
+                    print(
+                        f"fair: block {block.id} {status} ({len(results)}/{total} blocks, "
+                        f"{time.monotonic() - t0:.1f}s)",
+                        file=sys.stderr,
+                    )
+        return results
+
+    def _isolated(self, slot: int, inflight: dict) -> bool:
+        """Whether ``slot`` runs a suspect block (one that was on a worker that died)."""
+        return any(s == slot and self.deaths[b.id] for b, s, _ in inflight.values())
+
+    def _dead(self, slot: int, actor: Any, load: list[int]) -> None:
+        """A worker died: release its leases, replace it (once per death)."""
+        if self.pool[slot] is not actor:
+            return
+        self.killed_workers += 1
+        name = self.names[slot]
+        with contextlib.suppress(Exception):  # a restarted limiter never knew its leases
+            self.ray.get(self.limiter.forget.remote(name), timeout=30)
+        self._spawn(slot)
+        load[slot] = 0
+
+    def _retry(self, block: Block, why: str, pending: collections.deque, inflight: dict) -> None:
+        self.deaths[block.id] += 1
+        if self.deaths[block.id] >= MAX_DEATHS:
+            raise _Stop(
+                FairError(
+                    f"block {block.id} (items {block.start}-{block.start + block.count - 1}) failed "
+                    f"{MAX_DEATHS} attempts in a row ({why}); see {self.run_dir}/blocks"
+                ),
+                [],
+            )
+        pending.appendleft(block)
+
+
+def _token_auth_like_ray_start() -> None:
+    """``ray start`` (2.60) turns token auth on when ``~/.ray/auth_token`` exists, but a driver
+    joining with ``ray.init(address=...)`` does not, and is refused; do what ``ray start`` does."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # another Ray version: its own rules apply
+        return
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+class _Stop(Exception):
+    """Carries the error that ends the run out of ``Driver.run``."""
+
+    def __init__(self, error: FairError, results: list[dict[str, Any]]):
+        super().__init__(str(error))
+        self.error = error
+        self.results = results
+
+
+def _attempt_endpoints(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The endpoint counters of every attempt (all epochs: what was paid was paid), summed."""
+    snaps = []
+    for path in (Path(run_dir) / "blocks").glob("b*.e*.json"):
+        try:
+            snaps.append(orjson.loads(path.read_bytes()).get("endpoints") or {})
+        except (orjson.JSONDecodeError, OSError, AttributeError):
+            continue
+    return merge_endpoints(snaps)
+
+
+def done_blocks(run_dir: Path, ok: frozenset[str] = COMPLETE) -> set[str]:
+    """Blocks with an attempt manifest of a complete status (skipped on a re-run)."""
+    out = set()
+    for path in (Path(run_dir) / "blocks").glob("b*.e*.json"):
+        try:
+            if orjson.loads(path.read_bytes()).get("status") in ok:
+                out.add(path.name.split(".")[0])
+        except (orjson.JSONDecodeError, OSError, AttributeError):
+            continue
+    return out
+
+
+def seal_all(run_dir: Path, kinds: list[str]) -> None:
+    """Seal every torn ``.partial`` shard (their writers are gone: finished, killed or fenced)."""
+    for kind in [*kinds, "trace"]:
+        folder = Path(run_dir) / kind
+        if folder.is_dir():
+            for path in folder.glob("shard-*.jsonl.partial"):
+                recover_partial(path)
+
+
+def merge_endpoints(snapshots: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Sum the attempts' endpoint counters (``rate_rpm``: the highest seen)."""
+    out: dict[str, dict[str, Any]] = {}
+    for snap in snapshots:
+        for name, stats in (snap or {}).items():
+            acc = out.setdefault(name, {})
+            for key, value in stats.items():
+                if key == "rate_rpm":
+                    acc[key] = max((v for v in (acc.get(key), value) if v is not None), default=None)
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    acc[key] = acc.get(key, 0) + value
+    return out
+
+
+# -- fair generate --ray ------------------------------------------------------------------------
+
+
+def generate(args: Any, endpoint: Any) -> int:
+    """``fair generate ... --ray``: same records and exit codes as the single-process run."""
+    from engine.generate import ENDPOINT, KIND
+    from engine.scale.plan import GENERATE_BLOCK, generate_plan, read_lines, settle
+
+    out, input_path = Path(args.output), Path(args.input)
+    if not input_path.is_file():
+        raise ConfigError(f"--input {input_path}: no such file")
+    _refuse_single_process(out)
+    plan = settle(out, lambda size: generate_plan(input_path, size), args.block_size, GENERATE_BLOCK)
+    finished = done_blocks(out)
+    todo = [b for b in plan.blocks if b.id not in finished]
+    opts = {"max_tokens": args.max_tokens, "temperature": args.temperature, "n": args.n, "seed": args.seed}
+    limits = {ENDPOINT: (endpoint.concurrency, endpoint.rpm, endpoint.tpm)}
+    driver = Driver(out, args.ray, args.workers or 2, limits, [ENDPOINT], progress=not args.no_progress)
+    t0 = time.monotonic()
+    status, results, stop = "interrupted", [], None
+    t_run = 0.0
+    try:
+        driver.start()
+        t_run = time.monotonic()
+
+        def submit(actor: Any, block: Block, epoch: int) -> Any:
+            lines = list(read_lines(input_path, block))
+            return actor.generate.remote(
+                str(out), str(input_path), endpoint, block.id, epoch, lines, opts, not args.no_cache
+            )
+
+        results = driver.run(todo, submit)
+        status = "done"
+    except _Stop as exc:
+        stop, results = exc.error, exc.results
+        status = "aborted" if isinstance(exc.error, AbortRun) else "interrupted"
+    finally:
+        driver.stop()
+        elapsed = time.monotonic() - t0
+        seal_all(out, [KIND])
+        store = RunStore(out).open([KIND])
+        summary = _generate_summary(results, plan, store.count(KIND), status, elapsed, endpoint)
+        if summary["failed"] or summary["bad_lines"] or summary["duplicate_ids"]:
+            summary["status"] = status = "done_with_failures" if status == "done" else status
+        summary["ray"] = _ray_fields(driver, plan, len(todo), time.monotonic() - t_run if t_run else 0.0)
+        summary["ray"]["limiter"] = _proxy_counters(results)
+        store.close(
+            status, {"generate": summary, "endpoints": _attempt_endpoints(out), "ray": summary["ray"]}
+        )
+    if stop is not None:
+        raise stop
+    for line in summary["failures"]:
+        print(f"fair: failed: {one_line(line)}", file=sys.stderr)
+    problems = []
+    if summary["failed"]:
+        problems.append(f"{summary['failed']} records failed (their `error` says why)")
+    if summary["bad_lines"]:
+        problems.append(f"{summary['bad_lines']} input lines were bad and skipped")
+    if summary["duplicate_ids"]:
+        problems.append(f"{summary['duplicate_ids']} input lines repeated an earlier id and were skipped")
+    line = (
+        f"fair: {summary['records']} records in {os.fspath(out)}/responses ({summary['ok']} new ok, "
+        f"{len(plan.blocks) - len(todo)} of {len(plan.blocks)} blocks already done) in "
+        f"{summary['elapsed_s']:.1f}s on Ray with {driver.n} workers (start-up {driver.ray_start_s:.1f}s)"
+    )
+    print(line + (f"; {'; '.join(problems)}" if problems else ""), file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _generate_summary(
+    results: list[dict[str, Any]], plan: Plan, records: int, status: str, elapsed: float, endpoint: Any
+) -> dict[str, Any]:
+    summed = collections.Counter()
+    failures: list[str] = []
+    for r in results:
+        for key in ("ok", "failed", "skipped_existing", "calls", "cache_hits", "http_429", "retries",
+                    "prompt_tokens", "completion_tokens", "cost_usd"):  # fmt: skip
+            summed[key] += r.get(key, 0)
+        failures += r.get("failures", [])[: 20 - len(failures)]
+    done = summed["ok"] + summed["failed"]
+    return {
+        "status": status,
+        "endpoint": {"provider": endpoint.provider, "base_url": endpoint.base_url, "model": endpoint.model},
+        "records": records,
+        **{k: summed[k] for k in ("ok", "failed", "skipped_existing")},
+        "bad_lines": plan.bad_lines,
+        "duplicate_ids": plan.duplicate_ids,
+        "elapsed_s": round(elapsed, 3),
+        "records_per_s": round(done / elapsed, 2) if elapsed > 0 else 0.0,
+        **{
+            k: summed[k]
+            for k in ("calls", "cache_hits", "http_429", "retries", "prompt_tokens", "completion_tokens")
+        },
+        "cost_usd": round(summed["cost_usd"], 6),
+        "failures": failures,
+    }
+
+
+def _proxy_counters(results: list[dict[str, Any]]) -> dict[str, int]:
+    """Limiter traffic of the workers that reported (each worker's counters are cumulative)."""
+    last: dict[str, dict[str, int]] = {}
+    for r in results:
+        if r.get("proxy"):
+            last[r["worker"]] = r["proxy"]
+    return dict(sum((collections.Counter(c) for c in last.values()), collections.Counter()))
+
+
+def _ray_fields(driver: Driver, plan: Plan, todo: int, run_s: float) -> dict[str, Any]:
+    return {
+        "address": driver.address,
+        "workers": driver.n,
+        "blocks": len(plan.blocks),
+        "blocks_run": todo,
+        "block_size": plan.block_size,
+        "ray_start_s": round(driver.ray_start_s, 3),
+        "run_s": round(run_s, 3),
+        "workers_lost": driver.killed_workers,
+    }
+
+
+def _refuse_single_process(out: Path) -> None:
+    """A run directory a single process wrote has no block plan: its shards belong to no block."""
+    if (out / "manifest.json").exists() and not (out / "blocks" / "plan.json").exists():
+        raise ConfigError(
+            f"{out} was written by a single-process run (no blocks/plan.json): resume it without "
+            "--ray, or use a new run directory with --ray"
+        )
+
+
+# -- fair run --ray -----------------------------------------------------------------------------
+
+
+def run(args: Any, cfg: Any, run_dir: Path) -> int:
+    """``fair run CONFIG --ray``: the FAIR pipeline over blocks of problems."""
+    from engine import datasets, splits
+    from engine.config import dump_config
+    from engine.pipeline import KINDS, _BadLines, _more_bad
+    from engine.report import write_report
+    from engine.scale.plan import RUN_BLOCK, run_plan, settle
+
+    _refuse_single_process(run_dir)
+    if any(ep.mode == "batch" for ep in cfg.endpoints.values()):
+        raise ConfigError(
+            'endpoints with mode = "batch" are not supported with --ray (a Batch API needs no cluster)'
+        )
+    if cfg.run.max_cost_usd is not None:
+        raise ConfigError("run.max_cost_usd is not supported with --ray yet (each block would spend it)")
+    bad = _BadLines()
+    problems = list(datasets.iter_problems(cfg.dataset, errors=bad))
+    _more_bad(bad)
+    ids = [p.id for p in problems]
+    plan = settle(run_dir, lambda size: run_plan(ids, cfg.dataset.name, size), args.block_size, RUN_BLOCK)
+    finished = done_blocks(run_dir, frozenset({"done"}))
+    todo = [b for b in plan.blocks if b.id not in finished]
+    (run_dir / "config.toml").write_bytes(dump_config(cfg))
+    limits = {n: (ep.concurrency, ep.rpm, ep.tpm) for n, ep in cfg.endpoints.items()}
+    driver = Driver(
+        run_dir, args.ray, args.workers or 2, limits, list(cfg.endpoints), progress=not args.no_progress
+    )
+    status, results, stop = "interrupted", [], None
+    t_run = 0.0
+    try:
+        driver.start()
+        t_run = time.monotonic()
+        results = driver.run(
+            todo,
+            lambda a, b, e: a.run.remote(str(run_dir), cfg, b.id, e, problems[b.start : b.start + b.count]),
+        )
+        failed = [p for r in results for p in r["failed_problems"]]
+        status = "done_with_failures" if failed else "done"
+    except _Stop as exc:
+        stop, results = exc.error, exc.results
+        status = "aborted" if isinstance(exc.error, AbortRun) else "interrupted"
+    finally:
+        driver.stop()
+        seal_all(run_dir, KINDS)
+        store = RunStore(run_dir).open(KINDS)
+        endpoints = _attempt_endpoints(run_dir)
+        store.close(status, {
+            "problems_total": plan.items, "endpoints": endpoints,
+            **splits.manifest_fields(cfg.dataset, store.ids("problems")),
+            "ray": _ray_fields(driver, plan, len(todo), time.monotonic() - t_run if t_run else 0.0),
+        })  # fmt: skip
+        write_report(run_dir)
+    if stop is not None:
+        raise stop
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    failed = [p for r in results for p in r["failed_problems"]]
+    if failed:
+        print(
+            f"fair: {len(failed)} problems failed (listed in {run_dir}/failures); run again to retry them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

@@ -1,0 +1,179 @@
+"""The block plan: which input items make up each block, fixed in ``RUN_DIR/blocks/plan.json``.
+
+A block is the unit of exactly-once: it is assigned whole to one worker attempt (an *epoch*),
+and a run resumed later (or on another cluster) must cut the input the same way, or records
+would be adopted by the wrong block. So the plan stores, per block, the sha256 of its ids in
+order; a run whose input no longer gives the same blocks stops with exit 2.
+
+``generate``: a block is ``block_size`` consecutive input lines (blank, bad and repeated ones
+included, so a block's extent never depends on what is in it). ``run``: ``block_size``
+consecutive problems of the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from engine.errors import ConfigError, InputError, one_line
+from engine.store import atomic_write
+
+GENERATE_BLOCK = 1000  # input lines per block (fair generate)
+RUN_BLOCK = 25  # problems per block (fair run)
+MAX_REPORTED = 20
+
+
+class Block(msgspec.Struct, frozen=True):
+    id: str  # "b00000"
+    start: int  # index of its first item (generate: 0-based line index)
+    count: int  # items (generate: raw lines) in it
+    ids_sha256: str  # sha256 of its ids, "\n"-joined, in input order
+    offset: int = 0  # generate: byte offset of its first line in the input
+    skip: tuple[int, ...] = ()  # generate: 1-based line numbers that repeat an earlier id
+
+
+class Plan(msgspec.Struct):
+    kind: Literal["generate", "run"]
+    source: str  # the input file or dataset it was made from (informative)
+    block_size: int
+    items: int  # ids in the plan
+    blocks: list[Block]
+    bad_lines: int = 0
+    duplicate_ids: int = 0
+
+
+def plan_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "blocks" / "plan.json"
+
+
+def block_name(i: int) -> str:
+    return f"b{i:05d}"
+
+
+def _digest(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def generate_plan(input_path: Path, block_size: int, report: bool = True) -> Plan:
+    """Cut an input JSONL into blocks of ``block_size`` lines; bad lines are reported here, once
+    (``file:line: why``), and skipped by the workers; a repeated id is skipped where it repeats."""
+    from engine.generate import parse_line
+
+    blocks: list[Block] = []
+    first_seen: dict[str, int] = {}
+    bad = dups = 0
+    ids: list[str] = []
+    skip: list[int] = []
+    offset = start_offset = 0
+    lineno = 0
+
+    def close(upto: int) -> None:
+        start = len(blocks) * block_size
+        blocks.append(
+            Block(block_name(len(blocks)), start, upto - start, _digest(ids), start_offset, tuple(skip))
+        )
+        ids.clear()
+        skip.clear()
+
+    with open(input_path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if (lineno - 1) % block_size == 0 and lineno > 1:
+                close(lineno - 1)
+                start_offset = offset
+            offset += len(raw)
+            if not raw.strip():
+                continue
+            try:
+                record_id, _ = parse_line(raw, f"{input_path}:{lineno}")
+            except InputError as exc:
+                bad += 1
+                if report and bad <= MAX_REPORTED:
+                    print(f"fair: skipped input line: {one_line(str(exc))}", file=sys.stderr)
+                continue
+            first = first_seen.setdefault(record_id, lineno)
+            if first != lineno:
+                dups += 1
+                skip.append(lineno)
+                if report and dups <= MAX_REPORTED:
+                    print(
+                        f"fair: skipped input line: {input_path}:{lineno}: duplicate id "
+                        f"{one_line(record_id, 80)!r} (first on line {first})",
+                        file=sys.stderr,
+                    )
+                continue
+            ids.append(record_id)
+    if lineno:
+        close(lineno)
+    return Plan("generate", str(input_path), block_size, len(first_seen), blocks, bad, dups)
+
+
+def run_plan(problem_ids: Iterable[str], source: str, block_size: int) -> Plan:
+    """Cut a dataset's problem ids (in dataset order) into blocks of ``block_size``."""
+    blocks: list[Block] = []
+    ids: list[str] = []
+    n = 0
+    for pid in problem_ids:
+        ids.append(pid)
+        n += 1
+        if len(ids) == block_size:
+            blocks.append(Block(block_name(len(blocks)), n - len(ids), len(ids), _digest(ids)))
+            ids = []
+    if ids:
+        blocks.append(Block(block_name(len(blocks)), n - len(ids), len(ids), _digest(ids)))
+    return Plan("run", source, block_size, n, blocks)
+
+
+def settle(run_dir: Path, make: Callable[[int], Plan], size_flag: int | None, default: int) -> Plan:
+    """The plan of this run: ``make(block_size)`` on a new run directory (written down), the
+    stored one if the input still gives the same blocks (the stored block size is kept unless
+    ``--block-size`` says otherwise); ``ConfigError`` (exit 2) naming the first difference."""
+    path = plan_path(run_dir)
+    if not path.exists():
+        fresh = make(size_flag or default)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, msgspec.json.format(msgspec.json.encode(fresh)))
+        return fresh
+    try:
+        stored = msgspec.json.decode(path.read_bytes(), type=Plan)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"{path}: unreadable block plan ({one_line(str(exc), 200)})") from None
+    if size_flag is not None and stored.block_size != size_flag:
+        raise ConfigError(
+            f"--block-size {size_flag}: {run_dir} was planned with blocks of {stored.block_size}; "
+            "drop --block-size or use a new run directory"
+        )
+    fresh = make(stored.block_size)
+    where = f"{run_dir} was planned"
+    if stored.kind != fresh.kind:
+        raise ConfigError(f"{path}: {where} for `fair {stored.kind}`, not `fair {fresh.kind}`")
+    for old, new in zip(stored.blocks, fresh.blocks, strict=False):
+        if old.ids_sha256 != new.ids_sha256 or old.count != new.count or old.skip != new.skip:
+            raise ConfigError(
+                f"{fresh.source}: the input changed since {path} was made (block {old.id}, items "
+                f"{old.start}-{old.start + old.count - 1}, has other ids); use a new run directory"
+            )
+    if len(stored.blocks) != len(fresh.blocks):
+        raise ConfigError(
+            f"{fresh.source}: the input changed since {path} was made ({len(stored.blocks)} blocks "
+            f"then, {len(fresh.blocks)} now); use a new run directory"
+        )
+    return stored
+
+
+def read_lines(input_path: Path, block: Block) -> Iterator[tuple[int, bytes]]:
+    """A generate block's (line number, raw line) pairs, repeated ids left out."""
+    skip = set(block.skip)
+    with open(input_path, "rb") as f:
+        f.seek(block.offset)
+        for i in range(block.count):
+            raw = f.readline()
+            if not raw:
+                return
+            lineno = block.start + i + 1
+            if lineno not in skip:
+                yield lineno, raw

@@ -1,0 +1,214 @@
+"""The worker actor: runs whole blocks with the single-process code, one attempt (epoch) each.
+
+A block attempt writes its records under the writer name ``<block>.e<epoch>`` and its manifest
+to ``blocks/<block>.e<epoch>.json``; it sees (and so adopts, never redoes) the records of the
+block's earlier attempts and nothing of other blocks. It is *fenced*: the driver rewrites
+``blocks/<block>.fence`` (a new inode) whenever it hands the block to another attempt, and an
+attempt that finds the inode changed stops before its next write, so a worker the driver gave
+up on (a zombie) never writes beside its successor.
+
+API keys: the engine reads them from *this* process's environment when it opens (``Engine``
+``__aenter__``); a worker without one reports ``config_error`` naming the variable and the node,
+and the driver stops the run with exit 2. Nothing with a key crosses Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from engine.client import Engine
+from engine.config import EndpointConfig, RunConfig
+from engine.errors import AbortRun, ConfigError, FairError
+from engine.generate import ENDPOINT, KIND, _summary, _Work, _worker
+from engine.progress import Progress
+from engine.scale.limiter import AdmissionProxy
+from engine.schema import Problem
+from engine.store import RunStore, recover_partial, shard_paths
+
+
+class Fenced(FairError):
+    """This attempt's block was handed to another attempt: stop writing."""
+
+
+def fence_path(run_dir: Path, block: str) -> Path:
+    return Path(run_dir) / "blocks" / f"{block}.fence"
+
+
+def attempt_manifest(run_dir: Path, writer: str) -> Path:
+    return Path(run_dir) / "blocks" / f"{writer}.json"
+
+
+class FencedStore(RunStore):
+    """A ``RunStore`` that refuses to write once its block's fence file was replaced."""
+
+    def __init__(self, root: Path, block: str, epoch: int, **kwargs: Any):
+        writer = f"{block}.e{epoch}"
+        super().__init__(
+            root, writer=writer, scope=f"{block}.", manifest=attempt_manifest(root, writer), **kwargs
+        )
+        self.fence = fence_path(root, block)
+        self.inode = self.fence.stat().st_ino
+
+    def check(self) -> None:
+        try:
+            ino = self.fence.stat().st_ino
+        except FileNotFoundError:
+            ino = -1
+        if ino != self.inode:
+            raise Fenced(f"{self.writer}: the block was handed to a newer attempt")
+
+    def write(self, kind: str, record: Any) -> bool:
+        self.check()
+        return super().write(kind, record)
+
+    def seal_predecessors(self, kinds: list[str]) -> None:
+        """Seal the torn ``.partial`` shards of this block's earlier (dead) attempts."""
+        for kind in kinds:
+            for path in shard_paths(self.root, kind):
+                name = path.name
+                if (
+                    name.endswith(".partial")
+                    and name.startswith(f"shard-{self.scope}")
+                    and self.writer not in name
+                ):
+                    recover_partial(path)
+
+
+class _BlockLines(_Work):
+    """``generate._Work`` over one block's lines instead of a whole file."""
+
+    def __init__(self, path: Path, lines: list[tuple[int, bytes]], store: RunStore):
+        self._block_lines = lines
+        super().__init__(path, store, report=False)  # the driver reported bad lines at plan time
+
+    def _read(self):  # type: ignore[no-untyped-def]
+        from engine.errors import InputError
+        from engine.generate import parse_line
+
+        for lineno, raw in self._block_lines:
+            if not raw.strip():
+                continue
+            try:
+                record_id, messages = parse_line(raw, f"{self.path}:{lineno}")
+            except InputError:
+                self.bad_lines += 1
+                continue
+            if self.store.has(KIND, record_id):
+                self.skipped += 1
+                continue
+            yield record_id, messages
+
+
+def _node() -> str:
+    try:
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return socket.gethostname()
+
+
+@ray.remote(num_cpus=0.5, max_restarts=0, max_task_retries=0)
+class BlockWorker:
+    """Runs blocks; one ``AdmissionProxy`` per endpoint shared by all its blocks."""
+
+    def __init__(self, name: str, limiter: Any, endpoints: list[str], pid_dir: str):
+        self.name = name
+        self.proxies = {ep: AdmissionProxy(limiter, name, ep) for ep in endpoints}
+        self.pid_dir = Path(pid_dir)
+        self.pid_dir.mkdir(parents=True, exist_ok=True)
+        (self.pid_dir / name).write_text(f"{os.getpid()}\n")
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _mark(self, writer: str) -> Path:
+        """``blocks/pids/<block>.e<epoch>`` holds the pid running that attempt (while it runs)."""
+        path = self.pid_dir / writer
+        path.write_text(f"{os.getpid()} {self.name} {_node()}\n")
+        return path
+
+    async def generate(
+        self, out: str, input_path: str, endpoint: EndpointConfig, block: str, epoch: int,
+        lines: list[tuple[int, bytes]], opts: dict[str, Any], cache: bool,
+    ) -> dict[str, Any]:  # fmt: skip
+        """One attempt at a ``fair generate`` block; returns its summary (``status`` says how it
+        ended: done, done_with_failures, aborted, config_error, fenced)."""
+        root = Path(out)
+        store = FencedStore(root, block, epoch)
+        mark = self._mark(store.writer)
+        store.seal_predecessors([KIND, "trace"])
+        store.open([KIND])
+        work = _BlockLines(Path(input_path), lines, store)
+        engine = Engine(
+            {ENDPOINT: endpoint},
+            cache_path=root / "cache" / f"{block}.sqlite" if cache else None,
+            trace_dir=root / "trace",
+            writer=store.writer,
+            admissions={ENDPOINT: self.proxies[ENDPOINT]},
+        )
+        bar = Progress(None, enabled=False)
+        status, error = "interrupted", None
+        started = time.monotonic()
+        try:
+            async with engine, asyncio.TaskGroup() as tg:
+                for _ in range(max(1, min(endpoint.concurrency, len(lines)))):
+                    tg.create_task(_worker(engine, work, store, bar, **opts))
+            status = "done_with_failures" if work.failed or work.bad_lines else "done"
+        except* ConfigError as eg:
+            status, error = "config_error", f"{eg.exceptions[0]} on node {_node()}"
+        except* Fenced as eg:
+            status, error = "fenced", str(eg.exceptions[0])
+        except* AbortRun as eg:
+            status, error = "aborted", str(eg.exceptions[0])
+        finally:
+            summary = _summary(work, engine, store, status, time.monotonic() - started, endpoint)
+            if status != "fenced":
+                store.close(status, {"generate": summary, "endpoints": engine.snapshot(), "block": block})
+            mark.unlink(missing_ok=True)
+        proxy = self.proxies[ENDPOINT].counters()
+        return {
+            **summary,
+            "block": block,
+            "epoch": epoch,
+            "error": error,
+            "worker": self.name,
+            "proxy": proxy,
+        }
+
+    async def run(
+        self, out: str, cfg: RunConfig, block: str, epoch: int, problems: list[Problem]
+    ) -> dict[str, Any]:
+        """One attempt at a ``fair run`` block: ``pipeline.Job`` on its problems."""
+        from engine.pipeline import KINDS, Job
+
+        root = Path(out)
+        store = FencedStore(root, block, epoch, shard_records=cfg.run.shard_records)
+        mark = self._mark(store.writer)
+        store.seal_predecessors([*KINDS, "trace"])
+        job = Job(
+            cfg, root, progress=False, writer=store.writer, part=store.manifest_path,
+            admissions={ep: self.proxies[ep] for ep in cfg.endpoints if cfg.endpoints[ep].mode != "batch"},
+        )  # fmt: skip
+        job.store = store  # the same store, fenced
+        status, error = "interrupted", None
+        try:
+            result = await job.run(problems, total=len(problems))
+            status = result["status"]
+        except ConfigError as exc:
+            status, error = "config_error", f"{exc} on node {_node()}"
+        except Fenced as exc:
+            status, error = "fenced", str(exc)
+        except AbortRun as exc:
+            status, error = "aborted", str(exc)
+        finally:
+            mark.unlink(missing_ok=True)
+        return {
+            "status": status, "error": error, "block": block, "epoch": epoch, "worker": self.name,
+            "failed_problems": job.failed_problems, "counts": dict(job.ctx.counts) if job.ctx else {},
+        }  # fmt: skip

@@ -1,0 +1,418 @@
+"""Scale-out on Ray (engine.scale): same records as one process, and the faults of issue 12.
+
+Every run is the real `fair` command in a child process against `tests/fakeserver.py` over
+loopback. Cluster tests share one Ray head started here (`ray start --head --block` in its own
+process group on 127.0.0.1, killed by its process group at teardown; never `ray stop`).
+Faults are real: workers, the limiter and the driver are SIGKILLed by the pids they publish in
+`RUN_DIR/blocks/pids/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from fakeserver import FakeServer, FakeServerThread, records, write_input
+
+from engine.cli import main
+from engine.store import iter_raw, read_manifest
+
+pytest.importorskip("ray")
+
+REPO = Path(__file__).resolve().parents[1]
+# Ray rewrites a 127.0.0.1 address to the host's IP before joining; this keeps a one-machine
+# test cluster on loopback (head and drivers alike).
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+PY = sys.executable
+
+
+def _free_port(lo: int = 19700, hi: int = 19720) -> int:
+    for port in range(lo, hi):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {lo}-{hi - 1}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A 2-CPU Ray head on 127.0.0.1; yields its address. No API key in its environment."""
+    port = _free_port()
+    temp = Path(f"/tmp/fair-ray-{port}")  # short: Ray's socket paths must fit 107 bytes
+    env = {k: v for k, v in os.environ.items() if k not in ("FAIR_SCALE_KEY", "RAY_ADDRESS")} | LOOPBACK
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    cmd = [
+        str(Path(PY).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
+        "--port", str(port), "--node-ip-address", "127.0.0.1", "--include-dashboard", "false",
+        "--disable-usage-stats", "--temp-dir", str(temp),
+        "--min-worker-port", "19720", "--max-worker-port", "19799",  # our range, not 10002-19999
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"ray start exited {proc.returncode}: {log.read_text()[-2000:]}")
+            if "Ray runtime started" in log.read_text(errors="replace"):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"ray head did not start in 90 s: {log.read_text()[-2000:]}")
+        yield address
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(3)
+        with contextlib.suppress(ProcessLookupError):  # what SIGTERM left of the group (gcs, workers)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _args(srv: FakeServer, inp: Path, out: Path, *extra: str) -> list[str]:
+    return ["generate", "--endpoint", srv.url, "--model", "m", "--input", str(inp), "--output", str(out),
+            "--no-progress", *extra]  # fmt: skip
+
+
+def fair(
+    *args: str, env: dict | None = None, watch: Callable[[], bool] | None = None, timeout: float = 240
+) -> tuple[int, str]:
+    """`fair ARGS` in a child (own process group, killed with it); ``watch()`` is polled while it
+    runs, and the child is SIGKILLed when it returns True."""
+    proc = subprocess.Popen(
+        [PY, "-m", "engine.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, **LOOPBACK, **(env or {})}, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if watch is not None and watch():
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        if proc.poll() is None and time.monotonic() >= deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, err.decode()
+
+
+def block_lines(out: Path, block: str) -> int:
+    return sum(p.read_bytes().count(b"\n") for p in (out / "responses").glob(f"shard-{block}.*"))
+
+
+def expected(n: int) -> dict[str, list[str]]:
+    return {f"r{i}": [f"echo: question {i}"] for i in range(n)}
+
+
+def texts(out: Path) -> dict[str, list[str]]:
+    return {k: v["texts"] for k, v in records(out).items()}
+
+
+def kill_pid_file(path: Path) -> bool:
+    try:
+        pid = int(path.read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return True
+
+
+# -- without a cluster --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--ray", "--workers", "0"], "--workers"),
+        (["--ray", "ray://10.0.0.1:10001"], "ray://"),
+        (["--ray", "10.0.0.1"], "HOST:PORT"),
+        (["--ray", "host:99999"], "HOST:PORT"),
+        (["--workers", "2"], "--workers needs --ray"),
+        (["--block-size", "10"], "--block-size needs --ray"),
+        (["--ray", "--metrics-port", "19790"], "--metrics-port is not supported with --ray"),
+        (["--ray", "--mode", "batch"], "--mode batch"),
+    ],
+)
+def test_bad_ray_arguments_exit_2(tmp_path: Path, capsys, extra: list[str], needle: str) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 3)
+    code = main(["generate", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--input", str(inp),
+                 "--output", str(tmp_path / "out"), "--no-progress", *extra])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_ray_not_installed_exit_2(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    inp = write_input(tmp_path / "in.jsonl", 3)
+    code = main(["generate", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--input", str(inp),
+                 "--output", str(tmp_path / "out"), "--no-progress", "--ray"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'fairdistill[ray]'" in err, err
+
+
+def test_single_process_run_dir_refused_with_ray(tmp_path: Path, capsys) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 5)
+    out = tmp_path / "out"
+    with FakeServerThread() as srv:
+        assert main(_args(srv, inp, out)) == 0
+        capsys.readouterr()
+        code = main(_args(srv, inp, out, "--ray"))
+    err = capsys.readouterr().err
+    assert code == 2 and "single-process run" in err, err
+
+
+def test_local_ray_same_records_as_single_process(tmp_path: Path) -> None:
+    """`--ray local` starts Ray in the driver; 3 blocks over 2 workers; same records."""
+    inp = write_input(tmp_path / "in.jsonl", 250, extra=[b"not json", b'{"id": "r3", "prompt": "dup"}'])
+    with FakeServerThread() as srv:
+        code1, err1 = fair(*_args(srv, inp, tmp_path / "single"))
+        code2, err2 = fair(*_args(srv, inp, tmp_path / "ray", "--ray", "local", "--workers", "2",
+                                  "--block-size", "100"))  # fmt: skip
+    assert (code1, code2) == (1, 1), (err1, err2)  # the bad and the repeated line, as single-process
+    assert "input lines were bad" in err2 and "repeated an earlier id" in err2
+    assert texts(tmp_path / "ray") == texts(tmp_path / "single") == expected(250)
+    manifest = read_manifest(tmp_path / "ray")
+    assert manifest["counts"] == {"responses": 250} and manifest["ray"]["blocks"] == 3
+    assert {p.name for p in (tmp_path / "ray" / "cache").iterdir()} == {f"b0000{i}.sqlite" for i in range(3)}
+    assert not (tmp_path / "ray" / "cache.sqlite").exists()
+
+
+# -- on the module's cluster ----------------------------------------------------------------------
+
+
+def test_cluster_run_resume_and_changed_input(cluster: str, tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 200)
+    out = tmp_path / "out"
+    with FakeServerThread() as srv:
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster, "--block-size", "50"))
+        assert code == 0, err
+        assert texts(out) == expected(200)
+        assert len(srv.seen) == 200
+        plan = orjson.loads((out / "blocks" / "plan.json").read_bytes())
+        assert plan["block_size"] == 50 and len(plan["blocks"]) == 4
+        # a re-run finds every block done: nothing is sent, nothing rewritten
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster))
+        assert code == 0 and "4 of 4 blocks already done" in err, err
+        assert len(srv.seen) == 200
+        # the input changed under the run directory: exit 2 naming the block
+        lines = inp.read_bytes().splitlines(keepends=True)
+        lines[120] = b'{"id": "other", "prompt": "x"}\n'
+        inp.write_bytes(b"".join(lines))
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster))
+    assert code == 2 and "changed" in err and "b00002" in err, err
+
+
+def test_worker_killed_mid_block_redone_under_new_epoch(cluster: str, tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 300)
+    out = tmp_path / "out"
+    killed: list[str] = []
+
+    def watch() -> bool:
+        if not killed:
+            for pid_file in (out / "blocks" / "pids").glob("b00001.e1"):
+                if block_lines(out, "b00001") >= 20 and kill_pid_file(pid_file):
+                    killed.append(pid_file.name)
+        return False
+
+    with FakeServerThread(latency_s=0.05) as srv:
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster, "--block-size", "100", "--concurrency", "8"),
+                         watch=watch)  # fmt: skip
+        seen = len(srv.seen)
+    assert killed and code == 0, err
+    assert texts(out) == expected(300)  # no record lost, none twice (records() checks)
+    assert (out / "blocks" / "b00001.e2.json").exists()
+    adopted = sum(1 for p in (out / "responses").glob("shard-b00001.e1-*"))
+    assert adopted >= 1  # the dead attempt's complete records stay and count
+    assert seen - 300 <= 8, f"{seen - 300} calls paid twice; at most the 8 in flight may be"
+    assert read_manifest(out)["ray"]["workers_lost"] == 1
+
+
+def test_driver_killed_then_rerun_skips_done_blocks(cluster: str, tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 400)
+    out = tmp_path / "out"
+
+    def watch() -> bool:  # one block done, another part-way
+        done = list((out / "blocks").glob("b*.e1.json"))
+        return bool(done) and sum(block_lines(out, f"b0000{i}") for i in range(4)) >= 160
+
+    with FakeServerThread(latency_s=0.05) as srv:
+        code, _ = fair(*_args(srv, inp, out, "--ray", cluster, "--block-size", "100", "--concurrency", "8"),
+                       watch=watch)  # fmt: skip
+        assert code == -signal.SIGKILL
+        done_first = {p.name.split(".")[0] for p in (out / "blocks").glob("b*.e1.json")}
+        before = len(srv.seen)
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster))
+        assert code == 0, err
+        paid_again = len(srv.seen) - before
+    assert texts(out) == expected(400)
+    for block in done_first:  # done blocks were skipped: no second attempt
+        assert not list((out / "blocks").glob(f"{block}.e2*")), block
+    assert before + paid_again - 400 <= 16  # only calls in flight at the kill are paid again
+
+
+def test_limiter_killed_run_finishes(cluster: str, tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 300)
+    out = tmp_path / "out"
+    killed: list[bool] = []
+
+    def watch() -> bool:
+        if not killed and block_lines(out, "b00000") + block_lines(out, "b00001") >= 40:
+            killed.append(kill_pid_file(out / "blocks" / "pids" / "limiter"))
+        return False
+
+    with FakeServerThread(latency_s=0.02, rpm=6000) as srv:
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster, "--block-size", "100", "--concurrency", "8"),
+                         watch=watch)  # fmt: skip
+    assert killed == [True] and code == 0, err
+    assert texts(out) == expected(300)
+
+
+def test_auth_refused_in_a_block_aborts_everything(cluster: str, tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 200)
+    out = tmp_path / "out"
+    with FakeServerThread() as srv:
+        srv.rule = lambda _: "status:401" if len(srv.seen) > 30 else None
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster, "--block-size", "50"))
+    assert code == 3 and "aborted" in err and "401" in err, err
+    assert read_manifest(out)["status"] == "aborted"
+    assert len(records(out)) < 200
+
+
+def test_block_that_kills_three_workers_exits_1_naming_it(cluster: str, tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 200)
+    out = tmp_path / "out"
+    killed: set[str] = set()
+
+    def watch() -> bool:
+        for pid_file in (out / "blocks" / "pids").glob("b00001.e*"):
+            if pid_file.name not in killed and kill_pid_file(pid_file):
+                killed.add(pid_file.name)
+        return False
+
+    with FakeServerThread(latency_s=0.05) as srv:
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster, "--block-size", "50"), watch=watch)
+    assert code == 1 and "block b00001" in err and "3 attempts in a row" in err, err
+    assert len(killed) == 3
+
+
+def test_worker_without_the_key_exits_2_naming_variable_and_node(cluster: str, tmp_path: Path) -> None:
+    """The cluster was started without FAIR_SCALE_KEY; the driver has it: workers read their own
+    environment, so the run stops with exit 2 naming the variable and the node (and no key)."""
+    inp = write_input(tmp_path / "in.jsonl", 20)
+    out = tmp_path / "out"
+    secret = "sk-scale-test-0123456789abcdef"
+    with FakeServerThread() as srv:
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster, "--api-key-env", "FAIR_SCALE_KEY"),
+                         env={"FAIR_SCALE_KEY": secret})  # fmt: skip
+    assert code == 2 and "FAIR_SCALE_KEY" in err and "127.0.0.1" in err, err
+    assert secret not in err
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_fair_run_on_ray_same_records_as_single_process(cluster: str, tmp_path: Path) -> None:
+    """`fair run CONFIG --ray`: blocks of problems through `pipeline.Job` in the workers; every
+    record kind equals the single-process run's; only the driver writes config.toml / report.md."""
+    from test_pipeline import _write_job, problems, profile
+
+    from engine.sim import SimThread
+
+    probs = problems(20)
+    with SimThread(profile(), probs) as sim:
+        job = _write_job(tmp_path, sim.base_url, probs)
+        code1, err1 = fair("run", str(job), "--run-dir", str(tmp_path / "single"), "--no-progress")
+        code2, err2 = fair("run", str(job), "--run-dir", str(tmp_path / "ray"), "--no-progress",
+                           "--ray", cluster, "--block-size", "5")  # fmt: skip
+    assert (code1, code2) == (0, 0), (err1, err2)
+    for kind in ("attempts", "rationales", "feedback", "reviews", "samples", "failures", "problems"):
+        single, ray = (
+            sorted((_drop(r, "calls") for r in iter_raw(tmp_path / arm, kind)), key=lambda r: r["id"])
+            for arm in ("single", "ray")
+        )
+        assert single == ray, kind
+    ray_dir = tmp_path / "ray"
+    manifest = read_manifest(ray_dir)
+    assert manifest["status"] == "done" and manifest["problems_total"] == 20
+    assert manifest["ray"]["blocks"] == 4
+    assert (ray_dir / "config.toml").exists() and (ray_dir / "report.md").exists()
+    assert sorted(p.name for p in (ray_dir / "blocks").glob("*.json")) == [
+        "b00000.e1.json", "b00001.e1.json", "b00002.e1.json", "b00003.e1.json", "plan.json",
+    ]  # fmt: skip
+
+
+def _drop(record: dict, key: str) -> dict:
+    record.pop(key, None)
+    return record
+
+
+def test_engine_does_not_import_ray_without_the_flag() -> None:
+    code = (
+        "import sys, engine.cli, engine.generate, engine.pipeline, engine.scale, engine.scale.plan; "
+        "sys.exit('ray' in sys.modules)"
+    )
+    assert subprocess.run([PY, "-c", code], cwd=REPO).returncode == 0
+
+
+def test_a_fenced_attempt_stops_before_its_next_write(tmp_path: Path) -> None:
+    """A zombie (an attempt whose block was handed on) never writes beside its successor."""
+    from engine.scale.worker import Fenced, FencedStore, fence_path
+    from engine.schema import Response
+    from engine.store import atomic_write
+
+    fence = fence_path(tmp_path, "b00003")
+    fence.parent.mkdir(parents=True)
+    atomic_write(fence, b"1\n")
+    old = FencedStore(tmp_path, "b00003", 1).open(["responses"])
+    assert old.write("responses", Response(id="a", texts=["x"]))
+    atomic_write(fence, b"2\n")  # the driver hands the block to epoch 2
+    new = FencedStore(tmp_path, "b00003", 2).open(["responses"])
+    assert new.has("responses", "a")  # the complete record is adopted
+    with pytest.raises(Fenced):
+        old.write("responses", Response(id="b", texts=["y"]))
+    assert new.write("responses", Response(id="b", texts=["y"]))
+    fence_path(tmp_path, "b00004").write_text("1\n")
+    other = FencedStore(tmp_path, "b00004", 1).open(["responses"])
+    assert not other.has("responses", "a")  # a block sees only its own records
+
+
+def test_breaker_in_a_block_aborts_the_run_exit_3(cluster: str, tmp_path: Path) -> None:
+    """The student is unreachable: a block's breaker trips, the driver stops everything."""
+    from test_pipeline import CONFIG_TOML, TEACHERS
+
+    data = tmp_path / "problems.jsonl"
+    rows = [{"id": f"p{i}", "question": f"{i} + 1?", "answer": str(i + 1)} for i in range(30)]
+    data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    eps = "".join(
+        f'[endpoints.{n}]\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "{n}"\nmax_attempts = 1\n'
+        for n in [*TEACHERS, "student"]
+    )
+    job = tmp_path / "job.toml"
+    job.write_text(
+        CONFIG_TOML.format(data=data, endpoints=eps).replace("seed = 3", "seed = 3\nbreaker_window = 10")
+    )
+    code, err = fair("run", str(job), "--run-dir", str(tmp_path / "out"), "--no-progress", "--ray", cluster,
+                     "--block-size", "15")  # fmt: skip
+    assert code == 3 and "aborted" in err and "problems failed" in err, err
+    assert read_manifest(tmp_path / "out")["status"] == "aborted"
