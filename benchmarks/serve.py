@@ -3,12 +3,19 @@
 Same prompts, same ``max_tokens``, greedy on both sides, one loaded SmolLM2-135M-Instruct:
 
 - **sequential** — ``model.generate`` on one prompt at a time (what a naive student loop does);
+- **static** — ``model.generate`` on all 16 prompts as one left-padded batch (static batching);
 - **server** — 16 concurrent chat requests over loopback HTTP to :class:`trainer.serve.StudentServer`
   (continuous batching).
 
-Reports generated tokens/s for both and their ratio (target ≥ 4x on 2 cores), plus how many of
-the 16 greedy outputs are token-for-token identical (batching must not change the answer).
-About 2 minutes; ``--quick`` about 40 s.
+Reports generated tokens/s of each and the server's ratio to both (targets: ≥ 4x sequential on
+2 cores; vs static, all arriving at once, about 1x: nothing to gain), plus how many of the 16
+greedy outputs are token-for-token identical to sequential (batching must not change the answer).
+
+**Staggered arrivals**: the same 16 requests arriving one every ``gap`` seconds (``gap`` = one
+request's sequential time / 8, so arrivals span two single-request latencies). A static batcher
+takes what has arrived (up to 16), runs it to the end, then takes what arrived meanwhile; the
+server lets new requests join at the next step. Tokens/s from the first arrival to the last
+reply; target: the server ≥ 1.3x static. About 4 minutes; ``--quick`` about 2.
 """
 
 from __future__ import annotations
@@ -59,6 +66,63 @@ def sequential(model, tok, prompts: list[list[int]], max_tokens: int) -> tuple[f
             )
             outputs.append(out[0, len(ids) :].tolist())
     return time.perf_counter() - t0, outputs
+
+
+def static_batch(model, tok, prompts: list[list[int]], max_tokens: int) -> tuple[float, list[list[int]]]:
+    """One left-padded ``model.generate`` over all ``prompts``; ``(seconds, new tokens per row)``."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad
+        )
+    seconds = time.perf_counter() - t0
+    rows = []
+    for row in out[:, width:].tolist():  # a row that stopped early is padded after its EOS
+        if tok.eos_token_id in row:
+            row = row[: row.index(tok.eos_token_id) + 1]
+        rows.append(row)
+    return seconds, rows
+
+
+def static_staggered(model, tok, prompts: list[list[int]], max_tokens: int, gap: float) -> tuple[float, int]:
+    """Arrivals every ``gap`` s; each batch is what has arrived (<= 16), run to its end."""
+    t0 = time.perf_counter()
+    done, tokens = 0, 0
+    while done < len(prompts):
+        now = time.perf_counter() - t0
+        arrived = min(len(prompts), int(now / gap) + 1)
+        if arrived <= done:
+            time.sleep(done * gap - now)
+            continue
+        _, rows = static_batch(model, tok, prompts[done:arrived], max_tokens)
+        tokens += sum(len(r) for r in rows)
+        done = arrived
+    return time.perf_counter() - t0, tokens
+
+
+async def staggered(
+    base_url: str, model: str, questions: list[str], max_tokens: int, gap: float
+) -> tuple[float, list]:
+    """The questions over HTTP, one every ``gap`` seconds; ``(first arrival to last reply, replies)``."""
+    import aiohttp
+
+    async def one(session, i, q):
+        await asyncio.sleep(i * gap)
+        body = {"model": model, "messages": _messages(q), "max_tokens": max_tokens, "temperature": 0}
+        async with session.post(f"{base_url}/chat/completions", json=body) as r:
+            r.raise_for_status()
+            return await r.json()
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=len(questions))) as s:
+        t0 = time.perf_counter()
+        replies = await asyncio.gather(*(one(s, i, q) for i, q in enumerate(questions)))
+        return time.perf_counter() - t0, replies
 
 
 async def concurrent(
@@ -121,11 +185,21 @@ def run(args) -> dict:
     half = len(prompts) // 2
     sequential(model, tok, prompts[:1], 2)  # warm-up
     seq_first_s, seq_first = sequential(model, tok, prompts[:half], max_tokens)
+    static_s, static_rows = static_batch(model, tok, prompts, max_tokens)
+    static_tokens = sum(len(r) for r in static_rows)
+    log(f"bench serve: static batch of {len(prompts)}: {static_tokens} tokens in {static_s:.1f}s")
+    gap = seq_first_s / half / 8  # arrivals span two single-request latencies
     with StudentServer(model=model, tokenizer=tok, max_batch=16, served_model_name="student") as srv:
         asyncio.run(concurrent(srv.base_url, "student", ["What is 1 + 1?"], 4))  # warm-up
         before = srv.stats
         server_s, replies = asyncio.run(concurrent(srv.base_url, "student", QUESTIONS, max_tokens))
         after = srv.stats
+        log(f"bench serve: staggered arrivals every {gap:.2f}s...")
+        stag_server_s, stag_replies = asyncio.run(
+            staggered(srv.base_url, "student", QUESTIONS, max_tokens, gap)
+        )
+    stag_static_s, stag_static_tokens = static_staggered(model, tok, prompts, max_tokens, gap)
+    stag_server_tokens = sum(r["usage"]["completion_tokens"] for r in stag_replies)
     steps = after["steps"] - before["steps"]
     mean_batch = (after["row_steps"] - before["row_steps"]) / steps if steps else 0.0
     server_tokens = sum(r["usage"]["completion_tokens"] for r in replies)
@@ -155,6 +229,17 @@ def run(args) -> dict:
         "server_max_batch": after["max_batch_seen"],
         "server_mean_batch": round(mean_batch, 2),
         "target_ratio": 4.0,
+        "static_tokens": static_tokens,
+        "static_s": round(static_s, 2),
+        "static_tokens_per_s": round(static_tokens / static_s, 1),
+        "ratio_vs_static": round(server_rate / (static_tokens / static_s), 2),
+        "staggered_gap_s": round(gap, 3),
+        "staggered_static_tokens_per_s": round(stag_static_tokens / stag_static_s, 1),
+        "staggered_server_tokens_per_s": round(stag_server_tokens / stag_server_s, 1),
+        "staggered_ratio_vs_static": round(
+            (stag_server_tokens / stag_server_s) / (stag_static_tokens / stag_static_s), 2
+        ),
+        "target_staggered_ratio_vs_static": 1.3,
     }
     return result
 
@@ -166,7 +251,12 @@ def table(r: dict) -> str:
         f"{r['sequential_tokens_per_s']:>10.1f}",
         f"{'server, ' + str(r['requests']) + ' concurrent (HTTP)':<30}{r['server_tokens']:>8}"
         f"{r['server_s']:>10.1f}{r['server_tokens_per_s']:>10.1f}",
-        f"ratio {r['ratio']}x (target >= {r['target_ratio']}x); identical greedy outputs "
+        f"{'static batch of ' + str(r['requests']) + ' (left-padded)':<30}{r['static_tokens']:>8}"
+        f"{r['static_s']:>10.1f}{r['static_tokens_per_s']:>10.1f}",
+        f"staggered arrivals (every {r['staggered_gap_s']}s): server {r['staggered_server_tokens_per_s']} "
+        f"tokens/s vs static {r['staggered_static_tokens_per_s']}: {r['staggered_ratio_vs_static']}x "
+        f"(target >= {r['target_staggered_ratio_vs_static']}x); all at once: {r['ratio_vs_static']}x static",
+        f"ratio {r['ratio']}x sequential (target >= {r['target_ratio']}x); identical greedy outputs "
         f"{r['identical_outputs']}/{r['requests']}; server mean batch {r['server_mean_batch']}, "
         f"max {r['server_max_batch']}",
     ]

@@ -5,8 +5,12 @@ layers, no dropout), same examples in the same micro-batches, same optimizer, lr
 baseline is a plain ``Trainer`` with right-padded batches (``DataCollatorForSeq2Seq``, padding
 labelled -100) and a sequential sampler so it sees our batch order. Tokens/s counts real
 (non-padding) tokens, prompt included, over steps 2..N (step 1 warms up), per wall second and per
-CPU second of the process: on a shared machine the wall figure swings with the neighbours' load
-(one step took 25-68 s in back-to-back runs here), the CPU-time figure much less.
+CPU second of the process. A second baseline is the same ``Trainer`` without padding
+(``DataCollatorWithFlattening``: each micro-batch one row, positions restarting per example,
+which transformers' SDPA path turns into a block-diagonal mask); both are reported, with the
+same per-token loss (the step-1 token-mean loss of all three agrees). On a shared machine the
+wall figure swings with the neighbours' load (one step took 25-68 s in back-to-back runs here),
+the CPU-time figure much less.
 
 Loss equality, two ways:
   * per token: the first batch's per-token cross-entropy, packed vs padded, base weights;
@@ -100,13 +104,15 @@ def fair_release_samples(limit: int) -> list[Sample] | None:
     return out
 
 
-def _trainer_baseline(model_name, groups, lr: float, seed: int, out: Path) -> dict:
-    """``transformers.Trainer`` on the same micro-batches: padded, sequential, LoRA, constant lr."""
+def _trainer_baseline(model_name, groups, lr: float, seed: int, out: Path, flat: bool = False) -> dict:
+    """``transformers.Trainer`` on the same micro-batches: padded (or, ``flat``, padding-free with
+    ``DataCollatorWithFlattening``), sequential, LoRA, constant lr."""
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import SequentialSampler
     from transformers import (
         DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
         PrinterCallback,
         Trainer,
         TrainerCallback,
@@ -157,14 +163,20 @@ def _trainer_baseline(model_name, groups, lr: float, seed: int, out: Path) -> di
         disable_tqdm=True,
         remove_unused_columns=False,
     )
-    collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX)
+    if flat:  # labels already start with IGNORE_INDEX, the separator it puts there
+        collator = DataCollatorWithFlattening(separator_id=IGNORE_INDEX)
+    else:
+        collator = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE_INDEX)
     trainer = Sequential(
         model=model, args=targs, train_dataset=rows, data_collator=collator, callbacks=[clock]
     )
     trainer.remove_callback(PrinterCallback)  # its log lines would go to stdout, before our JSON
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    padded = [len(g) * max(len(ex.input_ids) for ex in g) for g in groups]
+    padded = [
+        sum(len(ex.input_ids) for ex in g) if flat else len(g) * max(len(ex.input_ids) for ex in g)
+        for g in groups
+    ]
     return {"clock": clock.end, "losses": losses, "padded_tokens": padded}
 
 
@@ -238,6 +250,7 @@ def run(args) -> dict:
 
         # -- baseline: transformers.Trainer ----------------------------------------------------
         base = _trainer_baseline(args.model, groups[:steps], args.lr, seed, Path(tmp) / "hf")
+        flat = _trainer_baseline(args.model, groups[:steps], args.lr, seed, Path(tmp) / "hf-flat", flat=True)
         max_diff = _per_token_equality(args.model, groups[0], tok.pad_token_id)
 
     real = [sum(len(ex.input_ids) for ex in g) for g in groups[:steps]]
@@ -249,6 +262,7 @@ def run(args) -> dict:
 
     ours_tps, ours_cpu = rates(ours_clock)
     base_tps, base_cpu = rates(base["clock"])
+    flat_tps, flat_cpu = rates(flat["clock"])
     return {
         "data": source,
         "model": args.model or "smollm2-135m",
@@ -273,6 +287,13 @@ def run(args) -> dict:
         "mean_loss_trainer": round(sum(base["losses"]) / len(base["losses"]), 4),
         "ours_losses": [round(r["loss_tokens"], 4) for r in ours_rows],
         "trainer_losses": [round(x, 4) for x in base["losses"]],
+        "trainer_flat_tokens_per_s": round(flat_tps, 1),
+        "trainer_flat_tokens_per_cpu_s": round(flat_cpu, 1),
+        "speedup_vs_flat": round(ours_tps / flat_tps, 3),
+        "speedup_cpu_time_vs_flat": round(ours_cpu / flat_cpu, 3),
+        "step1_loss_trainer_flat": round(flat["losses"][0], 5),
+        "step1_loss_flat_abs_diff": round(abs(ours_rows[0]["loss_tokens"] - flat["losses"][0]), 6),
+        "trainer_flat_losses": [round(x, 4) for x in flat["losses"]],
     }
 
 
@@ -285,6 +306,11 @@ def table(result: dict) -> str:
         f"{result['ours_tokens_per_cpu_s']:>14.1f}",
         f"  {'transformers.Trainer':<24}{result['trainer_tokens_per_s']:>10.1f}"
         f"{result['trainer_tokens_per_cpu_s']:>14.1f}",
+        f"  {'Trainer, padding-free':<24}{result['trainer_flat_tokens_per_s']:>10.1f}"
+        f"{result['trainer_flat_tokens_per_cpu_s']:>14.1f}",
+        f"  vs padding-free Trainer: {result['speedup_vs_flat']:.2f}x wall, "
+        f"{result['speedup_cpu_time_vs_flat']:.2f}x CPU time; "
+        f"step-1 loss {result['step1_loss_trainer_flat']}",
         f"  speedup {result['speedup']:.2f}x wall, {result['speedup_cpu_time']:.2f}x CPU time "
         f"(target >= {result['target_speedup']}x); "
         f"padding adds {result['padded_tokens'] - result['real_tokens']} to {result['real_tokens']} tokens",

@@ -208,9 +208,61 @@ async def test_a_burst_of_429s_cuts_the_rate_once():
     first = adm.rate
     adm._last_cut -= 2.0
     await asyncio.sleep(0.01)
+    ok = await adm.acquire()
+    adm.release(ok, 200, {})  # admitted after the cut and accepted: the pace is what is refused
     lease = await adm.acquire()
     adm.release(lease, 429, {"retry-after-ms": "1"})  # admitted after the cut: cuts again
     assert adm.epoch == 2 and first * 0.5 <= adm.rate <= first * 0.9
+
+
+async def test_a_refusal_of_everything_probes_instead_of_cutting():
+    """After a cut, calls sent at the new rate are all refused (a window or quota is spent):
+    the rate is kept, one probe goes per Retry-After (doubling, up to PROBE_MAX_S) and the
+    first probe that passes ramps the pace back up, doubling every RAMP_STEP_S."""
+    import engine.admission as adm_mod
+
+    adm = Admission(16)
+    leases = [await adm.acquire() for _ in range(8)]
+    for lease in leases[:4]:
+        adm.release(lease, 200, {})
+    adm._last_cut -= 2.0
+    for lease in leases[4:]:
+        adm.release(lease, 429, {"retry-after-ms": "50"})
+    rate = adm.rate
+    assert adm.epoch == 1 and not adm.blocked
+    lease = await adm.acquire()  # after the pause, at the cut rate: refused too
+    adm.release(lease, 429, {"retry-after-ms": "50"})
+    assert adm.blocked and adm.rate == rate and adm.epoch == 2  # not cut again
+    assert adm.pace == pytest.approx(1 / 0.05)  # one probe per Retry-After
+    lease = await adm.acquire()  # the probe: refused, so the next one waits twice as long
+    adm.release(lease, 429, {"retry-after-ms": "50"})
+    assert adm.blocked and adm.pace == pytest.approx(1 / 0.1) and adm.rate == rate
+    for _ in range(8):
+        lease = await adm.acquire()
+        adm.release(lease, 429, {"retry-after-ms": "50"})
+    assert adm._probe_s == adm_mod.PROBE_MAX_S  # capped: a long refusal is probed every 2 s
+    assert adm.rate == rate
+
+
+async def test_queued_calls_are_not_stuck_behind_a_slow_pace():
+    """Places in the request bucket are tickets, not times: thirty calls queued while the pace
+    was 1/s go at once when it rises to 1,000/s (a reservation made at 1/s would wait 30 s)."""
+    adm = Admission(64, rpm=60)  # 1/s, burst 1
+    adm.pace = 1.0
+    done: list[float] = []
+
+    async def call() -> None:
+        lease = await adm.acquire()
+        done.append(time.monotonic())
+        adm.release(lease, 200)
+
+    tasks = [asyncio.create_task(call()) for _ in range(30)]
+    await asyncio.sleep(0.3)
+    assert len(done) == 1  # the burst of one; 29 queued at 1/s
+    adm.ceiling = None
+    adm._set_rate(1000.0, time.monotonic())
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=5.0)
+    assert len(done) == 30
 
 
 async def test_a_429_storm_before_anything_was_accepted_only_pauses():
@@ -264,3 +316,42 @@ def test_mirror_of_a_one_call_bucket_still_sends():
     assert m.capacity == 1.0
     assert m.delay(committed=2.0, accepted=1.0, now=0.05) > 0  # not refilled yet
     assert m.delay(committed=2.0, accepted=1.0, now=10.0) == 0.0  # long idle: one call may go
+
+
+@pytest.mark.parametrize(
+    ("shape", "window", "n"),
+    [
+        ("bucket_1s", 4.0, 350),
+        ("bucket_60s", 4.0, 350),  # (its depth is the window: 4 s)
+        ("fixed_window", 10.0, 700),
+        ("sliding_window", 10.0, 700),
+    ],
+)
+async def test_hidden_limits_of_every_shape_without_headers(shape, window, n):
+    """The engine, told nothing, against the simulator's hidden 3,000 rpm (200 ms, concurrency
+    64) as a token bucket of 1 s or 4 s depth, or a fixed or sliding 10 s window, that sends no
+    rate-limit header (429 + Retry-After: 1 only). Every call is answered, few are refused, and
+    the run ends near the shape's ideal time. Before the fix a window collapsed the rate while it
+    was spent (cut every second to the floor, the queue stuck behind places taken at it): 594 of
+    700 calls done after 60 s against the sliding window, where 10.8 s suffice."""
+    import tomllib
+
+    from benchmarks.throughput import ideal_s, shape_profile
+    from engine.sim import start_sim
+    from engine.sim.profiles import profile_from_dict
+
+    profile = profile_from_dict(tomllib.loads(shape_profile(window)))
+    async with start_sim(profile) as sim:
+        cfg = EndpointConfig(base_url=sim.base_url, model=shape, concurrency=64)
+        async with Engine({"a": cfg}) as engine:
+            t0 = time.monotonic()
+            await run_all(engine, n, workers=64)
+            wall = time.monotonic() - t0
+            stats = engine.stats["a"]
+        refused = sim.stats.http_429
+    ideal = ideal_s(shape, n, window, 64)
+    assert stats.ok == n and stats.errors == 0
+    print(f"{shape}: {wall:.1f} s (ideal {ideal:.1f} s), {refused} answered 429")
+    # the calls in flight when the limit is reached (up to the concurrency), then a few probes
+    assert refused <= 64 + 40, refused
+    assert wall <= 2.0 * ideal, (wall, ideal)

@@ -94,6 +94,26 @@ async def test_entries_persist_and_are_visible_before_commit(tmp_path):
     again.close()
 
 
+async def test_buffered_writes_stay_bounded_when_puts_outrun_the_writer(tmp_path):
+    """Puts in a tight loop (faster than SQLite commits): the write buffer never holds more than
+    MAX_BUFFERED entries plus the batch being written (it held every entry, ~450 B each, when the
+    writer fell behind), and every entry is stored in the end."""
+    from engine import cache as cache_mod
+
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    most = 0
+    n = 6 * cache_mod.MAX_BUFFERED
+    for i in range(n):
+        cache.put(hashlib.sha256(b"%d" % i).digest(), done(f"a{i}"))
+        most = max(most, len(cache._pending) + len(cache._writing))
+    assert most <= cache_mod.MAX_BUFFERED + cache_mod.FLUSH_EVERY
+    await cache.flush()
+    cache.close()
+    again = ResponseCache(tmp_path / "c.sqlite")
+    assert len(again) == n and again.get(hashlib.sha256(b"7").digest()).choices[0].text == "a7"
+    again.close()
+
+
 def test_sigkill_keeps_committed_entries_and_never_a_half_one(tmp_path):
     """A writer killed mid-stream: what it committed is there, the file is intact."""
     path = tmp_path / "c.sqlite"

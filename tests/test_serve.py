@@ -7,6 +7,7 @@ reason about; its greedy output is checked token for token against ``model.gener
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -247,6 +248,44 @@ async def test_errors_are_openai_shaped(server):
         assert status == 400 and body["error"]["type"] == "invalid_request_error"
         async with s.get(server.base_url.removesuffix("/v1") + "/health") as r:
             assert r.status == 200
+
+
+BAD_REQUESTS = [  # (body, the field the error names): checked by engine.wire's msgspec Structs
+    ({"messages": []}, "messages"),
+    ({"messages": [{"content": "hi"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, "messages"),
+    (chat("red", max_tokens=0), "max_tokens"),
+    (chat("red", max_completion_tokens="8"), "max_completion_tokens"),
+    (chat("red", temperature=3), "temperature"),
+    (chat("red", top_p=0), "top_p"),
+    (chat("red", seed=True), "seed"),
+    (chat("red", stop=[""]), "stop"),
+    (chat("red", n=500), "n"),
+]
+
+
+@pytest.mark.parametrize("which", ["student", "sim"])
+async def test_both_servers_validate_requests_with_the_same_structs(server, which):
+    """The student server and the simulator refuse the same bad fields with an OpenAI-shaped
+    400 that names the field, and take text content parts and a string stop."""
+    from engine.sim import ModelProfile, SimProfile, start_sim
+
+    async with contextlib.AsyncExitStack() as stack:
+        if which == "sim":
+            sim = await stack.enter_async_context(start_sim(SimProfile(models={"m": ModelProfile()})))
+            url, model = sim.base_url, "m"
+        else:
+            url, model = server.base_url, server.base_name
+        s = await stack.enter_async_context(aiohttp.ClientSession())
+        for body, field in BAD_REQUESTS:
+            status, reply = await post(s, url, {"model": model, **body})
+            assert status == 400, (body, reply)
+            assert reply["error"]["type"] == "invalid_request_error"
+            assert reply["error"]["param"] == field, (body, reply)
+        parts = {"role": "user", "content": [{"type": "text", "text": "red"}]}
+        good = {"model": model, "messages": [parts], "max_tokens": 4, "stop": "zz"}
+        status, reply = await post(s, url, good)
+        assert status == 200 and reply["choices"], reply
 
 
 async def test_batches_waiting_requests_and_short_ones_leave_early(tiny):

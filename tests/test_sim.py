@@ -204,6 +204,41 @@ async def test_tpm_limit_counts_declared_tokens():
     assert second[1]["x-ratelimit-limit-tokens"] == "6000" and second[2]["error"]["type"] == "tokens"
 
 
+@pytest.mark.parametrize("sliding", [False, True], ids=["fixed", "sliding"])
+async def test_window_limits_refuse_until_the_window_moves(sliding):
+    """600 rpm over a 1 s window: 10 calls per window. A fixed window gives the whole budget back
+    at its boundary; a sliding one as each call ages out of the last second."""
+    shape = "sliding_window" if sliding else "fixed_window"
+    profile = SimProfile(models={"m": ModelProfile(rpm=600, limit_shape=shape, limit_window_s=1.0)})
+    hello = [{"role": "user", "content": "hi"}]
+    async with start_sim(profile) as sim, aiohttp.ClientSession() as s:
+        first = [(await chat(s, sim.base_url, "m", hello))[0] for _ in range(6)]
+        await asyncio.sleep(0.5)
+        second = [(await chat(s, sim.base_url, "m", hello))[0] for _ in range(6)]
+        assert first == [200] * 6 and second == [200] * 4 + [429] * 2  # 10 in the window
+        refused = await chat(s, sim.base_url, "m", hello)
+        assert refused[0] == 429 and int(refused[1]["retry-after"]) >= 1
+        await asyncio.sleep(0.6)  # past the first window / past the first six calls' second
+        third = [(await chat(s, sim.base_url, "m", hello))[0] for _ in range(12)]
+    # fixed: a fresh window of 10; sliding: only the first six calls have left the last second
+    assert third.count(200) == (6 if sliding else 10), third
+
+
+async def test_hidden_limits_send_no_rate_limit_headers():
+    """``limit_headers = false``: no x-ratelimit-* on any reply, and a 429 says Retry-After: 1
+    and nothing else about the limit."""
+    profile = SimProfile(models={"m": ModelProfile(rpm=600, limit_burst_s=0.5, limit_headers=False)})
+    hello = [{"role": "user", "content": "hi"}]
+    async with start_sim(profile) as sim, aiohttp.ClientSession() as s:
+        results = await asyncio.gather(*(chat(s, sim.base_url, "m", hello) for _ in range(12)))
+    statuses = [r[0] for r in results]
+    assert statuses.count(200) == 5 and statuses.count(429) == 7
+    for status, headers, body in results:
+        assert not [h for h in headers if h.lower().startswith(("x-ratelimit", "retry-after-ms"))]
+        if status == 429:
+            assert headers["retry-after"] == "1" and "try again later" in body["error"]["message"]
+
+
 # -- faults --------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ Endpoints (the subset of vLLM's API the engine uses)::
                                 --enable-lora --lora-modules name=path`` lists them
     GET  /health                200 once the model is loaded
     GET  /stats                 batching counters (requests, steps, max/mean batch, tokens)
+    GET  /metrics               the same counters for Prometheus (fair_student_*)
 
 The ``model`` field picks base or adapter per request, and rows of different adapters share a
 batch. Generation runs in :class:`trainer.batching.BatchEngine`'s worker thread, so the aiohttp
@@ -36,6 +37,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
+from engine.server_thread import ServerThread
+from engine.wire import ChatCompletionRequest, RequestInvalid, parse_chat_request
+
 if TYPE_CHECKING:
     from trainer.batching import BatchEngine, GenerationResult, SamplingParams
 
@@ -43,12 +47,6 @@ DEFAULT_STUDENT = "smollm2-135m"  # trainer.model.DEFAULT_STUDENT, without impor
 
 DEFAULT_ALIASES = ("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct")
 MAX_N = 64
-
-
-class RequestInvalid(Exception):
-    def __init__(self, message: str, *, param: str | None = None, status: int = 400, code: str | None = None):
-        super().__init__(message)
-        self.param, self.status, self.code = param, status, code
 
 
 def _error(status: int, message: str, *, param: str | None = None, code: str | None = None) -> web.Response:
@@ -83,37 +81,6 @@ def parse_adapters(adapter: str | Path | Sequence | Mapping | None) -> dict[str,
     return out
 
 
-def _text_content(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if isinstance(content, list):  # [{"type": "text", "text": "..."}]
-        parts = []
-        for part in content:
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise RequestInvalid(f"{where}: only text content parts are supported", param=where)
-            parts.append(part["text"])
-        return "".join(parts)
-    raise RequestInvalid(f"{where} must be a string or a list of text parts", param=where)
-
-
-def _number(body: dict, key: str, default, *, lo=None, hi=None, integer=False):
-    value = body.get(key)
-    if value is None:
-        return default
-    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-    if not ok_type or isinstance(value, bool):
-        raise RequestInvalid(f"{key} must be {'an integer' if integer else 'a number'}", param=key)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise RequestInvalid(f"{key} must be in [{lo}, {hi}]", param=key)
-    return value
-
-
 class StudentServer:
     """The student server on a background thread with its own event loop.
 
@@ -141,11 +108,8 @@ class StudentServer:
         self.served_model_name = served_model_name
         self.engine: BatchEngine | None = None
         self._tok_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = ServerThread(self._start_site, self._stop_site, name="student-http")
         self._runner: web.AppRunner | None = None
-        self._ready = threading.Event()
-        self._startup_error: BaseException | None = None
         self.created = int(time.time())
         self._loaded_adapters = False
 
@@ -168,21 +132,17 @@ class StudentServer:
             torch.set_num_threads(self.threads)
         model, tok = self._load()
         self.engine = BatchEngine(model, tok, max_batch=self.max_batch, tokenizer_lock=self._tok_lock).start()
-        self._thread = threading.Thread(target=self._serve, name="student-http", daemon=True)
-        self._thread.start()
-        self._ready.wait()
-        if self._startup_error is not None:
+        try:
+            self._thread.start()
+        except BaseException:
             self.engine.stop()
-            raise self._startup_error
+            raise
         return self
 
     def stop(self) -> None:
         if self.engine is not None:
             self.engine.stop()  # fails what is still pending, so open handlers answer 503
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(30)
-        self._thread = self._loop = None
+        self._thread.stop()
 
     def __enter__(self) -> StudentServer:
         return self.start()
@@ -234,36 +194,22 @@ class StudentServer:
         self.tokenizer = tok
         return model, tok
 
-    def _serve(self) -> None:
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._start_site())
-        except BaseException as exc:
-            self._startup_error = exc
-            self._ready.set()
-            loop.close()
-            return
-        self._ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            assert self._runner is not None
-            loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
     async def _start_site(self) -> None:
         app = web.Application(client_max_size=16 * 1024**2)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/stats", self._stats)
+        app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = self._runner.addresses[0][1]
+
+    async def _stop_site(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
 
     # -- handlers ----------------------------------------------------------------------------
     async def _health(self, request: web.Request) -> web.Response:
@@ -272,6 +218,21 @@ class StudentServer:
     async def _stats(self, request: web.Request) -> web.Response:
         assert self.engine is not None
         return _json({**self.stats, "waiting": self.engine.waiting(), "running": len(self.engine._rows)})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        """The batching counters for Prometheus (``fair_student_*``), always served."""
+        from engine.metrics import exposition  # prometheus-client only, not the request path
+
+        assert self.engine is not None
+        stats = self.engine.stats.as_dict()
+        counters = {k: v for k, v in stats.items() if k not in ("max_batch_seen", "mean_batch")}
+        gauges = {
+            "max_batch_seen": self.engine.stats.max_batch_seen,
+            "waiting": self.engine.waiting(),
+            "running": len(self.engine._rows),
+        }
+        body, content_type = exposition("fair_student", counters, gauges)
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _models(self, request: web.Request) -> web.Response:
         data = [
@@ -300,11 +261,7 @@ class StudentServer:
 
     async def _chat(self, request: web.Request) -> web.Response:
         try:
-            body = orjson.loads(await request.read())
-        except orjson.JSONDecodeError as exc:
-            return _error(400, f"request body is not valid JSON: {exc}")
-        try:
-            job_args = self._parse(body)
+            job_args = self._parse(parse_chat_request(await request.read()))
         except RequestInvalid as exc:
             return _error(exc.status, str(exc), param=exc.param, code=exc.code)
         from trainer.batching import Job
@@ -332,25 +289,13 @@ class StudentServer:
             return _error(status, f"generation failed: {exc}")
         return _json(self._reply(result, model_name, want_ids, prompt_ids))
 
-    def _parse(self, body: Any) -> tuple[list[int], SamplingParams, str | None, str, bool]:
+    def _parse(self, body: ChatCompletionRequest) -> tuple[list[int], SamplingParams, str | None, str, bool]:
+        """What msgspec (``engine.wire``) cannot check: the model, unsupported options, the context."""
         from trainer.batching import SamplingParams
 
-        if not isinstance(body, dict):
-            raise RequestInvalid("request body must be a JSON object")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise RequestInvalid(
-                "messages is required: a non-empty list of {role, content}", param="messages"
-            )
-        chat = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise RequestInvalid(f"messages[{i}] must be an object with a string role", param="messages")
-            chat.append(
-                {"role": m["role"], "content": _text_content(m.get("content"), f"messages[{i}].content")}
-            )
-        model_name = body.get("model") or self.base_name
-        if not isinstance(model_name, str) or model_name not in self.names:
+        chat = [{"role": m.role, "content": m.text()} for m in body.messages]
+        model_name = body.model or self.base_name
+        if model_name not in self.names:
             served = [self.base_name, *self.adapters]
             raise RequestInvalid(
                 f"The model `{model_name}` does not exist. Served: {served}",
@@ -358,17 +303,12 @@ class StudentServer:
                 status=404,
                 code="model_not_found",
             )
-        if body.get("stream"):
+        if body.stream:
             raise RequestInvalid("stream=true is not supported by fair serve-student", param="stream")
-        if body.get("logprobs") or body.get("top_logprobs"):
+        if body.logprobs or body.top_logprobs:
             raise RequestInvalid("logprobs are not supported by fair serve-student", param="logprobs")
-        stop = body.get("stop")
-        if isinstance(stop, str):
-            stop = [stop]
-        if stop is not None and (
-            not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)
-        ):
-            raise RequestInvalid("stop must be a non-empty string or a list of them", param="stop")
+        if body.n is not None and body.n > MAX_N:
+            raise RequestInvalid(f"n must be in [1, {MAX_N}]", param="n")
 
         with self._tok_lock:
             text = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
@@ -379,27 +319,23 @@ class StudentServer:
                 f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.context}",
                 param="messages",
             )
-        max_tokens = _number(body, "max_completion_tokens", None, lo=1, integer=True)
-        max_tokens = _number(body, "max_tokens", max_tokens, lo=1, integer=True)
+        max_tokens = body.limit
         if max_tokens is not None and max_tokens > room:
             raise RequestInvalid(
                 f"max_tokens={max_tokens} + {len(prompt_ids)} prompt tokens exceed the context "
                 f"({self.context})",
                 param="max_tokens",
             )
-        seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise RequestInvalid("seed must be an integer", param="seed")
         params = SamplingParams(
             max_tokens=max_tokens or room,
-            temperature=float(_number(body, "temperature", 1.0, lo=0, hi=2)),
-            top_p=float(_number(body, "top_p", 1.0, lo=1e-9, hi=1)),
-            n=_number(body, "n", 1, lo=1, hi=MAX_N, integer=True),
-            seed=seed,
-            stop=tuple(stop or ()),
-            ignore_eos=bool(body.get("ignore_eos", False)),
+            temperature=1.0 if body.temperature is None else float(body.temperature),
+            top_p=1.0 if body.top_p is None else float(body.top_p),
+            n=body.n or 1,
+            seed=body.seed,
+            stop=body.stops,
+            ignore_eos=body.ignore_eos,
         )
-        return prompt_ids, params, self.names[model_name], model_name, bool(body.get("return_token_ids"))
+        return prompt_ids, params, self.names[model_name], model_name, body.return_token_ids
 
     def _reply(self, result: GenerationResult, model: str, want_ids: bool, prompt_ids: list[int]) -> dict:
         choices = []
@@ -452,6 +388,16 @@ def _settle(fut: asyncio.Future, result: GenerationResult | BaseException) -> No
 
 def cli_main(args) -> int:
     """``fair serve-student``: serve until SIGINT/SIGTERM."""
+    backend = getattr(args, "backend", "cpu")
+    if backend != "cpu":  # vllm, or auto: vllm when the `vllm` command is installed
+        from trainer import vllm_backend
+
+        if backend == "vllm" or vllm_backend.have_vllm_command():
+            return vllm_backend.serve_cli(args)
+        print("fair serve-student: --backend auto: no `vllm` command, serving on CPU", file=sys.stderr)
+    for path in parse_adapters(args.adapter).values():  # before minutes of model loading
+        if not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"--adapter {path}: not a LoRA adapter folder (no adapter_config.json)")
     passive_openmp()
     threads = int(os.environ.get("FAIR_THREADS", "0")) or None
     server = StudentServer(

@@ -12,6 +12,8 @@ A profile is a TOML file (named ones live in ``engine/sim/profiles/``)::
     latency_sigma = 0.4
     rpm = 600                          # hidden limits, enforced with 429 + x-ratelimit-* headers
     tpm = 200000
+    limit_shape = "bucket"             # bucket | fixed_window | sliding_window
+    limit_headers = true               # false: no x-ratelimit-* at all, 429s carry Retry-After: 1 only
     skill = 0.85                       # rate of right final answers
     leniency = 0.3                     # reviewer bias: + gives higher scores, - harsher
 
@@ -35,6 +37,7 @@ from engine.errors import ConfigError
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
 ContentMode = Literal["echo", "reasoning", "replay"]
+LimitShape = Literal["bucket", "fixed_window", "sliding_window"]
 FaultKind = Literal["5xx", "429", "hang", "reset", "malformed", "truncated", "empty", "length"]
 
 
@@ -90,6 +93,14 @@ class ModelProfile(_Struct):
     rpm: float | None = None  # hidden request limit (token bucket, refilled continuously)
     tpm: float | None = None  # hidden token limit (prompt + completion tokens)
     limit_burst_s: float = 60.0  # bucket capacity, in seconds of refill (60 = a per-minute bucket)
+    # how the limits are enforced: a token bucket (of limit_burst_s depth), or a window of
+    # limit_window_s counting what was let through, fixed (from server start, reset by /reset)
+    # or sliding (the last limit_window_s seconds, counted in 0.1 s bins)
+    limit_shape: LimitShape = "bucket"
+    limit_window_s: float = 60.0
+    # False: replies carry no x-ratelimit-* headers at all and a 429 only ``Retry-After: 1``
+    # (a gateway that hides its limits); the client must discover them from 429s alone
+    limit_headers: bool = True
     faults: Faults = msgspec.field(default_factory=Faults)
     # reasoning content
     skill: float = 0.8  # probability that a solution ends in the right answer

@@ -5,8 +5,9 @@ Routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``, plus
 benchmarks that drive a simulator in another process.
 
 A request goes through, in order: parse -> model lookup (404) -> fault burst "429" -> hidden
-limits (429 with ``x-ratelimit-*`` and ``Retry-After``) -> latency -> fault draw (5xx, hang,
-reset, malformed, truncated, empty, length) -> content. Every answered request carries
+limits (429 with ``x-ratelimit-*`` and ``Retry-After``; a token bucket, or a fixed or sliding
+window, see ``ModelProfile.limit_shape``; ``limit_headers = false`` hides them) -> latency ->
+fault draw (5xx, hang, reset, malformed, truncated, empty, length) -> content. Every answered request carries
 ``x-sim-latency-ms``: the time the server spent on it, so a client can tell its own overhead
 from the server's. Content is deterministic in (profile seed, request seed, model, messages,
 choice index); with no seed it is deterministic at temperature 0 and random otherwise. Faults and
@@ -21,7 +22,6 @@ import math
 import random
 import signal
 import sys
-import threading
 import time
 from collections import Counter, defaultdict, deque
 from pathlib import Path
@@ -31,8 +31,10 @@ from aiohttp import web
 
 from engine.errors import ConfigError
 from engine.schema import Problem
+from engine.server_thread import ServerThread
 from engine.sim.content import Reasoning, rng_for
 from engine.sim.profiles import ModelProfile, SimProfile, load_profile
+from engine.wire import RequestInvalid, parse_chat_request
 
 JSON = "application/json"
 _FAULTS = ("5xx", "hang", "reset", "malformed", "truncated", "empty", "length")
@@ -63,8 +65,8 @@ class SimStats(Counter):
 
 class Bucket:
     """A token bucket refilled continuously: ``per_minute`` units a minute, holding at most
-    ``burst_s`` seconds' worth. This is how providers enforce RPM/TPM; the level may go negative
-    when a request used more tokens than it declared."""
+    ``burst_s`` seconds' worth. This is how most providers enforce RPM/TPM; the level may go
+    negative when a request used more tokens than it declared."""
 
     __slots__ = ("capacity", "level", "limit", "rate", "stamp")
 
@@ -79,19 +81,94 @@ class Bucket:
         self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
         self.stamp = now
 
-    def wait_s(self, amount: float) -> float:
+    def wait_s(self, amount: float, now: float) -> float:
         """Seconds until ``amount`` units are available (0 when they are now)."""
+        self.refill(now)
         need = min(amount, self.capacity) - self.level
         return max(0.0, need / self.rate)
 
-    def reset_s(self) -> float:
+    def take(self, amount: float) -> None:
+        self.level -= amount
+
+    def remaining(self) -> float:
+        return self.level
+
+    def reset_s(self, now: float) -> float:
         """Seconds until the bucket is full again (``x-ratelimit-reset-*``)."""
         return max(0.0, (self.capacity - self.level) / self.rate)
 
-    def headers(self, kind: str, into: dict[str, str]) -> None:
+    def headers(self, kind: str, into: dict[str, str], now: float) -> None:
         into[f"x-ratelimit-limit-{kind}"] = str(int(self.limit))
-        into[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(self.level)))
-        into[f"x-ratelimit-reset-{kind}"] = fmt_duration(self.reset_s())
+        into[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(self.remaining())))
+        into[f"x-ratelimit-reset-{kind}"] = fmt_duration(self.reset_s(now))
+
+
+class Window(Bucket):
+    """``per_minute`` units per ``window_s`` window of what was let through: *fixed* windows
+    (back to back from ``start``, the whole budget back at each boundary) or a *sliding* one (the
+    last ``window_s`` seconds, counted in bins of a hundredth of the window)."""
+
+    __slots__ = ("bins", "sliding", "start", "used", "window")
+
+    def __init__(self, per_minute: float, window_s: float, sliding: bool):
+        self.limit = per_minute
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, per_minute * window_s / 60.0)
+        self.window = window_s
+        self.sliding = sliding
+        self.start = time.monotonic()
+        self.used = 0.0
+        self.bins: deque[list[float]] = deque()  # sliding: [bin start, units]
+
+    def refill(self, now: float) -> None:
+        if self.sliding:
+            while self.bins and self.bins[0][0] + self.window <= now:
+                self.used -= self.bins.popleft()[1]
+        elif now >= self.start + self.window:
+            self.start = now - (now - self.start) % self.window
+            self.used = 0.0
+
+    def wait_s(self, amount: float, now: float) -> float:
+        self.refill(now)
+        need = min(amount, self.capacity)
+        if self.used + need <= self.capacity:
+            return 0.0
+        if not self.sliding:
+            return self.start + self.window - now
+        freed = self.capacity - self.used
+        for t, units in self.bins:  # the oldest bins leave first
+            freed += units
+            if freed >= need:
+                return max(0.0, t + self.window - now)
+        return self.window
+
+    def take(self, amount: float) -> None:
+        self.used += amount
+        if self.sliding:
+            now = time.monotonic()
+            step = self.window / 100
+            start = now - now % step
+            if self.bins and self.bins[-1][0] == start:
+                self.bins[-1][1] += amount
+            else:
+                self.bins.append([start, amount])
+
+    def remaining(self) -> float:
+        return self.capacity - self.used
+
+    def reset_s(self, now: float) -> float:
+        if not self.sliding:
+            return max(0.0, self.start + self.window - now)
+        return max(0.0, self.bins[-1][0] + self.window - now) if self.bins else 0.0
+
+
+def make_limit(per_minute: float | None, p: ModelProfile) -> Bucket | None:
+    """The hidden limit of ``per_minute`` units in the profile's shape (None: unlimited)."""
+    if not per_minute:
+        return None
+    if p.limit_shape == "bucket":
+        return Bucket(per_minute, p.limit_burst_s)
+    return Window(per_minute, p.limit_window_s, sliding=p.limit_shape == "sliding_window")
 
 
 def fmt_duration(seconds: float) -> str:
@@ -113,27 +190,29 @@ class _Model:
         self.name = name
         self.profile = profile
         self.stats = stats
-        self.requests = Bucket(profile.rpm, profile.limit_burst_s) if profile.rpm else None
-        self.tokens = Bucket(profile.tpm, profile.limit_burst_s) if profile.tpm else None
+        self.requests = make_limit(profile.rpm, profile)
+        self.tokens = make_limit(profile.tpm, profile)
         self.limited = self.requests is not None or self.tokens is not None
         self.faulty = profile.faults.any()
 
     def reset(self) -> None:
         p = self.profile
-        self.requests = Bucket(p.rpm, p.limit_burst_s) if p.rpm else None
-        self.tokens = Bucket(p.tpm, p.limit_burst_s) if p.tpm else None
+        self.requests = make_limit(p.rpm, p)
+        self.tokens = make_limit(p.tpm, p)
 
-    def limit_headers(self) -> dict[str, str]:
+    def limit_headers(self, now: float) -> dict[str, str]:
         headers: dict[str, str] = {}
+        if not self.profile.limit_headers:
+            return headers
         if self.requests is not None:
-            self.requests.headers("requests", headers)
+            self.requests.headers("requests", headers, now)
         if self.tokens is not None:
-            self.tokens.headers("tokens", headers)
+            self.tokens.headers("tokens", headers, now)
         return headers
 
 
-def _error_body(message: str, kind: str, code: str | None = None) -> bytes:
-    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+def _error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
 def _prompt_tokens(messages: list) -> int:
@@ -190,6 +269,9 @@ class SimServer:
         app.router.add_get("/health", self._health)
         app.router.add_get("/stats", self._stats)
         app.router.add_post("/reset", self._reset)
+        from engine.sim.batch import mount  # files + batches, Anthropic /v1/messages(/batches)
+
+        mount(self, app)
         return app
 
     async def start(self) -> SimServer:
@@ -259,11 +341,11 @@ class SimServer:
         return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type=JSON)
 
     def _fail(
-        self, status: int, message: str, kind: str, code: str | None = None, headers=None
+        self, status: int, message: str, kind: str, code: str | None = None, headers=None, param=None
     ) -> web.Response:
         self.stats["http_4xx" if status < 500 else "http_5xx"] += 1
         return web.Response(
-            status=status, body=_error_body(message, kind, code), content_type=JSON, headers=headers
+            status=status, body=_error_body(message, kind, code, param), content_type=JSON, headers=headers
         )
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -281,16 +363,18 @@ class SimServer:
             return self._fail(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
         raw_body = await request.read()
         t0 = time.perf_counter()  # server time starts once the request is in: upload is the client's
-        try:
+        try:  # the typed request validates; content is read from the plain objects
             body = orjson.loads(raw_body)
-            messages = body["messages"]
-            name = body["model"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            return self._fail(400, "body must be JSON with 'model' and 'messages'", "invalid_request_error")
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-            return self._fail(400, "'messages' must be a non-empty list of objects", "invalid_request_error")
-        if body.get("stream"):
-            return self._fail(400, "the simulator does not stream", "invalid_request_error")
+            req = parse_chat_request(body)
+        except orjson.JSONDecodeError as exc:
+            return self._fail(400, f"request body is not valid JSON: {exc}", "invalid_request_error")
+        except RequestInvalid as exc:
+            return self._fail(400, str(exc), "invalid_request_error", param=exc.param)
+        messages, name = body["messages"], req.model
+        if name is None:
+            return self._fail(400, "'model' is required", "invalid_request_error", param="model")
+        if req.stream:
+            return self._fail(400, "the simulator does not stream", "invalid_request_error", param="stream")
         model = self._models.get(name) or self._default
         if model is None:
             return self._fail(
@@ -299,11 +383,8 @@ class SimServer:
         mstats = model.stats
         mstats["requests"] += 1
         profile = model.profile
-        n = body.get("n") or 1
-        if not isinstance(n, int) or not 1 <= n <= 128:
-            mstats["http_4xx"] += 1
-            return self._fail(400, "'n' must be an integer in [1, 128]", "invalid_request_error")
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        n = req.n or 1
+        max_tokens = req.limit
         prompt_tokens = _prompt_tokens(messages)
 
         fault = self._draw_fault(model) if model.faulty else None
@@ -314,19 +395,15 @@ class SimServer:
             now = time.monotonic()
             declared = prompt_tokens + (max_tokens or 0) * n
             req_b, tok_b = model.requests, model.tokens
+            if req_b is not None and (wait := req_b.wait_s(1.0, now)) > 0:
+                return self._too_many(model, "requests", wait, t0)
+            if tok_b is not None and (wait := tok_b.wait_s(declared, now)) > 0:
+                return self._too_many(model, "tokens", wait, t0)
             if req_b is not None:
-                req_b.refill(now)
-                if req_b.level < 1.0:
-                    return self._too_many(model, "requests", req_b.wait_s(1.0), t0)
+                req_b.take(1.0)
             if tok_b is not None:
-                tok_b.refill(now)
-                if tok_b.level < min(declared, tok_b.capacity):
-                    return self._too_many(model, "tokens", tok_b.wait_s(declared), t0)
-            if req_b is not None:
-                req_b.level -= 1.0
-            if tok_b is not None:
-                tok_b.level -= declared
-            limit_headers = model.limit_headers()
+                tok_b.take(declared)
+            limit_headers = model.limit_headers(now)
 
         delay = self._latency_s(profile)
         if fault == "hang":
@@ -359,7 +436,7 @@ class SimServer:
 
         choices, completion_tokens = self._choices(model, body, messages, n, max_tokens, fault)
         if tok_b_after := (model.tokens if model.limited and not max_tokens else None):
-            tok_b_after.level -= completion_tokens  # reconcile: undeclared completion tokens count too
+            tok_b_after.take(completion_tokens)  # reconcile: undeclared completion tokens count too
         self._serial += 1
         payload = {
             "id": f"chatcmpl-sim{self._serial}",
@@ -404,12 +481,16 @@ class SimServer:
     def _too_many(self, model: _Model, kind: str, wait: float, t0: float) -> web.Response:
         self.stats["http_429"] += 1
         model.stats["http_429"] += 1
-        headers = model.limit_headers()
-        headers["retry-after"] = str(max(1, math.ceil(wait)))
-        headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
-        message = (
-            f"Rate limit reached for {model.name} on {kind} per min. "
+        headers = model.limit_headers(time.monotonic())
+        if model.profile.limit_headers:
+            headers["retry-after"] = str(max(1, math.ceil(wait)))
+            headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
+        else:  # a gateway that hides its limits: the least a client can be told
+            headers["retry-after"] = "1"
+        message = f"Rate limit reached for {model.name} on {kind} per min. " + (
             f"Please try again in {fmt_duration(wait)}."
+            if model.profile.limit_headers
+            else "Please try again later."
         )
         return web.Response(
             status=429,
@@ -520,10 +601,7 @@ class SimThread:
         host: str = "127.0.0.1",
     ):
         self.server = SimServer(profile, problems, host=host, port=port)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self._thread = ServerThread(self.server.start, self.server.stop, name="fair-sim", join_s=10)
 
     @property
     def base_url(self) -> str:
@@ -538,33 +616,11 @@ class SimThread:
         return self.server.stats
 
     def start(self) -> SimThread:
-        self._thread = threading.Thread(target=self._run, name="fair-sim", daemon=True)
         self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
         return self
 
-    def _run(self) -> None:
-        loop = self._loop = asyncio.new_event_loop()
-        try:
-            loop.run_until_complete(self.server.start())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            loop.close()
-            return
-        self._ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(self.server.stop())
-            loop.close()
-
     def stop(self) -> None:
-        if self._loop is not None and self._thread is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
+        self._thread.stop()
 
     def __enter__(self) -> SimThread:
         return self.start()
