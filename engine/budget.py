@@ -9,8 +9,9 @@ finishes what is in flight, writes the manifest as ``budget`` and exits 3; run i
 higher cap to go on. It can overshoot by the in-flight problems' cost only.
 
 ``estimate`` runs a pilot slice through the real path and cache (the full run resumes from it, so
-the pilot is not paid twice) and projects calls, tokens, dollars and wall time per endpoint to the
-whole dataset, online and in batch mode, from the run directory's trace.
+the pilot is not paid twice) and projects calls, tokens, dollars and wall time per endpoint and per
+stage (student, rationale, feedback, review) to the whole dataset, online and in batch mode, from
+the run directory's trace.
 """
 
 from __future__ import annotations
@@ -100,30 +101,41 @@ async def estimate(cfg: RunConfig, run_dir: Path, pilot: int = 20) -> dict[str, 
 
 
 def project(cfg: RunConfig, run_dir: Path, total: int, pilot: int, wall_s: float) -> dict[str, Any]:
-    """Per endpoint: the pilot's calls and tokens (cache hits included: a re-estimate reads the
-    same trace), scaled by ``total / pilot``, priced online and in batch mode."""
+    """Per endpoint and per stage (the trace's ``stage``): the pilot's calls and tokens (cache hits
+    included: a re-estimate reads the same trace), scaled by ``total / pilot``, priced online and
+    in batch mode."""
     per: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    by_stage: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for t in iter_raw(run_dir, "trace"):
-        e = per[t["endpoint"]]
-        e["calls"] += 1
-        e["prompt_tokens"] += t.get("prompt_tokens", 0)
-        e["completion_tokens"] += t.get("completion_tokens", 0)
-    scale = total / pilot if pilot else 0.0
-    endpoints = {}
-    for name, e in per.items():
-        ep = cfg.endpoints.get(name)
+        ep = cfg.endpoints.get(t["endpoint"])
         if ep is None:
             continue
-        online = (e["prompt_tokens"] * ep.price_in + e["completion_tokens"] * ep.price_out) / 1e6
+        p_in, p_out = t.get("prompt_tokens", 0), t.get("completion_tokens", 0)
+        online = (p_in * ep.price_in + p_out * ep.price_out) / 1e6
         factor = ep.batch.price_factor if ep.provider in ("openai", "anthropic") else 1.0
-        endpoints[name] = {
+        for e in (per[t["endpoint"]], by_stage[t.get("stage") or "other"]):
+            e["calls"] += 1
+            e["prompt_tokens"] += p_in
+            e["completion_tokens"] += p_out
+            e["usd_online"] += online
+            e["usd_batch"] += online * factor
+            e["usd_configured"] += online * factor if ep.mode == "batch" else online
+    scale = total / pilot if pilot else 0.0
+
+    def scaled(e: dict[str, float]) -> dict[str, Any]:
+        return {
             "calls": round(e["calls"] * scale),
             "prompt_tokens": round(e["prompt_tokens"] * scale),
             "completion_tokens": round(e["completion_tokens"] * scale),
-            "usd_online": round(online * scale, 4),
-            "usd_batch": round(online * factor * scale, 4),
-            "mode": ep.mode,
+            "usd_online": round(e["usd_online"] * scale, 4),
+            "usd_batch": round(e["usd_batch"] * scale, 4),
         }
+
+    endpoints = {name: {**scaled(e), "mode": cfg.endpoints[name].mode} for name, e in per.items()}
+    stages = {
+        name: {**scaled(e), "usd_as_configured": round(e["usd_configured"] * scale, 4)}
+        for name, e in sorted(by_stage.items())
+    }
     rationales = list(iter_raw(run_dir, "rationales"))
     accepted = sum(1 for r in rationales if r.get("status") == "accepted")
     usd_online = sum(v["usd_online"] for v in endpoints.values())
@@ -132,6 +144,7 @@ def project(cfg: RunConfig, run_dir: Path, total: int, pilot: int, wall_s: float
         "problems": total,
         "pilot": pilot,
         "endpoints": endpoints,
+        "stages": stages,
         "usd_online": round(usd_online, 4),
         "usd_batch": round(usd_batch, 4),
         "usd_as_configured": round(
@@ -153,6 +166,15 @@ def render(est: dict[str, Any]) -> str:
         lines.append(
             f"{name:<16}{v['mode']:<8}{v['calls']:>10}{v['prompt_tokens']:>14}{v['completion_tokens']:>14}"
             f"{v['usd_online']:>12.4f}{v['usd_batch']:>12.4f}"
+        )
+    lines.append(
+        f"{'stage':<16}{'':<8}{'calls':>10}{'tokens in':>14}{'tokens out':>14}{'$ online':>12}{'$ batch':>12}"
+        f"{'$ configured':>14}"
+    )
+    for name, v in est.get("stages", {}).items():
+        lines.append(
+            f"{name:<16}{'':<8}{v['calls']:>10}{v['prompt_tokens']:>14}{v['completion_tokens']:>14}"
+            f"{v['usd_online']:>12.4f}{v['usd_batch']:>12.4f}{v['usd_as_configured']:>14.4f}"
         )
     lines.append(
         f"total: ${est['usd_online']:.4f} online, ${est['usd_batch']:.4f} all batch, "

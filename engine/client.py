@@ -2,7 +2,8 @@
 
 Layers, outermost first, each in its own module and knowing nothing of the ones above it::
 
-    cache         engine.cache      identical request answered before -> free, nothing sent
+    cache         engine.cache      identical request answered before -> free, nothing sent;
+                                    one in flight -> its answer is shared (single-flight)
     admission     engine.admission  concurrency cap, RPM/TPM buckets, pauses, server mirror
     retry         engine.retry      the one retry boundary (tenacity, full-jitter backoff)
     provider      engine.providers  build the body, decode the reply; one module per protocol
@@ -40,7 +41,7 @@ from engine.cache import ResponseCache, cache_key
 from engine.config import EndpointConfig
 from engine.errors import AuthError, ConfigError, ReplyError, RequestError
 from engine.events import Call, Events, Observer
-from engine.executor import Executor, HttpExecutor, SendError
+from engine.executor import BATCH_HEADER, Executor, HttpExecutor, SendError
 from engine.providers import Provider, error_message, make_provider, redact
 from engine.retry import BACKOFF_BASE_S, BACKOFF_MAX_S, RetryPolicy, Transient, retrying
 from engine.stats import EndpointStats, StatsObserver
@@ -140,6 +141,7 @@ class Engine:
         self.trace: Trace | None = None
         self._tracer: TraceObserver | None = None
         self._aborted: AuthError | None = None
+        self._inflight: dict[bytes, asyncio.Future[Completion]] = {}  # cache key -> its first caller's
         self._open = False
 
     def __repr__(self) -> str:
@@ -190,8 +192,9 @@ class Engine:
             self.trace = None
 
     # -- the call ---------------------------------------------------------------------------
-    async def complete(self, endpoint: str, request: ChatRequest) -> Completion:
+    async def complete(self, endpoint: str, request: ChatRequest, stage: str = "") -> Completion:
         """Answer one chat request: cache -> admission -> retry boundary -> provider -> executor.
+        ``stage`` labels the call in the trace (cost per stage in the report and the estimate).
 
         Raises ``RequestError`` (this record fails, the run goes on) or ``AuthError`` (abort).
         """
@@ -200,37 +203,70 @@ class Engine:
             raise ConfigError(f"unknown endpoint {endpoint!r}; known: {', '.join(self._lanes)}")
         if self._aborted is not None:
             raise self._aborted
-        call = Call(lane.name, lane.cfg.model, estimate_tokens(request))
+        call = Call(lane.name, lane.cfg.model, estimate_tokens(request), stage)
         events = self.events
         for hook in events.requested:
             hook(call)
-        key = None
-        if self.cache is not None:
-            key = cache_key(lane.cfg.provider, lane.cfg.base_url, lane.cfg.model, request)
-            hit = self.cache.get(key)
-            if hit is not None:
-                hit.cached, hit.cost_usd, hit.latency_s, hit.attempts = True, 0.0, 0.0, 0
-                call.status = 200
-                for hook in events.cached:
-                    hook(call, hit)
-                return hit
-        if request.n > 1 and not lane.provider.supports_n:
-            done = await self._fan_out(lane, request)
-        else:
-            done = await self._call(lane, call, lane.provider.encode(request))
-        if key is not None and self.cache is not None:
+        key = cache_key(lane.cfg.provider, lane.cfg.base_url, lane.cfg.model, request)
+        hit = await self._answered(key) if self.cache is not None else None
+        if hit is not None:
+            hit.cached, hit.cost_usd, hit.latency_s, hit.attempts = True, 0.0, 0.0, 0
+            call.status = 200
+            for hook in events.cached:
+                hook(call, hit)
+            return hit
+        leader = asyncio.get_running_loop().create_future() if self.cache is not None else None
+        if leader is not None:
+            self._inflight[key] = leader
+        try:
+            if request.n > 1 and not lane.provider.supports_n:
+                done = await self._fan_out(lane, request, key.hex(), stage)
+            else:
+                done = await self._call(lane, call, lane.provider.encode(request), key.hex())
+        except BaseException as exc:
+            if leader is not None:
+                if isinstance(exc, Exception):
+                    leader.set_exception(exc)
+                    leader.exception()  # retrieved: followers try on their own
+                else:
+                    leader.cancel()
+            raise
+        finally:
+            if leader is not None:
+                del self._inflight[key]
+        if leader is not None and self.cache is not None:
             self.cache.put(key, done)
+            leader.set_result(done)
         return done
 
-    async def _fan_out(self, lane: Lane, request: ChatRequest) -> Completion:
-        """n separate calls for a protocol without ``n`` (Anthropic), merged into one."""
+    async def _answered(self, key: bytes) -> Completion | None:
+        """The cached answer, or that of the same request in flight (single-flight: identical
+        concurrent calls share one send); None when this caller must send it."""
+        assert self.cache is not None
+        while (hit := self.cache.get(key)) is None and (leader := self._inflight.get(key)) is not None:
+            try:
+                return msgspec.structs.replace(await asyncio.shield(leader))
+            except asyncio.CancelledError:
+                if not leader.cancelled():
+                    raise  # this caller was cancelled; if the first one was, look again
+            except Exception:
+                if self._aborted is not None:
+                    raise self._aborted from None
+                # it failed: look again (and send it ourselves, as before single-flight)
+        return hit
+
+    async def _fan_out(self, lane: Lane, request: ChatRequest, key: str, stage: str) -> Completion:
+        """n separate calls for a protocol without ``n`` (Anthropic), merged into one; part i
+        goes to the executor as ``KEY-i``."""
         one = msgspec.structs.replace(request, n=1)
         body, est = lane.provider.encode(one), estimate_tokens(one)
         try:
             async with asyncio.TaskGroup() as tg:  # one failing cancels its siblings
                 tasks = [
-                    tg.create_task(self._call(lane, Call(lane.name, lane.cfg.model, est), body))
-                    for _ in range(request.n)
+                    tg.create_task(
+                        self._call(lane, Call(lane.name, lane.cfg.model, est, stage), body, f"{key}-{i}")
+                    )
+                    for i in range(request.n)
                 ]
         except BaseExceptionGroup as eg:
             auth = eg.subgroup(AuthError)
@@ -247,10 +283,11 @@ class Engine:
             cost_usd=sum(p.cost_usd for p in parts),
         )
 
-    async def _call(self, lane: Lane, call: Call, body: bytes) -> Completion:
-        """One logical call through the retry boundary; maps the way it ended to an error."""
+    async def _call(self, lane: Lane, call: Call, body: bytes, key: str) -> Completion:
+        """One logical call through the retry boundary; maps the way it ended to an error.
+        ``key`` (the cache key in hex) names the request to the executor."""
         try:
-            done = await retrying(lane.policy, self._attempt, lane, call, body, on_retry=self._retried)
+            done = await retrying(lane.policy, self._attempt, lane, call, body, key, on_retry=self._retried)
         except Transient as exc:
             err_cls = ReplyError if exc.reply_error else RequestError
             error: Exception = err_cls(
@@ -274,11 +311,11 @@ class Engine:
             hook(call, error)
         raise error from None
 
-    def _retried(self, lane: Lane, call: Call, body: bytes) -> None:
+    def _retried(self, lane: Lane, call: Call, body: bytes, key: str) -> None:
         for hook in self.events.retried:
             hook(call)
 
-    async def _attempt(self, lane: Lane, call: Call, body: bytes) -> Completion:
+    async def _attempt(self, lane: Lane, call: Call, body: bytes, key: str) -> Completion:
         """One attempt: admission, send, classify. 429s loop back into admission in here; the
         lease is released and the exchange accounted in one place, the ``finally``."""
         admission = lane.admission
@@ -294,8 +331,9 @@ class Engine:
             for hook in events.sent:
                 hook(call)
             try:
-                status, raw, reply_headers = await self.executor.send(lane, body)
+                status, raw, reply_headers = await self.executor.send(lane, body, key)
                 call.status = status
+                call.batch = reply_headers.get(BATCH_HEADER)
                 headers = lane.provider.limits(reply_headers)
                 if status < 300:
                     done = lane.provider.decode(raw)

@@ -57,7 +57,9 @@ class ReplyError(RequestError):
 
 
 class AbortRun(FairError):
-    """The whole run must stop (exit code 3)."""
+    """The whole run must stop (exit code 3, or a subclass's ``exit_code``)."""
+
+    exit_code = 3
 
 
 class AuthError(AbortRun):

@@ -37,16 +37,21 @@ EVENTS = (
 class Call:
     """One logical call to one endpoint (its HTTP tries, 429s and retries included)."""
 
-    __slots__ = ("attempts", "endpoint", "est_tokens", "http_429", "model", "started", "status", "timed_out")
+    __slots__ = (
+        "attempts", "batch", "endpoint", "est_tokens", "http_429", "model", "stage", "started", "status",
+        "timed_out",
+    )  # fmt: skip
 
-    def __init__(self, endpoint: str, model: str, est_tokens: float = 0.0):
+    def __init__(self, endpoint: str, model: str, est_tokens: float = 0.0, stage: str = ""):
         self.endpoint = endpoint
         self.model = model
+        self.stage = stage  # what the call is for ("rationale", "review"...), when the caller said
         self.est_tokens = est_tokens  # tokens admission reserves for it
         self.attempts = 0  # attempts made (failed ones count; 429s do not)
         self.http_429 = 0  # rate-limit answers received
         self.status = 0  # HTTP status of the last try; 0 = no reply
         self.timed_out = False  # the last try hit its deadline
+        self.batch: str | None = None  # the provider batch that answered it (a Batch API executor)
         self.started = time.monotonic()
 
     def __repr__(self) -> str:

@@ -4,11 +4,14 @@ The engine decides *what* to send and *when* (cache, admission, retries); an exe
 *sends*::
 
     await executor.open(lanes)                         # once, before the first call
-    status, body, headers = await executor.send(lane, body)
+    status, body, headers = await executor.send(lane, body, key)
     await executor.close()
 
-``send`` returns the HTTP status, the raw reply body and the reply headers, or raises
-``SendError`` when no reply came (``timeout=True`` for a deadline). ``HttpExecutor`` (the
+``key`` names the request (the cache key in hex, ``-i`` added for part i of a fan-out): the
+same key is the same request, so an executor may answer both from one send (a Batch API derives
+its ``custom_id`` from it). ``send`` returns the HTTP status, the raw reply body and the reply
+headers, or raises ``SendError`` when no reply came (``timeout=True`` for a deadline); a reply
+header ``BATCH_HEADER`` names the provider batch that answered (traced). ``HttpExecutor`` (the
 default) posts over one aiohttp session per endpoint; a provider Batch API or a test's
 in-memory server plugs in here without touching the engine or the stages.
 """
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
     from engine.client import Lane
 
 Reply = tuple[int, bytes, Mapping[str, str]]
+BATCH_HEADER = "x-fair-batch"  # reply header an executor sets to the provider batch that answered
 
 
 class SendError(Exception):
@@ -36,7 +40,7 @@ class SendError(Exception):
 
 class Executor(Protocol):
     async def open(self, lanes: Mapping[str, Lane]) -> None: ...
-    async def send(self, lane: Lane, body: bytes) -> Reply: ...
+    async def send(self, lane: Lane, body: bytes, key: str | None = None) -> Reply: ...
     async def close(self) -> None: ...
 
 
@@ -63,7 +67,7 @@ class HttpExecutor:
                 raise_for_status=False,
             )
 
-    async def send(self, lane: Lane, body: bytes) -> Reply:
+    async def send(self, lane: Lane, body: bytes, key: str | None = None) -> Reply:
         session = self._sessions.get(lane.name)
         if session is None:
             raise RuntimeError("Engine is not open: use `async with Engine(...) as engine`")

@@ -2,8 +2,10 @@
 
 Fields: ts (unix seconds), endpoint, model, latency_s, prompt/completion tokens, cost_usd,
 attempts, http_429 (rate-limit answers before it went through), cache_hit, status (HTTP status
-of the last attempt; 0 = no answer) and error (the exception class of a failed call). Never a
-key, a header or a message body.
+of the last attempt; 0 = no answer), error (the exception class of a failed call) and, only for
+a call answered through a provider Batch API, batch (that batch's id); stage (what the call was
+for: student, rationale, feedback, review) when the caller said. Never a key, a header or
+a message body.
 
 ``TraceObserver`` turns request events (``engine.events``) into lines; ``Trace`` writes them
 through the run store's ``ShardWriter``, buffered (64 KiB or once a second): the shard being
@@ -39,6 +41,8 @@ class TraceEvent(msgspec.Struct, kw_only=True):
     cache_hit: bool = False
     status: int = 0
     error: str | None = None
+    batch: str | msgspec.UnsetType = msgspec.UNSET  # omitted unless a Batch API answered
+    stage: str | msgspec.UnsetType = msgspec.UNSET  # omitted unless the caller named one
 
 
 class Trace:
@@ -85,6 +89,7 @@ class TraceObserver(Observer):
                 attempts=0,
                 cache_hit=True,
                 status=200,
+                stage=call.stage or msgspec.UNSET,
             )
         )
 
@@ -102,6 +107,8 @@ class TraceObserver(Observer):
                 attempts=call.attempts,
                 http_429=call.http_429,
                 status=call.status,
+                batch=call.batch or msgspec.UNSET,
+                stage=call.stage or msgspec.UNSET,
             )
         )
 
@@ -116,5 +123,7 @@ class TraceObserver(Observer):
                 http_429=call.http_429,
                 status=call.status,
                 error=type(error).__name__,
+                batch=call.batch or msgspec.UNSET,
+                stage=call.stage or msgspec.UNSET,
             )
         )

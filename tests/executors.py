@@ -28,7 +28,7 @@ class UrllibExecutor:
                 "Content-Type": "application/json",
             }
 
-    async def send(self, lane, body: bytes) -> Reply:
+    async def send(self, lane, body: bytes, key: str | None = None) -> Reply:
         with self._lock:
             self.sent += 1
             self.in_flight += 1

@@ -466,3 +466,106 @@ async def test_ctrl_c_leaves_the_batch_running_says_so_and_the_rerun_collects_it
         rc, _, err = await fair(*cli_args(sim, "openai", inp, out))
         assert rc == 0, err
         assert sim.stats["batches_created"] == 1 and sim.stats["batch_items_billed"] == 10
+
+
+# -- one item per request: custom_id from the cache key ------------------------------------------
+
+
+def _dup_input(path: Path, n: int, unique: int) -> Path:
+    """``n`` lines asking ``unique`` different questions: identical requests wait at once."""
+    path.write_bytes(
+        b"".join(orjson.dumps({"id": f"d{i}", "prompt": f"question {i % unique}"}) + b"\n" for i in range(n))
+    )
+    return path
+
+
+@pytest.mark.parametrize(("provider", "n"), [("openai", 1), ("anthropic", 2)])
+async def test_identical_requests_are_one_item_and_a_rerun_after_sigkill_pays_none_again(
+    tmp_path, provider, n
+):
+    """openai n=1 streams (engine.batch.feed); anthropic n=2 fans out through Engine.complete
+    (single-flight on the cache key, parts named KEY-0, KEY-1)."""
+    inp = _dup_input(tmp_path / "in.jsonl", 30, 10)
+    out = tmp_path / "out"
+    async with SimServer("default") as sim:
+        sim.batch.faults = msgspec.convert({"start_s": 1.0}, type(sim.batch.faults))
+        args = cli_args(sim, provider, inp, out, "--n", str(n), "--temperature", "0.7")
+        rc, _, _ = await fair(*args, kill_when=lambda: sim.stats["batches_created"] >= 1)
+        assert rc == -signal.SIGKILL
+        await asyncio.sleep(0.1)
+        rc, _, err = await fair(*args)
+        assert rc == 0, err
+        unique = 10 * n
+        assert sim.stats["batches_created"] == 1
+        assert sim.stats["batch_items"] == sim.stats["batch_items_billed"] == unique  # billed == unique
+    got = records(out)
+    assert len(got) == 30 and not any(r["error"] for r in got.values())
+    assert all(len(r["texts"]) == n for r in got.values())
+    assert not list((out / "batches").glob("*.input"))  # uploads are scratch files
+    m = read_manifest(out)["generate"]  # the 20 repeats waited on their twin's item
+    assert (m["batch"]["shared"] if provider == "openai" else m["cache_hits"]) == 20
+    assert got["d3"]["texts"] == got["d13"]["texts"] == got["d23"]["texts"]  # one answer, shared
+    journal = [orjson.loads(x) for x in (out / "batches" / "journal.jsonl").read_bytes().splitlines()]
+    ids = next(e["ids"] for e in journal if e["ev"] == "creating")
+    assert len(ids) == len(set(ids)) == unique
+    assert all(len(c) <= 64 and c.replace("-", "").replace("_", "").isalnum() for c in ids)
+    trace = [orjson.loads(x) for p in (out / "trace").iterdir() for x in p.read_bytes().splitlines()]
+    (bid,) = {t["batch"] for t in trace if not t["cache_hit"]}  # every paid line names its batch
+    assert bid and all("batch" not in t for t in trace if t["cache_hit"])
+
+
+async def test_identical_concurrent_calls_share_one_send_online_too(tmp_path):
+    from engine.client import Engine
+    from engine.types import ChatRequest, Message
+
+    req = ChatRequest(messages=[Message("user", "question 7")], max_tokens=50, temperature=0.7)
+    async with SimServer("default") as sim:
+        cfg = endpoint(sim, "openai", "online")
+        async with Engine({"e": cfg}, cache_path=tmp_path / "cache.sqlite") as engine:
+            got = await asyncio.gather(*(engine.complete("e", req) for _ in range(5)))
+            other = await engine.complete("e", msgspec.structs.replace(req, sample_index=1))
+        assert sim.stats["requests"] == 2  # five identical calls, one send; another sample, its own
+    assert len({g.text for g in got}) == 1 and sum(not g.cached for g in got) == 1
+    assert engine.stats["e"].calls == 2 and engine.stats["e"].cache_hits == 4
+    assert other.cost_usd > 0 and not other.cached
+
+
+async def test_a_lost_create_matching_two_running_batches_mid_run_stops_with_exit_1(tmp_path):
+    """The live twin of the resume case above: exit 1 (a person must choose), not 3."""
+    inp = write_input(tmp_path / "in.jsonl", 10)
+    params = {"model": "sim", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
+    async with SimServer("default") as sim:
+        sim.batch.faults = msgspec.convert({"start_s": 30}, type(sim.batch.faults))
+        async with aiohttp.ClientSession() as http:  # someone else's batch, same size, just before
+            reqs = [{"custom_id": f"o{i}", "params": params} for i in range(10)]
+            async with http.post(f"{sim.base_url}/messages/batches", json={"requests": reqs}) as r:
+                assert r.status == 200
+        sim.batch.faults = msgspec.convert({"lose_create": 1, "start_s": 30}, type(sim.batch.faults))
+        rc, _, err = await fair(*cli_args(sim, "anthropic", inp, tmp_path / "out"))
+        assert sim.stats["batches_created"] == 2
+    assert rc == 1, err
+    assert "2 provider batches match" in err and "fair batches attach" in err and "Traceback" not in err
+
+
+async def test_when_the_first_of_identical_calls_is_cancelled_the_second_takes_its_item_over(tmp_path):
+    from engine.batch.executor import BatchExecutor, Unmetered
+    from engine.client import Engine
+    from engine.types import ChatRequest, Message
+
+    req = ChatRequest(messages=[Message("user", "question 8")], max_tokens=50)
+    async with SimServer("default") as sim:
+        sim.batch.faults = msgspec.convert({"start_s": 0.5}, type(sim.batch.faults))
+        seams = {"executor": BatchExecutor(tmp_path), "admissions": {"e": Unmetered()}}
+        cfg = endpoint(sim, "openai")
+        async with Engine({"e": cfg}, cache_path=tmp_path / "c.sqlite", **seams) as engine:
+            first = asyncio.create_task(engine.complete("e", req))
+            second = asyncio.create_task(engine.complete("e", req))
+            async with asyncio.timeout(10):
+                while not sim.stats["batches_created"]:
+                    await asyncio.sleep(0.01)
+            first.cancel()
+            done = await second
+            again = await engine.complete("e", req)
+        # the second caller took the submitted item over: one batch, one item billed
+        assert sim.stats["batches_created"] == 1 and sim.stats["batch_items_billed"] == 1
+    assert first.cancelled() and not done.cached and done.text and again.cached

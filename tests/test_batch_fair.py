@@ -3,10 +3,12 @@ student online: the same records as an all-online run, the teachers at half the 
 
 from __future__ import annotations
 
+import pytest
 from test_pipeline import TEACHERS, config, problems, profile, run
 
+from engine.report import render_markdown, summarize
 from engine.sim import start_sim
-from engine.store import iter_records, read_manifest
+from engine.store import iter_raw, iter_records, read_manifest
 
 WIRES = {"t-good": "openai", "t-mid": "anthropic", "t-harsh": "openai"}
 
@@ -44,11 +46,33 @@ async def test_teachers_in_batch_mode_give_the_online_records_at_half_the_teache
     total_on = total_b = 0.0
     for name in TEACHERS:
         on, b = m_on["endpoints"][name], m_b["endpoints"][name]
-        # a request answered from the cache online may be sent twice in batch mode, when its twin
-        # was still waiting in a batch: the same requests, counted either way
+        # the same requests, each paid once (identical ones waiting at once share one item)
         assert b["calls"] + b["cache_hits"] == on["calls"] + on["cache_hits"] > 0
+        assert b["calls"] == on["calls"]
         at_online_price = (b["prompt_tokens"] * 1.0 + b["completion_tokens"] * 2.0) / 1e6
         assert abs(b["cost_usd"] - 0.5 * at_online_price) <= 1e-6
         total_on, total_b = total_on + on["cost_usd"], total_b + b["cost_usd"]
     assert 0.45 <= total_b / total_on <= 0.52
     assert m_b["endpoints"]["student"]["cost_usd"] == m_on["endpoints"]["student"]["cost_usd"]
+
+    # the report: dollars per accepted sample per teacher and per stage, half price in batch mode
+    c_on, c_b = (
+        summarize(tmp_path / "online")["cost_per_sample"],
+        summarize(tmp_path / "batch")["cost_per_sample"],
+    )
+    assert c_b["samples"] == c_on["samples"] > 0
+    assert {"student", "rationale", "review"} <= set(c_b["stages"])
+    assert c_b["stages"]["student"]["usd"] == pytest.approx(c_on["stages"]["student"]["usd"])
+    for stage in ("rationale", "review"):
+        assert c_b["stages"][stage]["usd"] == pytest.approx(0.5 * c_on["stages"][stage]["usd"], rel=1e-6)
+    for name in TEACHERS:
+        on, b = c_on["endpoints"][name], c_b["endpoints"][name]
+        assert b["samples"] == on["samples"]
+        if on["samples"]:
+            assert b["usd_per_sample"] == pytest.approx(0.5 * on["usd_per_sample"], rel=1e-6)
+    md = render_markdown(summarize(tmp_path / "batch"))
+    assert "## Dollars per accepted sample" in md and "$ rationale" in md
+    # each paid teacher line of the trace names the batch that answered it; the student's none
+    trace = [t for t in iter_raw(tmp_path / "batch", "trace") if not t["cache_hit"]]
+    assert all(t["batch"].startswith(("batch_", "msgbatch_")) for t in trace if t["endpoint"] in TEACHERS)
+    assert not any("batch" in t for t in trace if t["endpoint"] == "student")

@@ -30,6 +30,12 @@ async def test_estimate_projects_the_dataset_and_the_full_run_resumes_from_the_p
         for name in ("t-good", "t-mid", "t-harsh"):
             e = est["endpoints"][name]
             assert e["calls"] > 0 and e["usd_batch"] == pytest.approx(0.5 * e["usd_online"], abs=1e-4)
+        stages = est["stages"]
+        assert {"student", "rationale", "review"} <= set(stages) and "other" not in stages
+        assert all(v["calls"] > 0 and v["usd_online"] > 0 for v in stages.values())
+        for key in ("calls", "usd_online", "usd_batch"):  # the same bill, cut the other way
+            by_endpoint = sum(v[key] for v in est["endpoints"].values())
+            assert sum(v[key] for v in stages.values()) == pytest.approx(by_endpoint, rel=0.01, abs=5)
         summary = await Job(cfg, tmp_path / "run", progress=False).run(probs)
         assert summary["counts"]["resumed_done"] == 20  # the pilot is not paid twice
         full_requests = sim.stats["requests"]
@@ -78,6 +84,7 @@ async def test_cli_estimate_prints_the_projection_and_a_cap_exits_3(tmp_path):
         )
         assert rc == 0, err
         assert "estimate for 83 problems from a pilot of 10" in out and "t-good" in out
+        assert "rationale" in out and "review" in out
         assert (tmp_path / "est" / "estimate.json").exists()
 
         path.write_text(path.read_text().replace("[run]\n", "[run]\nmax_cost_usd = 0.0001\n"))

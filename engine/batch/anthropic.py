@@ -10,7 +10,10 @@ https://docs.anthropic.com/en/api/creating-message-batches
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 import msgspec
@@ -26,7 +29,7 @@ from engine.batch.wire import (
     call,
     decode,
     failed,
-    lines,
+    fetch,
 )
 from engine.providers import error_message
 
@@ -116,10 +119,21 @@ class AnthropicBatchWire:
     def line(custom_id: str, body: bytes) -> bytes:
         return b'{"custom_id":"%s","params":%s}' % (custom_id.encode(), body)
 
-    async def create(self, items: list[tuple[str, bytes]], local: str) -> Remote:
-        data = b'{"requests":[' + b",".join(self.line(cid, body) for cid, body in items) + b"]}"
+    def write_input(self, items: Iterable[tuple[str, bytes]], out: BinaryIO) -> None:
+        out.write(b'{"requests":[')
+        for i, (cid, body) in enumerate(items):
+            out.write(b"," + self.line(cid, body) if i else self.line(cid, body))
+        out.write(b"]}")
+
+    async def create(self, path: Path, local: str) -> Remote:
+        """Post the request file ``path`` (streamed from disk)."""
         try:
-            status, raw = await self._json("POST", "/messages/batches", data)
+            with open(path, "rb") as data:
+                headers = {"Content-Type": "application/json"}
+                url = self.base + "/messages/batches"
+                status, raw = await call(
+                    self.session, "POST", url, self.key, self.lane, data=data, headers=headers
+                )
         except ControlError as exc:  # no reply: the batch may exist
             raise Lost(str(exc)) from None
         if status >= 500 or status == 429:
@@ -162,25 +176,27 @@ class AnthropicBatchWire:
         """Batches of ``n`` requests created since our ``creating`` event (less the clock skew)."""
         return [r for r in await self.list(100) if r.n == n and r.created >= t_create - CLOCK_SKEW_S]
 
-    async def download(self, remote: Remote) -> bytes:
+    async def download(self, remote: Remote, out: BinaryIO) -> None:
+        """The results (JSONL), streamed into ``out``."""
         url = f"{self.base}/messages/batches/{remote.id}/results"
         if remote.output and remote.output.split("/")[:3] == self.base.split("/")[:3]:
             url = remote.output  # results_url, only on our own host: the key goes with it
-        status, raw = await call(self.session, "GET", url, self.key, self.lane)
+        status, raw = await fetch(self.session, url, self.key, self.lane, out)
         if status >= 300:
             raise failed("GET", url, status, raw, self.key)
-        return raw if not raw or raw.endswith(b"\n") else raw + b"\n"
 
-    def parse(self, data: bytes, remote: Remote, ids: list[str]) -> list[Outcome]:
-        out: list[Outcome] = []
-        for raw in lines(data):
+    def parse(self, lines: Iterable[bytes], remote: Remote, ids: list[str]) -> Iterator[Outcome]:
+        """Outcomes, one by one (any order); ``Truncated`` on a bad line or missing lines."""
+        n = 0
+        for raw in lines:
             try:
                 line = _line.decode(raw)
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                 raise Truncated("unreadable line in the batch results") from None
+            n += 1
             r = line.result
             if r.type == "succeeded" and bytes(r.message) != b"null":
-                out.append((line.custom_id, 200, bytes(r.message)))
+                yield line.custom_id, 200, bytes(r.message)
             elif (
                 r.type == "errored"
                 and r.error
@@ -193,9 +209,8 @@ class AnthropicBatchWire:
                         "error": {"type": "invalid_request_error", "message": r.error.error.message or ""},
                     }
                 )
-                out.append((line.custom_id, 400, err))
+                yield line.custom_id, 400, err
             else:  # canceled, expired, api/overloaded errors: a later batch
-                out.append((line.custom_id, TRANSIENT, b""))
-        if len(out) < remote.n:
-            raise Truncated(f"batch results have {len(out)} of {remote.n} lines")
-        return out
+                yield line.custom_id, TRANSIENT, b""
+        if n < remote.n:
+            raise Truncated(f"batch results have {n} of {remote.n} lines")

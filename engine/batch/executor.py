@@ -1,11 +1,14 @@
 """``BatchExecutor``: an ``engine.executor.Executor`` that sends a ``mode = "batch"`` endpoint's
 requests through the provider's Batch API; other endpoints go online (``HttpExecutor``).
 
-``send(lane, body)`` puts the encoded body into the lane's open batch and returns the item's
+``send(lane, body, key)`` puts the encoded body into the lane's open batch and returns the item's
 ``(status, raw reply, headers)`` when that batch has ended, so the engine's cache, stages and
 provider decoding are unchanged. A batch is submitted after ``linger_s`` without a new request,
 or at ``max_items`` / ``max_bytes``; at most ``max_open`` batches are at the provider at once
-(while they are full, the open batch keeps growing). Batch lanes take ``Unmetered`` admission:
+(while they are full, the open batch keeps growing). A queued body waits on disk, in the lane's
+spool (an unlinked temporary file); the upload is written from it to ``batches/<local>.input``
+and streamed, and results stream to disk and are read back line by line, so a 50k-request batch
+is never in memory whole. Batch lanes take ``Unmetered`` admission:
 the online rpm/tpm and concurrency caps do not apply (providers meter batches apart, and a slot
 per waiting item would cap the batch size).
 
@@ -18,9 +21,11 @@ Never paying twice: every batch is journalled (``engine.batch.journal``) before 
 create; its results are saved to ``RUN_DIR/batches/<local>.results.jsonl`` before they are handed
 out. On open, a resume re-attaches to submitted batches, re-reads (or downloads again) ended
 ones, and looks up batches whose create reply was lost (``wire.find``); a send whose custom_id is
-among them waits for that batch instead of submitting again. ``custom_id`` is ``fd`` + a blake2b
-of the endpoint identity and the encoded body (the inputs of the cache key, so one per cache
-entry; ``-k`` suffixes when the same body waits twice at once).
+among them waits for that batch instead of submitting again. ``custom_id`` is ``fd`` + the first
+40 hex digits of the request's cache key (the ``key`` the engine passes, ``-i`` kept for part i of
+a fan-out), so a rerun names every request as before; a send whose ``custom_id`` already waits
+shares that item's answer (never a second item for the same request). Replies carry the batch id
+in ``BATCH_HEADER`` (the trace shows it).
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ import itertools
 import os
 import re
 import sys
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,9 +49,18 @@ import msgspec
 from engine.batch.anthropic import AnthropicBatchWire
 from engine.batch.journal import Journal
 from engine.batch.openai import OpenAIBatchWire
-from engine.batch.wire import TRANSIENT, ControlError, Lost, Outcome, Refused, Remote, Truncated
+from engine.batch.wire import (
+    TRANSIENT,
+    ControlError,
+    Lost,
+    Outcome,
+    Refused,
+    Remote,
+    Truncated,
+    file_lines,
+)
 from engine.errors import AbortRun, FairError
-from engine.executor import Executor, HttpExecutor, Reply
+from engine.executor import BATCH_HEADER, Executor, HttpExecutor, Reply
 from engine.providers import error_message, redact
 
 if TYPE_CHECKING:
@@ -54,6 +69,7 @@ if TYPE_CHECKING:
 
 CREATE_TRIES = 5
 DOWNLOAD_TRIES = 6
+HAND_OUT = 1000  # answers handed out between two yields to the event loop
 _enc = msgspec.json.Encoder()
 
 
@@ -62,7 +78,9 @@ class BatchAmbiguous(FairError):
 
 
 class BatchAmbiguousAbort(AbortRun):
-    """The same, found during a run: the run stops."""
+    """The same, found during a run: the run stops, exit 1 (a person's choice, not a fault)."""
+
+    exit_code = 1
 
 
 class BatchUnreadable(AbortRun):
@@ -82,8 +100,13 @@ class Unmetered:
         return None
 
 
-def custom_id(lane: Lane, body: bytes) -> str:
-    """``fd`` + 40 hex digits: matches Anthropic's ``^[a-zA-Z0-9_-]{1,64}$`` with room for ``-k``."""
+def custom_id(lane: Lane, body: bytes, key: str | None = None) -> str:
+    """``fd`` + 40 hex digits of the cache key ``key`` (+ its ``-i`` part suffix), within Anthropic's
+    ``^[a-zA-Z0-9_-]{1,64}$``; without a key, of a blake2b of the endpoint identity and the body."""
+    if key is not None:
+        head, _, part = key.partition("-")
+        if re.fullmatch(r"[0-9a-f]{40,}", head) and (part == "" or part.isdigit()):
+            return f"fd{head[:40]}-{part}" if part else f"fd{head[:40]}"
     cfg = lane.cfg
     h = hashlib.blake2b(f"{cfg.provider}\0{cfg.base_url.rstrip('/')}\0{cfg.model}\0".encode(), digest_size=20)
     h.update(body)
@@ -91,17 +114,23 @@ def custom_id(lane: Lane, body: bytes) -> str:
 
 
 class _Item:
-    __slots__ = ("body", "cid", "future", "rounds")
+    """One request waiting in a batch. Its body is on disk, in the lane's spool, once queued."""
+
+    __slots__ = ("body", "cid", "future", "pos", "rounds", "size")
 
     def __init__(self, cid: str, body: bytes, future: asyncio.Future):
         self.cid, self.body, self.future, self.rounds = cid, body, future, 0
+        self.size, self.pos = len(body), -1  # pos: offset in the spool, once written there
 
 
 class _Lane:
     """The batch state of one endpoint."""
 
-    def __init__(self, lane: Lane, wire: Any, session: aiohttp.ClientSession):
+    def __init__(self, lane: Lane, wire: Any, session: aiohttp.ClientSession, folder: Path):
         self.lane = lane
+        # the queued bodies; closed (and so gone) in BatchExecutor.close
+        self.spool = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115
+        self.spool_end = 0
         self.cfg: BatchConfig = lane.cfg.batch
         self.wire = wire
         self.session = session
@@ -135,7 +164,7 @@ class BatchExecutor:
         self.journal: Journal | None = None
         self.stats: Counter[str] = Counter()  # batches_created, items_submitted, requeued, fallback...
         self._lanes: dict[str, _Lane] = {}
-        self._known: dict[str, tuple[int, bytes]] = {}  # results no caller has asked for yet
+        self._known: dict[str, Reply] = {}  # answers no caller waited for (an earlier run's...)
         self._tasks: set[asyncio.Task] = set()
         self._running: dict[str, str] = {}  # local id -> provider id, submitted and not ended
         self._creating: set[str] = set()  # local ids whose create has no answer yet
@@ -153,6 +182,7 @@ class BatchExecutor:
         if not batch:
             return
         self.journal = Journal(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         for name, lane in batch.items():
             headers = {**lane.provider.headers(lane.key), **lane.cfg.headers}
             session = aiohttp.ClientSession(
@@ -160,7 +190,10 @@ class BatchExecutor:
                 timeout=aiohttp.ClientTimeout(total=lane.cfg.timeout_s),
             )
             kind = OpenAIBatchWire if lane.cfg.provider == "openai" else AnthropicBatchWire
-            self._lanes[name] = _Lane(lane, kind(session, lane.cfg.base_url, lane.key, name), session)
+            wire = kind(session, lane.cfg.base_url, lane.key, name)
+            self._lanes[name] = _Lane(lane, wire, session, self.run_dir)
+        for stale in (*self.journal.folder.glob("*.input"), *self.journal.folder.glob("*.results.tmp")):
+            stale.unlink(missing_ok=True)  # an upload or a results file a killed run left half-done
         try:
             await self._resume()
         except BaseException:
@@ -189,6 +222,7 @@ class BatchExecutor:
             )
         for st in self._lanes.values():
             await st.session.close()
+            st.spool.close()
         self._lanes = {}
         if self.journal is not None:
             self.journal.close()
@@ -219,48 +253,81 @@ class BatchExecutor:
 
     # -- the seam -----------------------------------------------------------------------------
 
-    async def send(self, lane: Lane, body: bytes) -> Reply:
+    async def send(self, lane: Lane, body: bytes, key: str | None = None) -> Reply:
         if lane.name not in self._lanes:
-            return await self.online.send(lane, body)
-        item = self._item(lane, body)
-        try:
-            return await item.future
-        finally:
-            st = self._lanes.get(lane.name)
-            if item.future.cancelled() and st is not None and st.waiting.get(item.cid) is item:
-                del st.waiting[item.cid]  # its result, when it comes, is kept for a later send
+            return await self.online.send(lane, body, key)
+        # a cancelled caller's item stays waiting: a later send of it adopts the item (no second
+        # one), or its answer is kept for one (``_known``)
+        return await self._item(lane, body, key).future
 
-    def enqueue(self, lane: Lane, body: bytes) -> asyncio.Future:
+    def enqueue(self, lane: Lane, body: bytes, key: str | None = None) -> asyncio.Future:
         """``send`` without a coroutine: the future of ``(status, raw, headers)`` (for streaming
         callers such as ``fair generate --mode batch``, which hold no task per waiting item)."""
-        return self._item(lane, body).future
+        return self._item(lane, body, key).future
 
-    def _item(self, lane: Lane, body: bytes) -> _Item:
+    def _item(self, lane: Lane, body: bytes, key: str | None) -> _Item:
         st = self._lanes[lane.name]
         future = asyncio.get_running_loop().create_future()
-        base = cid = custom_id(lane, body)
+        cid = custom_id(lane, body, key)
         item = _Item(cid, body, future)
         if self._error is not None:
             future.set_exception(self._error)
-            return item
-        for k in itertools.count(1):
-            if (known := self._known.pop(cid, None)) is not None:
-                future.set_result((known[0], known[1], {}))
-                return item
-            if cid not in st.waiting:
-                break
-            cid = f"{base}-{k}"
-        item.cid = cid
-        st.waiting[cid] = item
-        if cid not in st.attached:
-            self._enqueue(st, item)
+        elif (known := self._known.get(cid)) is not None:  # an earlier run's batch answered it
+            future.set_result(known)
+        elif (first := st.waiting.get(cid)) is not None:  # the same request waits: one item
+            if first.future.done():  # its caller went away: this one takes the item over
+                first.future = future
+                return first
+            self._follow(st, first, item)
+        else:
+            self._wait(st, item)
         return item
+
+    def _wait(self, st: _Lane, item: _Item) -> None:
+        st.waiting[item.cid] = item
+        if item.cid not in st.attached:
+            self._enqueue(st, item)
+
+    def _follow(self, st: _Lane, first: _Item, item: _Item) -> None:
+        """``item`` gets ``first``'s answer; if ``first``'s caller goes away, ``item`` waits itself."""
+
+        def copy(fut: asyncio.Future) -> None:
+            if item.future.done():
+                return
+            if fut.cancelled():
+                if (other := st.waiting.get(item.cid)) is not None:
+                    if other.future.done():
+                        other.future = item.future  # take the item over
+                    else:
+                        self._follow(st, other, item)
+                elif item.cid in self._known:
+                    item.future.set_result(self._known[item.cid])
+                else:
+                    self._wait(st, item)
+            elif (exc := fut.exception()) is not None:
+                item.future.set_exception(exc)
+            else:
+                item.future.set_result(fut.result())
+
+        self.stats["shared"] += 1
+        first.future.add_done_callback(copy)
 
     # -- grouping -----------------------------------------------------------------------------
 
+    @staticmethod
+    def _body(st: _Lane, item: _Item) -> bytes:
+        if item.body is not None:
+            return item.body
+        st.spool.flush()
+        return os.pread(st.spool.fileno(), item.size, item.pos)
+
     def _enqueue(self, st: _Lane, item: _Item) -> None:
+        if item.body is not None:  # spool it: a waiting request keeps a few small fields in memory
+            st.spool.write(item.body)
+            item.pos, item.body = st.spool_end, None
+            st.spool_end += item.size
         st.open.append(item)
-        st.open_bytes += len(item.body) + 120
+        st.open_bytes += item.size + 120
         st.last_add = time.monotonic()
         if len(st.open) >= st.max_items or st.open_bytes >= st.max_bytes:
             self._want_flush(st)
@@ -284,12 +351,13 @@ class BatchExecutor:
     async def _flush(self, st: _Lane) -> None:
         await st.slots.acquire()  # while max_open batches run, the open one keeps growing
         st.flush_pending = False
-        items, size = [], 0
-        while st.open and len(items) < st.max_items and size + len(st.open[0].body) + 120 <= st.max_bytes:
-            item = st.open.pop(0)
-            items.append(item)
-            size += len(item.body) + 120
-        st.open_bytes = sum(len(i.body) + 120 for i in st.open)
+        k, size = 0, 0
+        while k < len(st.open) and k < st.max_items and size + st.open[k].size + 120 <= st.max_bytes:
+            size += st.open[k].size + 120
+            k += 1
+        items = st.open[:k]
+        del st.open[:k]
+        st.open_bytes -= size
         if st.open:
             if len(st.open) >= st.max_items or st.open_bytes >= st.max_bytes:
                 self._want_flush(st)
@@ -297,8 +365,12 @@ class BatchExecutor:
                 st.timer = self._spawn(self._linger(st))
         try:
             live = [i for i in items if not i.future.done()]
+            for i in items:  # answered or cancelled before it went out: not sent
+                if i.future.done() and st.waiting.get(i.cid) is i:
+                    del st.waiting[i.cid]
+            del items
             if live:
-                await self._submit(st, live)
+                await self._submit(st, live)  # it empties ``live`` once the batch is created
         finally:
             st.slots.release()
 
@@ -309,7 +381,6 @@ class BatchExecutor:
         name = st.lane.name
         local = f"fb-{int(time.time() * 1000):x}-{os.getpid()}-{next(self._serial)}"
         ids = [i.cid for i in items]
-        pairs = [(i.cid, i.body) for i in items]
         cfg = st.lane.cfg
         key_env = cfg.api_key_env or ""
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", key_env) or redact(key_env) != key_env:
@@ -318,22 +389,28 @@ class BatchExecutor:
             "open", local, lane=name, provider=cfg.provider, base_url=cfg.base_url, key_env=key_env
         )
         info = self.journal.write(
-            "creating", local, lane=name, n=len(items), bytes=sum(len(b) for _, b in pairs), ids=ids
+            "creating", local, lane=name, n=len(items), bytes=sum(i.size for i in items), ids=ids
         )
         self._creating.add(local)
+        upload = self.journal.folder / f"{local}.input"
         try:
-            remote = await self._create(st, local, info.t_create, pairs, items)
+            with open(upload, "wb") as f:  # the upload, streamed from disk
+                st.wire.write_input(((i.cid, self._body(st, i)) for i in items), f)
+            remote = await self._create(st, local, info.t_create, upload, items)
         finally:
             self._creating.discard(local)
+            upload.unlink(missing_ok=True)
+        n = len(items)
+        items.clear()  # from here on, ``st.waiting`` holds what is still asked for
         if remote is None:
             return
         self.journal.write("submitted", local, id=remote.id)
         self.stats["batches_created"] += 1
-        self.stats["items_submitted"] += len(items)
+        self.stats["items_submitted"] += n
         await self._watch(st, local, remote.id, ids)
 
     async def _create(
-        self, st: _Lane, local: str, t_create: float, pairs: list[tuple[str, bytes]], items: list[_Item]
+        self, st: _Lane, local: str, t_create: float, upload: Path, items: list[_Item]
     ) -> Remote | None:
         """Create the batch; a lost reply is looked up before trying again. None: the items
         have been answered (refused) or handed back to the engine to retry."""
@@ -343,10 +420,10 @@ class BatchExecutor:
             if attempt:
                 await asyncio.sleep(min(30.0, 0.2 * 2**attempt))
             try:
-                return await st.wire.create(pairs, local)
+                return await st.wire.create(upload, local)
             except Lost as exc:
                 last = str(exc)
-                found = await self._find(st, local, t_create, len(pairs), live=True)
+                found = await self._find(st, local, t_create, len(items), live=True)
                 if found is not None:
                     self.stats["creates_recovered"] += 1
                     return found
@@ -356,7 +433,7 @@ class BatchExecutor:
                 self.journal.write("ended", local, status="refused")
                 body = _enc.encode({"error": {"message": error_message(exc.body, st.lane.key)}})
                 for item in items:
-                    self._resolve(st, item.cid, exc.status, body)
+                    self._resolve(st, item.cid, exc.status, body, "")
                 return None
         self.journal.write("ended", local, status="not_created")
         from engine.executor import SendError
@@ -399,10 +476,12 @@ class BatchExecutor:
         if not remote.ended or not ids:
             return True
         try:
-            rows = st.wire.parse(await st.wire.download(remote), remote, ids)
+            with tempfile.TemporaryFile(dir=self.run_dir) as f:
+                await st.wire.download(remote, f)
+                got = {cid for cid, _, _ in st.wire.parse(file_lines(f), remote, ids)}
         except (Truncated, ControlError):
             return True
-        return {cid for cid, _, _ in rows} == set(ids)
+        return got == set(ids)
 
     async def _watch(self, st: _Lane, local: str, bid: str, ids: list[str]) -> None:
         """Poll until the batch ends, save its results, hand them out."""
@@ -416,20 +495,19 @@ class BatchExecutor:
                 continue
             if remote.ended:
                 break
-        outcomes = await self._download(st, remote, ids)
-        path = self._save(local, outcomes)
+        path = await self._download(st, remote, ids, local)
         self.journal.write("ended", local, id=bid, status=remote.status, results=path.name)
         del self._running[local]
-        self._hand_out(st, outcomes, ids)
+        await self._hand_out(st, path, ids, bid)
         self.journal.write("ingested", local)
 
-    async def _download(self, st: _Lane, remote: Remote, ids: list[str]) -> list[Outcome]:
-        """The results, read to their end; downloading again is free, paying again is not: when
-        they stay unreadable the run stops, and a rerun re-attaches and tries again."""
+    async def _download(self, st: _Lane, remote: Remote, ids: list[str], local: str) -> Path:
+        """The results, read to their end and saved; downloading again is free, paying again is
+        not: when they stay unreadable the run stops, and a rerun re-attaches and tries again."""
         last = ""
         for attempt in range(DOWNLOAD_TRIES):
             try:
-                return st.wire.parse(await st.wire.download(remote), remote, ids)
+                return await self._save(st, remote, ids, local)
             except (Truncated, ControlError) as exc:
                 last = str(exc)
                 self.stats["downloads_retried"] += 1
@@ -439,45 +517,63 @@ class BatchExecutor:
             "run the same command again later to download them (nothing is paid twice)"
         )
 
-    def _save(self, local: str, outcomes: list[Outcome]) -> Path:
-        """Results to ``batches/<local>.results.jsonl`` (fsynced, renamed into place)."""
+    async def _save(self, st: _Lane, remote: Remote, ids: list[str], local: str) -> Path:
+        """Download the results to a scratch file and write their outcomes, line by line, to
+        ``batches/<local>.results.jsonl`` (fsynced, renamed into place): never all in memory."""
         assert self.journal is not None
         path = self.journal.folder / f"{local}.results.jsonl"
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            for cid, status, raw in outcomes:
+        with tempfile.TemporaryFile(dir=self.journal.folder) as got, open(tmp, "wb") as f:
+            await st.wire.download(remote, got)
+            for cid, status, raw in st.wire.parse(file_lines(got), remote, ids):
                 f.write(b'{"c":"%s","s":%d,"b":%s}\n' % (cid.encode(), status, raw or b"null"))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return path
 
-    def _hand_out(self, st: _Lane, outcomes: list[Outcome], ids: list[str]) -> None:
+    def _rows(self, path: Path) -> Iterator[Outcome]:
+        """The outcomes saved in ``path``, one line at a time."""
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    r = _row.decode(line)
+                    yield r.c, r.s, b"" if bytes(r.b) == b"null" else bytes(r.b)
+
+    async def _hand_out(self, st: _Lane, path: Path, ids: list[str], bid: str) -> None:
+        """Answer the waiting items from the saved results, letting their callers run every
+        ``HAND_OUT`` items (so answers do not pile up in memory)."""
         seen = set()
-        for cid, status, raw in outcomes:
+        for n, (cid, status, raw) in enumerate(self._rows(path), 1):
+            if n % HAND_OUT == 0:
+                await asyncio.sleep(0)
             seen.add(cid)
             st.attached.pop(cid, None)
             if status == TRANSIENT:
                 if (item := st.waiting.get(cid)) is not None:
                     self._again(st, item)
                 continue
-            self._resolve(st, cid, status, raw)
+            self._resolve(st, cid, status, raw, bid)
         for cid in ids:  # asked for, but not in the results
             st.attached.pop(cid, None)
             if cid not in seen and (item := st.waiting.get(cid)) is not None:
                 self._again(st, item)
 
-    def _resolve(self, st: _Lane, cid: str, status: int, raw: bytes) -> None:
+    def _resolve(self, st: _Lane, cid: str, status: int, raw: bytes, bid: str) -> None:
         if status >= 300:  # the server's words only, any key masked: it may be saved and shown
             raw = _enc.encode({"error": {"message": error_message(raw, st.lane.key)}})
+        reply = (status, raw, {BATCH_HEADER: bid} if bid else {})
         item = st.waiting.pop(cid, None)
         if item is not None and not item.future.done():
-            item.future.set_result((status, raw, {}))
+            item.future.set_result(reply)
         else:
-            self._known[cid] = (status, raw)
+            self._known[cid] = reply
 
     def _again(self, st: _Lane, item: _Item) -> None:
         """An item the batch did not answer: a later batch, or the fallback."""
+        if item.future.done():  # its caller went away: nothing to pay for
+            st.waiting.pop(item.cid, None)
+            return
         item.rounds += 1
         if item.rounds < st.cfg.max_rounds:
             self.stats["requeued"] += 1
@@ -498,7 +594,7 @@ class BatchExecutor:
 
     async def _online(self, st: _Lane, item: _Item) -> None:
         try:
-            reply = await self.online.send(st.lane, item.body)
+            reply = await self.online.send(st.lane, self._body(st, item))
         except Exception as exc:  # SendError: the engine retries it (as a new batch item)
             if not item.future.done():
                 item.future.set_exception(exc)
@@ -537,14 +633,14 @@ class BatchExecutor:
                             f"endpoint {st.lane.name!r}: cannot read batch {info.id} again ({exc}); "
                             "its results are needed to avoid paying twice: try again later"
                         ) from None
-                    rows = await self._download(st, remote, info.ids)
-                    path = self._save(info.local, rows)
+                    path = await self._download(st, remote, info.ids, info.local)
                     self.journal.write(
                         "ended", info.local, id=info.id, status=remote.status, results=path.name
                     )
+                    rows = list(self._rows(path))
                 for cid, status, raw in rows:
                     if status != TRANSIENT:
-                        self._known[cid] = (status, raw)
+                        self._known[cid] = (status, raw, {BATCH_HEADER: info.id})
 
     def _load(self, name: str) -> list[Outcome] | None:
         assert self.journal is not None

@@ -4,7 +4,8 @@ Each line not yet written becomes a request; a cache hit is written at once; a m
 the provider and handed to ``BatchExecutor.enqueue``, whose future carries a callback that decodes
 the reply, prices it (× ``price_factor``, through the lane), caches it, emits the request events
 (stats, trace, progress) and writes the record. At most ``batch.max_items × batch.max_open``
-requests wait at once; memory per waiting request is its body and a few small objects.
+requests wait at once; memory per waiting request is a few small objects (its body waits in the
+executor's spool file on disk).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from engine.cache import cache_key
 from engine.errors import AbortRun, ReplyError, RequestError
 from engine.events import Call
+from engine.executor import BATCH_HEADER
 from engine.providers import error_message, redact
 from engine.schema import Response
 from engine.types import ChatRequest
@@ -66,8 +68,8 @@ async def feed(engine: Engine, endpoint: str, work: Any, store: Any, bar: Any, k
                 return
             error = RequestError(redact(f"endpoint {endpoint!r}: {exc}", lane.key), endpoint=endpoint)
         else:
-            status, raw, _ = fut.result()
-            call.status = status
+            status, raw, headers = fut.result()
+            call.status, call.batch = status, headers.get(BATCH_HEADER)
             if status < 300:
                 try:
                     done = lane.provider.decode(raw)
@@ -99,23 +101,21 @@ async def feed(engine: Engine, endpoint: str, work: Any, store: Any, bar: Any, k
         call.record_id, call.key, call.finish = record_id, None, finish
         for hook in events.requested:
             hook(call)
-        key = None
-        if cache is not None:
-            key = cache_key(lane.cfg.provider, lane.cfg.base_url, lane.cfg.model, request)
-            if (hit := cache.get(key)) is not None:
-                hit.cached, hit.cost_usd, hit.latency_s, hit.attempts = True, 0.0, 0.0, 0
-                call.status = 200
-                for hook in events.cached:
-                    hook(call, hit)
-                write(record_id, _record(record_id, hit), None)
-                continue
+        key = cache_key(lane.cfg.provider, lane.cfg.base_url, lane.cfg.model, request)
+        if cache is not None and (hit := cache.get(key)) is not None:
+            hit.cached, hit.cost_usd, hit.latency_s, hit.attempts = True, 0.0, 0.0, 0
+            call.status = 200
+            for hook in events.cached:
+                hook(call, hit)
+            write(record_id, _record(record_id, hit), None)
+            continue
         call.attempts = 1
         for hook in events.sent:
             hook(call)
-        fut = executor.enqueue(lane, lane.provider.encode(request))  # type: ignore[attr-defined]
+        fut = executor.enqueue(lane, lane.provider.encode(request), key.hex())  # type: ignore[attr-defined]
         pending += 1
         idle.clear()
-        call.key = key
+        call.key = key if cache is not None else None  # kept only to cache the answer
         fut.add_done_callback(call)  # one small object per waiting line: no task, no closure
         if pending >= window:
             room.clear()

@@ -11,6 +11,10 @@ is found again by listing batches. https://platform.openai.com/docs/api-referenc
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
 import aiohttp
 import msgspec
 
@@ -25,7 +29,7 @@ from engine.batch.wire import (
     call,
     decode,
     failed,
-    lines,
+    fetch,
 )
 from engine.providers import error_message
 
@@ -118,12 +122,19 @@ class OpenAIBatchWire:
             body,
         )
 
-    async def create(self, items: list[tuple[str, bytes]], local: str) -> Remote:
-        form = aiohttp.FormData()
-        form.add_field("purpose", "batch")
-        data = b"".join(self.line(cid, body) for cid, body in items)
-        form.add_field("file", data, filename=f"{local}.jsonl", content_type="application/jsonl")
-        status, raw = await call(self.session, "POST", self.base + "/files", self.key, self.lane, data=form)
+    def write_input(self, items: Iterable[tuple[str, bytes]], out: BinaryIO) -> None:
+        for cid, body in items:
+            out.write(self.line(cid, body))
+
+    async def create(self, path: Path, local: str) -> Remote:
+        """Upload the input file ``path`` (streamed from disk), then create the batch."""
+        with open(path, "rb") as data:
+            form = aiohttp.FormData()
+            form.add_field("purpose", "batch")
+            form.add_field("file", data, filename=f"{local}.jsonl", content_type="application/jsonl")
+            status, raw = await call(
+                self.session, "POST", self.base + "/files", self.key, self.lane, data=form
+            )
         if status >= 300:
             raise self._refusal("POST", "/files", status, raw)
         fid = decode(_file, raw, "file object").id
@@ -175,40 +186,37 @@ class OpenAIBatchWire:
         """Batches carrying our local id in their metadata (newest 100 looked at)."""
         return [r for r in await self.list(100) if r.local == local]
 
-    async def download(self, remote: Remote) -> bytes:
-        parts = []
+    async def download(self, remote: Remote, out: BinaryIO) -> None:
+        """The output file, then the error file, streamed into ``out``."""
         for fid in (remote.output, remote.errors_file):
             if fid:
-                status, raw = await self._json("GET", f"/files/{fid}/content")
+                url = f"{self.base}/files/{fid}/content"
+                status, raw = await fetch(self.session, url, self.key, self.lane, out)
                 if status >= 300:
-                    raise failed("GET", f"{self.base}/files/{fid}/content", status, raw, self.key)
-                if raw and not raw.endswith(b"\n"):
-                    raw += b"\n"  # the last line of each file; a cut one fails to parse below
-                parts.append(raw)
-        return b"".join(parts)
+                    raise failed("GET", url, status, raw, self.key)
 
-    def parse(self, data: bytes, remote: Remote, ids: list[str]) -> list[Outcome]:
-        """Outcomes of the items ``ids`` (in upload order); raises ``Truncated`` on a bad line."""
-        out: list[Outcome] = []
+    def parse(self, lines: Iterable[bytes], remote: Remote, ids: list[str]) -> Iterator[Outcome]:
+        """Outcomes of the items ``ids`` (in upload order), one by one; raises ``Truncated`` on a
+        bad line or, at the end, when lines are missing."""
         if remote.status == "failed":  # validation failed: map each error line to its item
             bad = {line: msg for line, msg in remote.line_errors}
             for i, cid in enumerate(ids, 1):
                 if i in bad:
-                    err = _enc.encode({"error": {"message": f"batch validation: {bad[i]}"}})
-                    out.append((cid, 400, err))
+                    yield cid, 400, _enc.encode({"error": {"message": f"batch validation: {bad[i]}"}})
                 else:
-                    out.append((cid, TRANSIENT, b""))
-            return out
-        for raw in lines(data):
+                    yield cid, TRANSIENT, b""
+            return
+        n = 0
+        for raw in lines:
             try:
                 line = _line.decode(raw)
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                 raise Truncated("unreadable line in the batch output") from None
+            n += 1
             r = line.response
             if r is None or r.status_code >= 500 or r.status_code in (408, 429):
-                out.append((line.custom_id, TRANSIENT, b""))
+                yield line.custom_id, TRANSIENT, b""
             else:
-                out.append((line.custom_id, r.status_code, bytes(r.body)))
-        if len(out) < remote.n:  # a download cut at a line boundary
-            raise Truncated(f"batch output has {len(out)} of {remote.n} lines")
-        return out
+                yield line.custom_id, r.status_code, bytes(r.body)
+        if n < remote.n:  # a download cut at a line boundary
+            raise Truncated(f"batch output has {n} of {remote.n} lines")

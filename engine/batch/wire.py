@@ -1,11 +1,14 @@
 """What the batch executor needs of a provider's Batch API, and the HTTP helper both wires use.
 
-A wire (``engine.batch.openai``, ``engine.batch.anthropic``) turns a list of ``(custom_id, body)``
-into a provider batch and its results back into ``Outcome`` tuples::
+A wire (``engine.batch.openai``, ``engine.batch.anthropic``) turns ``(custom_id, body)`` pairs
+into a provider batch and its results back into ``Outcome`` tuples, through files on disk (a batch
+of 50k requests never sits in memory whole)::
 
-    remote = await wire.create(items, local)      # Lost: the reply is unknown (5xx, reset)
+    wire.write_input(pairs, file)                 # the upload, in the provider's format
+    remote = await wire.create(path, local)       # Lost: the reply is unknown (5xx, reset)
     remote = await wire.retrieve(remote.id)       # poll until remote.ended
-    outcomes = wire.parse(await wire.download(remote), items)
+    await wire.download(remote, file)             # the results, streamed to a file
+    for cid, status, raw in wire.parse(file_lines(file), remote, ids): ...
     await wire.cancel(remote.id); await wire.list(limit)
 
 Every reply is untrusted: bodies are decoded into small Structs; anything unusable is a
@@ -15,7 +18,8 @@ control call is an ``AuthError``: the run aborts (exit 3).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 import aiohttp
 import msgspec
@@ -83,6 +87,40 @@ async def call(
             f"endpoint {lane!r} ({url}) refused the credentials (HTTP {status}: {error_message(raw, key)})"
         )
     return status, raw
+
+
+async def fetch(
+    session: aiohttp.ClientSession, url: str, key: str | None, lane: str, out: BinaryIO
+) -> tuple[int, bytes]:
+    """``GET url`` streamed into ``out`` (ended by a newline) when 2xx: ``(status, b"")``;
+    otherwise ``(status, body)`` like ``call``."""
+    try:
+        async with session.get(url) as resp:
+            status = resp.status
+            if status >= 300:
+                raw = await resp.read()
+            else:
+                raw, last = b"", b"\n"
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    out.write(chunk)
+                    last = chunk[-1:] or last
+                if last != b"\n":
+                    out.write(b"\n")  # a cut last line then fails to parse (Truncated)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise ControlError(redact(f"GET {url}: {type(exc).__name__}: {exc}", key)) from None
+    if status in (401, 403):
+        raise AuthError(
+            f"endpoint {lane!r} ({url}) refused the credentials (HTTP {status}: {error_message(raw, key)})"
+        )
+    return status, raw
+
+
+def file_lines(f: BinaryIO) -> Iterator[bytes]:
+    """The non-blank lines of a results file, read from its start, one at a time."""
+    f.seek(0)
+    for line in f:
+        if len(line) > 8 or line.strip():  # a JSON line is never under 8 bytes
+            yield line
 
 
 def failed(method: str, url: str, status: int, raw: bytes, key: str | None) -> ControlError:
