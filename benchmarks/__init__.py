@@ -21,6 +21,8 @@ BENCHMARKS = {
     "train": "benchmarks.train",
     "serve": "benchmarks.serve",
     "replay-svamp": "benchmarks.replay_svamp",
+    "batch": "benchmarks.batch",
+    "scale": "benchmarks.scale",
 }
 
 

@@ -1,15 +1,31 @@
 """The ``fair`` command: parse arguments, then hand over to the library. No logic lives here.
 
 Exit codes: 0 done; 1 finished with failed records; 2 bad usage or config; 3 aborted.
+Every error is one line on stderr. An unexpected exception (a bug) is one line plus the path of
+a log file holding the traceback; ``FAIR_DEBUG=1`` prints the traceback inline instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import errno
 import importlib
+import os
+import socket
 import sys
+import tempfile
+import time
+import traceback
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from engine.errors import AbortRun, ConfigError, FairError
+import msgspec
+
+from engine import config as C
+from engine.errors import AbortRun, ConfigError, FairError, UsageError, one_line
 
 # command -> "module:function"; the function takes the parsed args and returns an exit code.
 # Modules are imported only when their command runs, so `fair run` never imports torch.
@@ -24,23 +40,114 @@ HANDLERS = {
     "eval": "trainer.evaluate:cli_main",
     "export": "engine.export:cli_main",
     "bench": "benchmarks:cli_main",
+    "repair": "engine.repair:cli_main",
+    "batches": "engine.batch.cli:cli_main",
 }
+
+# OSErrors that are the user's to fix (a path, a port): exit 2 and one line, no log file.
+USER_ERRNOS = {
+    errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS,
+    errno.ENOSPC, errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.ENAMETOOLONG, errno.ENOTEMPTY,
+}  # fmt: skip
+# ...and the same raised by our own code with a message only (``FileNotFoundError("adapter ...")``)
+USER_OSERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``fair generate: --max-tokens: ...``), exit 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def checked(kind: Any) -> Callable[[str], Any]:
+    """An argparse ``type=`` that converts the text and applies a config type's range check, so
+    flags and TOML fields share one definition (``engine.config``)."""
+    base = typing.get_args(kind)[0]
+
+    def convert(text: str) -> Any:
+        try:
+            value = base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
+        try:
+            return msgspec.convert(value, kind)
+        except msgspec.ValidationError as exc:
+            detail = str(exc).removesuffix(" - at `$`").replace("Expected", "expected")
+            raise argparse.ArgumentTypeError(f"{detail}, got {text!r}") from None
+
+    convert.__name__ = base.__name__  # argparse names the type in its own messages
+    return convert
+
+
+POS = checked(C.PosInt)
+NONNEG = checked(C.NonNegInt)
+COUNT = checked(C.Count)
+TOKENS = checked(C.Tokens)
+PORT = checked(C.Port)
+RATE = checked(C.Rate)
+SECONDS = checked(C.Seconds)
+TEMP = checked(C.Temperature)
+ATTEMPTS = checked(C.Attempts)
+POSFLOAT = checked(C.PosFloat)
+
+# flag defaults come from the config Structs, so `fair generate` and a TOML endpoint agree
+ENDPOINT_DEFAULTS = {f.name: f.default for f in msgspec.structs.fields(C.EndpointConfig)}
+
+
+def add_vllm_flags(s: argparse.ArgumentParser) -> None:
+    """vLLM's memory share and LoRA rank (checked against the installed vLLM's ranks when used)."""
+    s.add_argument("--gpu-memory-utilization", type=checked(C.Share), default=None,
+                   help="vLLM: share of GPU memory it may take (its default 0.9)")  # fmt: skip
+    s.add_argument("--max-lora-rank", type=POS, default=None,
+                   help="vLLM: an allowed rank (default: smallest >= the adapters' rank)")  # fmt: skip
+
+
+def add_ray_flags(s: argparse.ArgumentParser) -> None:
+    """Scale-out on Ray (``engine.scale``): the same job over N worker actors."""
+    s.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Ray: local (default: start one here), auto, or HOST:PORT")  # fmt: skip
+    s.add_argument("--workers", type=POS, default=None, help="--ray: worker actors (default 2)")
+    s.add_argument("--block-size", type=POS, default=None,
+                   help="--ray: input lines (generate, 1000) or problems (run, 25) per block")  # fmt: skip
+
+
+def add_loop_flag(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--loop", default="asyncio", choices=["asyncio", "uvloop"],
+                   help="event loop (uvloop: pip install 'fairdistill[uvloop]')")  # fmt: skip
+
+
+def use_loop(name: str) -> None:
+    """Make every later ``asyncio.run`` use uvloop's loop (``asyncio``: leave it as is)."""
+    if name != "uvloop":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        raise UsageError("--loop uvloop: not installed (pip install 'fairdistill[uvloop]')") from None
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fair", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="fair", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("demo", help="the main job on the embedded default, end to end")
     s.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    s.add_argument("--problems", type=int, default=None, help="problems to run (default: all built-in)")
-    s.add_argument("--train-steps", type=int, default=None)
+    s.add_argument("--problems", type=POS, default=None, help="problems to run (default: all built-in)")
+    s.add_argument("--train-steps", type=POS, default=None)
     s.add_argument("--sim-student", action="store_true", help="simulated student instead of SmolLM2")
 
     s = sub.add_parser("run", help="a FAIR job; re-running on an existing run dir resumes it")
     s.add_argument("config")
     s.add_argument("--run-dir", default=None)
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--metrics-port", type=PORT, default=None, help="serve Prometheus /metrics here")
+    s.add_argument("--estimate", action="store_true",
+                   help="run a pilot slice, print projected calls, tokens, $ and time, and stop")  # fmt: skip
+    s.add_argument("--pilot", type=POS, default=20, help="problems in the --estimate pilot (default 20)")
+    add_ray_flags(s)
+    add_loop_flag(s)
 
     s = sub.add_parser("generate", help="plain high-throughput generation, one request per input line")
     s.add_argument("--endpoint", required=True, help="base URL, e.g. http://127.0.0.1:8000/v1")
@@ -49,69 +156,108 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", required=True, help="run directory (resumable)")
     s.add_argument("--provider", default="openai", choices=["openai", "anthropic", "gemini"])
     s.add_argument("--api-key-env", default=None, help="name of the env var holding the API key")
-    s.add_argument("--concurrency", type=int, default=256)
-    s.add_argument("--rpm", type=float, default=None)
-    s.add_argument("--tpm", type=float, default=None)
-    s.add_argument("--max-tokens", type=int, default=None)
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--n", type=int, default=1)
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--timeout", type=float, default=120.0, help="deadline of one attempt, seconds")
-    s.add_argument("--max-attempts", type=int, default=6)
+    s.add_argument("--concurrency", type=COUNT, default=ENDPOINT_DEFAULTS["concurrency"])
+    s.add_argument("--rpm", type=RATE, default=None)
+    s.add_argument("--tpm", type=RATE, default=None)
+    s.add_argument("--max-tokens", type=TOKENS, default=None)
+    s.add_argument("--temperature", type=TEMP, default=0.0)
+    s.add_argument("--n", type=checked(C.Choices), default=1)
+    s.add_argument("--seed", type=checked(C.Seed), default=None)
+    s.add_argument("--timeout", type=SECONDS, default=ENDPOINT_DEFAULTS["timeout_s"],
+                   help="deadline of one attempt, seconds")  # fmt: skip
+    s.add_argument("--max-attempts", type=ATTEMPTS, default=ENDPOINT_DEFAULTS["max_attempts"])
+    s.add_argument("--max-wait", type=SECONDS, default=ENDPOINT_DEFAULTS["max_wait_s"],
+                   help="longest pause a server's Retry-After may impose, seconds")  # fmt: skip
     s.add_argument("--no-cache", action="store_true")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--metrics-port", type=PORT, default=None, help="serve Prometheus /metrics here")
+    s.add_argument("--price-in", type=checked(C.Price), default=None, help="$ per 1M input tokens")
+    s.add_argument("--price-out", type=checked(C.Price), default=None, help="$ per 1M output tokens")
+    s.add_argument("--mode", default=None, choices=["online", "batch"],
+                   help="batch: the provider's Batch API (half price, hours; resumable)")  # fmt: skip
+    s.add_argument("--batch-linger", type=SECONDS, default=None, help="submit after this long idle, s")
+    s.add_argument("--batch-max-items", type=COUNT, default=None, help="requests per batch at most")
+    s.add_argument("--batch-max-open", type=COUNT, default=None, help="batches at the provider at once")
+    s.add_argument("--batch-poll", type=SECONDS, default=None, help="seconds between status polls")
+    s.add_argument("--batch-max-rounds", type=ATTEMPTS, default=None, help="batches an item may go through")
+    s.add_argument("--batch-fallback", default=None, choices=["none", "online"])
+    add_ray_flags(s)
+    add_loop_flag(s)
+
+    s = sub.add_parser("batches", help="a run's provider batches: list, attach a lost one, cancel")
+    s.add_argument("action", choices=["list", "attach", "cancel"])
+    s.add_argument("run_dir")
+    s.add_argument("ids", nargs="*", help="attach: LOCAL BATCH_ID; cancel: ids (default: all running)")
 
     s = sub.add_parser("status", help="counts, cost and failures of a run, live or finished")
     s.add_argument("run_dir")
 
     s = sub.add_parser("sim", help="the simulator as a standalone OpenAI-compatible server")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8900)
+    s.add_argument("--port", type=PORT, default=8900)
     s.add_argument("--profile", default="default", help="profile name or TOML file")
     s.add_argument("--dataset", default=None, help="dataset name for reasoning content")
+    add_loop_flag(s)
 
-    s = sub.add_parser("serve-student", help="OpenAI-compatible CPU student server")
+    s = sub.add_parser("serve-student", help="OpenAI-compatible student server (CPU, or vllm serve)")
     s.add_argument("--model", default=None, help="HF id or local path (default: SmolLM2-135M GGUF)")
-    s.add_argument("--adapter", default=None, help="LoRA adapter folder")
+    s.add_argument("--adapter", default=None, help="LoRA adapter folder, or NAME=DIR")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8001)
-    s.add_argument("--max-batch", type=int, default=16)
+    s.add_argument("--port", type=PORT, default=8001)
+    s.add_argument("--max-batch", type=COUNT, default=16)
+    s.add_argument("--backend", default="cpu", choices=["cpu", "vllm", "auto"],
+                   help="vllm: `vllm serve` as a child process; auto: vllm when installed")  # fmt: skip
+    add_vllm_flags(s)
 
     s = sub.add_parser("train", help="LoRA distillation on run directories' samples")
     s.add_argument("inputs", nargs="+", help="run directories or a train TOML config")
     s.add_argument("--out", default=None, help="output folder (default: runs/train)")
     s.add_argument("--model", default=None)
-    s.add_argument("--max-steps", type=int, default=None)
+    s.add_argument("--max-steps", type=POS, default=None)
     s.add_argument("--resume", action="store_true")
-    s.add_argument("--epochs", type=int, default=None)
-    s.add_argument("--alpha", type=float, default=None, help="weight of the mistake loss (default 0.5)")
-    s.add_argument("--lr", type=float, default=None)
-    s.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch")
-    s.add_argument("--grad-accum", type=int, default=None)
-    s.add_argument("--max-seq-len", type=int, default=None)
-    s.add_argument("--lora-rank", type=int, default=None)
+    s.add_argument("--epochs", type=POS, default=None)
+    s.add_argument(
+        "--alpha", type=checked(C.Weight), default=None, help="weight of the mistake loss (default 0.5)"
+    )
+    s.add_argument("--lr", type=POSFLOAT, default=None)
+    s.add_argument("--batch-size", type=COUNT, default=None, help="examples per micro-batch")
+    s.add_argument("--grad-accum", type=COUNT, default=None)
+    s.add_argument("--max-seq-len", type=TOKENS, default=None)
+    s.add_argument("--lora-rank", type=COUNT, default=None)
     s.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     s.add_argument("--no-packing", action="store_true", help="padded batches instead of packed rows")
-    s.add_argument("--seed", type=int, default=None)
+    s.add_argument(
+        "--batching", default=None, choices=["mixed", "paired"], help="paired: the paper's two batches a step"
+    )
+    s.add_argument("--seed", type=checked(C.Seed), default=None)
     s.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("eval", help="accuracy of base and trained students on the benchmarks")
     s.add_argument("--model", default=None)
     s.add_argument("--adapter", action="append", default=[], help="NAME=DIR, repeatable")
     s.add_argument("--datasets", default="svamp", help="comma list: gsm8k,svamp,strategyqa,logiqa")
-    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--limit", type=POS, default=None)
     s.add_argument("--out", default="runs/eval")
     s.add_argument("--split", default="test")
+    s.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="score even questions the trained model saw in training (said in bold in the report)",
+    )
     s.add_argument("--no-base", action="store_true", help="evaluate the adapters only")
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--max-new-tokens", type=int, default=384)
+    s.add_argument("--batch-size", type=COUNT, default=16)
+    s.add_argument("--max-new-tokens", type=TOKENS, default=384)
     s.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"])
+    add_vllm_flags(s)
     s.add_argument("--no-progress", action="store_true")
 
     s = sub.add_parser("export", help="samples in TRL / ShareGPT / LLaMA-Factory / axolotl format")
     s.add_argument("run_dir")
     s.add_argument("--format", required=True, choices=["trl", "sharegpt", "llamafactory", "axolotl"])
     s.add_argument("--out", default=None)
+
+    s = sub.add_parser("repair", help="make a damaged run directory readable and resumable again")
+    s.add_argument("run_dir")
 
     s = sub.add_parser("bench", help="benchmarks; --json prints one JSON object as the last line")
     s.add_argument("name", help="throughput | pipeline | train | serve | replay-svamp")
@@ -122,23 +268,67 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Parse, dispatch, and map every outcome to one line and an exit code (see the docstring)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else 2
     module, func = HANDLERS[args.command].split(":")
     try:
+        use_loop(getattr(args, "loop", "asyncio"))
         handler = getattr(importlib.import_module(module), func)
         return int(handler(args) or 0)
     except ConfigError as exc:
-        print(f"fair: config error: {exc}", file=sys.stderr)
-        return 2
+        return _say(f"config error: {exc}", 2)
+    except UsageError as exc:
+        return _say(str(exc), 2)
     except AbortRun as exc:
-        print(f"fair: aborted: {exc}", file=sys.stderr)
-        return 3
+        return _say(f"aborted: {exc}", exc.exit_code)
     except FairError as exc:
-        print(f"fair: {exc}", file=sys.stderr)
-        return 1
+        return _say(str(exc), 1)
     except KeyboardInterrupt:
-        print("fair: interrupted", file=sys.stderr)
-        return 130
+        return _say("interrupted", 130)
+    except OSError as exc:
+        if isinstance(exc, socket.gaierror):  # `--host` a resolver does not know
+            return _say(f"cannot resolve the host to listen on: {exc.strerror or exc} (check --host)", 2)
+        if exc.errno in USER_ERRNOS or (exc.errno is None and isinstance(exc, USER_OSERRORS)):
+            where = f"{exc.filename}: " if exc.filename else ""
+            return _say(f"{where}{exc.strerror or exc}", 2)
+        return _crash(exc)
+    except Exception as exc:
+        return _crash(exc)
+
+
+def _say(message: str, code: int) -> int:
+    print(f"fair: {one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _crash(exc: BaseException) -> int:
+    """A bug: one line and the log file with the traceback (inline with FAIR_DEBUG=1); exit 70."""
+    text = "".join(traceback.format_exception(exc))
+    summary = f"internal error: {type(exc).__name__}: {exc}"
+    if os.environ.get("FAIR_DEBUG", "") not in ("", "0"):
+        sys.stderr.write(text)
+        return _say(summary, 70)
+    log = crash_log(text)
+    where = f"the traceback is in {log}" if log else "run with FAIR_DEBUG=1 for the traceback"
+    return _say(f"{summary} ({where}; please report it)", 70)
+
+
+def crash_log(text: str) -> Path | None:
+    """Write ``text`` under $XDG_CACHE_HOME/fair/logs (else ~/.cache, else the temp dir)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    name = f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    for folder in (Path(base) / "fair" / "logs", Path(tempfile.gettempdir()) / "fair-logs"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            path.write_text(f"fair {' '.join(sys.argv[1:])}\n{text}")
+            return path
+        except OSError:
+            continue
+    return None
 
 
 if __name__ == "__main__":

@@ -140,21 +140,45 @@ def _collect(items: Iterable[tuple[str, Callable[[], Problem]]], errors: Errors)
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """(``file:line``, parsed value or the InputError) for every non-blank line."""
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    """(``file:line``, parsed value or the InputError) for every non-blank line. A line that is
+    not UTF-8 or nests too deeply is an InputError like malformed JSON: the other lines stay."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield where, _bad(where, None, _not_utf8(exc))
+                continue
             try:
                 yield where, json.loads(line)
             except json.JSONDecodeError as exc:
                 yield where, _bad(where, None, f"malformed JSON: {exc.msg} (column {exc.colno})")
+            except RecursionError:
+                yield where, _bad(where, None, "JSON nested too deeply")
+            except ValueError:  # an integer of more than 4300 digits
+                yield where, _bad(where, None, "a number in it is too long")
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at column {exc.start + 1})"
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")  # a byte that was not UTF-8 (surrogateescape)
+
+
+def _read_text(path: Path) -> str:
+    """The file as text; bytes that are not UTF-8 stay as lone surrogates (``surrogateescape``)
+    so the item or line holding them can be reported and skipped, not the whole file."""
+    return path.read_bytes().decode("utf-8", "surrogateescape")
 
 
 def _iter_json_array(path: Path) -> Iterator[tuple[str, Any]]:
-    """(``file:line``, item) for every item of a JSON list file, with the line it starts on."""
-    text = path.read_text(encoding="utf-8")
+    """(``file:line``, item) for every item of a JSON list file, with the line it starts on; an
+    item holding bytes that are not UTF-8, or nested too deeply, comes as an InputError."""
+    text = _read_text(path)
     decoder = json.JSONDecoder()
     ws = re.compile(r"[\s,]*")
     pos = ws.match(text, 0).end()  # type: ignore[union-attr]
@@ -163,12 +187,26 @@ def _iter_json_array(path: Path) -> Iterator[tuple[str, Any]]:
     pos = ws.match(text, pos + 1).end()  # type: ignore[union-attr]
     while pos < len(text) and text[pos] != "]":
         where = f"{path}:{text.count(chr(10), 0, pos) + 1}"
+        start = pos
         try:
             item, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:  # the rest of the file cannot be trusted
             raise _bad(where, None, f"malformed JSON: {exc.msg} (line {exc.lineno})") from None
+        except RecursionError:
+            raise _bad(where, None, "JSON nested too deeply") from None
+        except ValueError:  # an integer of more than 4300 digits
+            raise _bad(where, None, "a number in it is too long") from None
+        if _SURROGATE.search(text, start, pos):
+            item = _bad(where, None, "not UTF-8 text")
         yield where, item
         pos = ws.match(text, pos).end()  # type: ignore[union-attr]
+
+
+def _build(rec: Any, where: str, make: Callable[[Any, str], Problem]) -> Problem:
+    """``make(rec, where)``, or raise the InputError a reader put in place of the record."""
+    if isinstance(rec, InputError):
+        raise rec
+    return make(rec, where)
 
 
 def _field(rec: Any, key: str, where: str, *, name: str | None = None) -> Any:
@@ -351,7 +389,7 @@ def _svamp(path: Path, split: str, errors: Errors) -> Iterator[Problem]:
         _report(err, errors)
         return iter(())
     keep = svamp_split(len(records), split)
-    items = ((records[i][0], lambda r=records[i]: _svamp_problem(r[1], r[0])) for i in keep)
+    items = ((records[i][0], lambda r=records[i]: _build(r[1], r[0], _svamp_problem)) for i in keep)
     return _collect(items, errors)
 
 
@@ -366,7 +404,7 @@ def _strategyqa(path: Path, errors: Errors) -> Iterator[Problem]:
     except InputError as err:
         _report(err, errors)
         return iter(())
-    return _collect(((w, lambda r=r, w=w: _strategyqa_problem(r, w)) for w, r in records), errors)
+    return _collect(((w, lambda r=r, w=w: _build(r, w, _strategyqa_problem)) for w, r in records), errors)
 
 
 _LABEL = re.compile(r"^\s*([A-Da-d])\s*[.．?:)]\s*|^\s*([A-D]) ")
@@ -395,7 +433,7 @@ def load_logiqa(path: str | Path, *, split: str | None = None, errors: Errors = 
 
 def _logiqa(path: Path, split: str | None, errors: Errors) -> Iterator[Problem]:
     split = (split or path.stem).lower()
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(path).splitlines()
 
     def items():
         i, index = 0, 0
@@ -405,7 +443,11 @@ def _logiqa(path: Path, split: str | None, errors: Errors) -> Iterator[Problem]:
                 continue
             where = f"{path}:{i + 1}"  # the letter line; the block is it and the next 6 lines
             block = lines[i : i + 7]
-            if len(block) == 7 and all(ln.strip() for ln in block) and _is_letter(block[0]):
+            bad = next((k for k, ln in enumerate(block) if _SURROGATE.search(ln)), None)
+            if bad is not None and len(block) == 7 and _is_letter(block[0]):  # skip the block
+                yield where, _fail(_bad(f"{path}:{i + 1 + bad}", None, "not UTF-8 text"))
+                i += 7
+            elif len(block) == 7 and all(ln.strip() for ln in block) and _is_letter(block[0]):
                 yield where, lambda b=block, w=where, k=index: _logiqa_block(b, w, split, k)
                 i += 7
             else:  # skip to the next blank line followed by a lone letter

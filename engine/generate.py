@@ -13,6 +13,9 @@ lines one at a time, so memory stays flat over any number of lines. A record is 
 moment its answer arrives; on restart every id already written is skipped, so a run killed at
 any point and started again ends with exactly the records of an uninterrupted run.
 
+Progress is ``engine.progress`` (a rich bar, plain lines off a terminal); ``--metrics-port``
+serves Prometheus metrics while it runs (``engine.metrics``).
+
 A bad input line is reported as ``file:line: why`` on stderr, skipped and counted; the run goes
 on. Exit code: 0 all written, 1 some records failed or lines were bad (counts on stderr),
 3 aborted (credentials refused).
@@ -21,6 +24,7 @@ on. Exit code: 0 all written, 1 some records failed or lines were bad (counts on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -31,8 +35,9 @@ from typing import Any
 import msgspec
 
 from engine.client import Engine
-from engine.config import EndpointConfig
-from engine.errors import AbortRun, ConfigError, InputError, RequestError
+from engine.config import EndpointConfig, check_output_dir, convert_flags
+from engine.errors import AbortRun, ConfigError, InputError, RequestError, one_line
+from engine.metrics import serve_engine
 from engine.progress import Progress
 from engine.providers import redact
 from engine.schema import Response
@@ -62,6 +67,8 @@ def parse_line(raw: bytes, where: str) -> tuple[str, tuple[Message, ...]]:
         raise InputError(f"{where}: {str(exc).replace('`$.', '`')}") from None
     except msgspec.DecodeError as exc:
         raise InputError(f"{where}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InputError(f"{where}: JSON nested too deeply") from None
     record_id = str(line.id)
     if not record_id:
         raise InputError(f"{where}: empty `id`")
@@ -104,6 +111,7 @@ class _Work:
         self.failed = 0
         self.failures: list[str] = []  # first few failed ids with their reason
         self.in_flight: set[str] = set()
+        self.first_line: dict[str, int] = {}  # id -> the input line it was first seen on
         self.progress: Progress | None = None
         self._lines = self._read()
 
@@ -115,6 +123,8 @@ class _Work:
     def _read(self) -> Iterator[tuple[str, tuple[Message, ...]]]:
         with open(self.path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
+                if lineno == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM, as some editors write
                 if not raw.strip():
                     self._drop()
                     continue
@@ -124,14 +134,20 @@ class _Work:
                     self.bad_lines += 1
                     self._drop()
                     if self.report and self.bad_lines <= MAX_REPORTED_BAD_LINES:
-                        print(f"fair: skipped input line: {exc}", file=sys.stderr)
+                        print(f"fair: skipped input line: {one_line(str(exc))}", file=sys.stderr)
+                    continue
+                if (first := self.first_line.setdefault(record_id, lineno)) != lineno:
+                    self.duplicates += 1
+                    self._drop()
+                    if self.report and self.duplicates <= MAX_REPORTED_BAD_LINES:
+                        print(
+                            f"fair: skipped input line: {self.path}:{lineno}: duplicate id "
+                            f"{one_line(record_id, 80)!r} (first on line {first})",
+                            file=sys.stderr,
+                        )
                     continue
                 if self.store.has(KIND, record_id):
                     self.skipped += 1
-                    continue
-                if record_id in self.in_flight:
-                    self.duplicates += 1
-                    self._drop()
                     continue
                 yield record_id, messages
 
@@ -151,11 +167,13 @@ async def generate(
     cache: bool = True,
     progress: bool = True,
     writer: str = "",
+    metrics_port: int | None = None,
 ) -> dict[str, Any]:
     """Run ``fair generate`` in-process; returns the summary written to the manifest.
 
     Raises ``AbortRun`` (e.g. ``AuthError``) when the run must stop; records written until
-    then stay, and the manifest says ``aborted``.
+    then stay, and the manifest says ``aborted``. ``metrics_port``: serve Prometheus metrics
+    (``engine.metrics``) there while it runs.
     """
     input_path, out = Path(input_path), Path(output_dir)
     if not input_path.is_file():
@@ -164,23 +182,40 @@ async def generate(
     store = RunStore(out, writer=writer).open([KIND])
     work = _Work(input_path, store, report=True)
     total = count_lines(input_path)
+    seams: dict[str, Any] = {}
+    workers = endpoint.concurrency
+    if endpoint.mode == "batch":  # provider Batch API: requests wait in batches, not in admission
+        from engine.batch.executor import BatchExecutor, Unmetered
+
+        seams = {"executor": BatchExecutor(out), "admissions": {ENDPOINT: Unmetered()}}
+        workers = max(1, min(total, endpoint.batch.max_items * endpoint.batch.max_open))
+    streamed = endpoint.mode == "batch" and (n == 1 or endpoint.provider == "openai")  # else: fan-out
     engine = Engine(
         {ENDPOINT: endpoint},
         cache_path=out / "cache.sqlite" if cache else None,
         trace_dir=out / "trace",
         writer=writer,
+        **seams,
     )
     status = "interrupted"
     started = time.monotonic()
     try:
         async with engine:
-            bar = Progress(total, engine.stats, label="responses", enabled=progress)
+            bar = Progress(total, label="responses", enabled=progress)
             bar.resumed = store.count(KIND)
+            if progress:
+                engine.observe(bar)
             work.progress = bar
-            async with bar:
+            metrics = serve_engine(engine, metrics_port)
+            with bar, metrics or contextlib.nullcontext():
                 try:
                     async with asyncio.TaskGroup() as tg:
-                        for _ in range(endpoint.concurrency):
+                        if streamed:  # batch mode: no coroutine per waiting line (engine.batch.feed)
+                            from engine.batch.feed import feed
+
+                            req = {"max_tokens": max_tokens, "temperature": temperature, "n": n, "seed": seed}
+                            tg.create_task(feed(engine, ENDPOINT, work, store, bar, KIND, **req))
+                        for _ in range(0 if streamed else workers):
                             tg.create_task(
                                 _worker(engine, work, store, bar, max_tokens, temperature, n, seed)
                             )
@@ -190,7 +225,8 @@ async def generate(
                         status = "aborted"
                         raise abort.exceptions[0] from None
                     raise
-            status = "done" if not (work.failed or work.bad_lines) else "done_with_failures"
+            bad = work.failed or work.bad_lines or work.duplicates
+            status = "done_with_failures" if bad else "done"
     finally:
         elapsed = time.monotonic() - started
         summary = _summary(work, engine, store, status, elapsed, endpoint)
@@ -260,7 +296,23 @@ def _summary(
         "completion_tokens": st.completion_tokens,
         "cost_usd": round(st.cost_usd, 6),
         "failures": work.failures,
+        **({"batch": dict(engine.executor.stats)} if endpoint.mode == "batch" else {}),  # type: ignore[attr-defined]
     }
+
+
+FLAGS = {"base_url": "--endpoint", "model": "--model", "concurrency": "--concurrency", "rpm": "--rpm",
+         "tpm": "--tpm", "timeout_s": "--timeout", "max_attempts": "--max-attempts",
+         "max_wait_s": "--max-wait", "price_in": "--price-in", "price_out": "--price-out", "mode": "--mode",
+         "batch.linger_s": "--batch-linger", "batch.max_items": "--batch-max-items",
+         "batch.max_open": "--batch-max-open", "batch.poll_s": "--batch-poll",
+         "batch.max_rounds": "--batch-max-rounds", "batch.fallback": "--batch-fallback"}  # fmt: skip
+
+
+def batch_flags(args: Any) -> dict[str, Any]:
+    """The ``--batch-*`` flags given, as an ``[endpoints.X.batch]`` table."""
+    fields = ("linger_s", "max_items", "max_open", "poll_s", "max_rounds", "fallback")
+    values = {f: getattr(args, "batch_" + f.removesuffix("_s"), None) for f in fields}
+    return {f: v for f, v in values.items() if v is not None}
 
 
 def cli_main(args: Any) -> int:
@@ -268,23 +320,36 @@ def cli_main(args: Any) -> int:
     if args.api_key_env and redact(args.api_key_env) != args.api_key_env:
         # never echo it back: the value looks like a key, not the name of a variable holding one
         raise ConfigError("--api-key-env takes the NAME of an environment variable, not the key itself")
-    try:
-        endpoint = EndpointConfig(
-            provider=args.provider,
-            base_url=args.endpoint,
-            model=args.model,
-            api_key_env=args.api_key_env,
-            concurrency=args.concurrency,
-            rpm=args.rpm,
-            tpm=args.tpm,
-            timeout_s=args.timeout,
-            max_attempts=args.max_attempts,
-            name=ENDPOINT,
-        )
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"fair generate: {exc}") from None
-    if args.n < 1:
-        raise ConfigError("fair generate: --n must be >= 1")
+    endpoint = convert_flags(
+        {
+            "provider": args.provider,
+            "base_url": args.endpoint,
+            "model": args.model,
+            "api_key_env": args.api_key_env,
+            "concurrency": args.concurrency,
+            "rpm": args.rpm,
+            "tpm": args.tpm,
+            "timeout_s": args.timeout,
+            "max_attempts": args.max_attempts,
+            "max_wait_s": getattr(args, "max_wait", None),
+            "price_in": getattr(args, "price_in", None),
+            "price_out": getattr(args, "price_out", None),
+            "mode": getattr(args, "mode", None),
+            "batch": batch_flags(args),
+            "name": ENDPOINT,
+        },
+        EndpointConfig,
+        command="fair generate",
+        flags=FLAGS,
+    )
+    check_output_dir(Path(args.output), "--output")
+    from engine.scale import check_args
+
+    check_args(args)
+    if getattr(args, "ray", None) is not None:  # scale-out: imports ray only now
+        from engine.scale import driver
+
+        return driver.generate(args, endpoint)
     summary = asyncio.run(
         generate(
             args.input,
@@ -296,15 +361,18 @@ def cli_main(args: Any) -> int:
             seed=args.seed,
             cache=not args.no_cache,
             progress=not args.no_progress,
+            metrics_port=getattr(args, "metrics_port", None),
         )
     )
     for line in summary["failures"]:
-        print(f"fair: failed: {line}", file=sys.stderr)
+        print(f"fair: failed: {one_line(line)}", file=sys.stderr)
     problems = []
     if summary["failed"]:
         problems.append(f"{summary['failed']} records failed (their `error` says why)")
     if summary["bad_lines"]:
         problems.append(f"{summary['bad_lines']} input lines were bad and skipped")
+    if summary["duplicate_ids"]:
+        problems.append(f"{summary['duplicate_ids']} input lines repeated an earlier id and were skipped")
     line = (
         f"fair: {summary['records']} records in {os.fspath(args.output)}/responses "
         f"({summary['ok']} new ok, {summary['skipped_existing']} already there) "

@@ -32,13 +32,23 @@ _head = msgspec.json.Decoder(_Head)
 class PriorRecords:
     """Records of unfinished problems, by record id, read from disk one problem at a time."""
 
-    def __init__(self, root: str | Path, kinds: Iterable[str], done: set[str] | frozenset[str]):
+    def __init__(
+        self,
+        root: str | Path,
+        kinds: Iterable[str],
+        done: set[str] | frozenset[str],
+        scope: str | None = None,
+    ):
+        """``scope``: read only the shards of writers whose name starts with it (a Ray block's
+        attempts, ``b00012.``), as ``RunStore(scope=...)`` indexes them."""
         self._paths: list[tuple[str, Path]] = []  # (kind, shard)
         self._where: dict[str, list[tuple[int, int]]] = {}  # problem id -> [(path index, offset)]
         self._loaded: dict[str, Record] = {}
         self._by_problem: dict[str, list[str]] = {}
         for kind in kinds:
             for path in shard_paths(Path(root), kind):
+                if scope is not None and not path.name.startswith(f"shard-{scope}"):
+                    continue
                 index = len(self._paths)
                 self._paths.append((kind, path))
                 self._scan(path, index, done)

@@ -16,7 +16,9 @@ TaskType = Literal["numeric", "yesno", "choice"]
 
 
 class Msg(msgspec.Struct, frozen=True):
-    role: str
+    """A chat message: in records (``Sample.messages``) and in requests (``engine.types.Message``)."""
+
+    role: str  # "system" | "user" | "assistant"
     content: str
 
 
@@ -49,6 +51,7 @@ class Attempt(Record, kw_only=True):
     correct: bool
     prompt_version: str
     finish_reason: str | None = None
+    model: str = ""  # the model the student endpoint was asked for (round 2: the served adapter)
 
 
 class Rationale(Record, kw_only=True):
@@ -58,7 +61,8 @@ class Rationale(Record, kw_only=True):
     teacher: str
     text: str
     answer: str | None
-    gold_match: bool | None  # None where gold check is off
+    gold_match: bool | None  # final answer = gold? (recorded even with gold check off, then unused)
+    gold_stated: bool | None = None  # does the gold appear anywhere in the text? (judge quality)
     scores: list[Score] = []  # one per review received (score None = unparseable)
     mean_score: float | None = None
     accepted: bool = False
@@ -74,6 +78,7 @@ class Feedback(Record, kw_only=True):
     attempt_id: str
     text: str
     prompt_version: str = ""
+    error_type: str | None = None  # the teacher's tag (engine.errortypes), "unknown" if unparseable
 
 
 class Review(Record, kw_only=True):
@@ -97,6 +102,8 @@ class Sample(Record, kw_only=True):
     scores: list[Score] = []
     source_id: str = ""  # rationale or feedback id
     prompt_version: str = ""
+    answer_line_added: bool = False  # "The answer is X." appended (samples.answer_line)
+    error_type: str | None = None  # mistake samples: the majority of the teachers' tags
 
 
 class Failure(Record, kw_only=True):

@@ -10,7 +10,8 @@ A record is one ``write`` syscall, so a SIGKILL loses nothing that was written; 
 line of a ``.partial`` shard is cut when the store is opened again, and the shard is sealed
 (fsynced and renamed). Ids already present are skipped, so resume never duplicates a record.
 Several writers (e.g. Ray workers) may share a run directory: each passes its own ``writer``
-name and writes its own shards.
+name and writes its own shards. ``ShardWriter`` is the one shard writer: the call trace
+(``RUN_DIR/trace/``) is written through it too, with the same ``.partial`` + rename.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 import msgspec
 import orjson
 
+from engine.errors import DamagedRunError
 from engine.schema import KINDS, SCHEMA_VERSION, Record
 
 R = TypeVar("R", bound=msgspec.Struct)
@@ -75,26 +77,53 @@ def shard_paths(root: Path, kind: str) -> list[Path]:
 
 
 def iter_records(root: Path, kind: str, type: type[R] | None = None) -> Iterator[R]:
-    """Read every complete record of a kind (a torn last line is ignored), decoded as ``type``."""
+    """Read every complete record of a kind (a torn last line is ignored), decoded as ``type``.
+    An unreadable line raises ``DamagedRunError`` naming ``file:line`` (``fair repair`` fixes it)."""
     decoder = msgspec.json.Decoder(type or KINDS[kind])
     for path in shard_paths(root, kind):
         with open(path, "rb") as f:
-            for line in f:
+            for n, line in enumerate(f, 1):
                 if line.endswith(b"\n"):
-                    yield decoder.decode(line)
+                    try:
+                        yield decoder.decode(line)
+                    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+                        raise _damaged(root, path, n, exc) from None
 
 
 def iter_raw(root: Path, kind: str) -> Iterator[dict[str, Any]]:
     """Like ``iter_records`` but as plain dicts (for tools that do not know the schema)."""
     for path in shard_paths(root, kind):
         with open(path, "rb") as f:
-            for line in f:
+            for n, line in enumerate(f, 1):
                 if line.endswith(b"\n"):
-                    yield orjson.loads(line)
+                    yield read_line(root, path, n, line)
 
 
-class _ShardWriter:
-    """Appends records of one kind to numbered shards, rotating after ``max_records``."""
+def read_line(root: Path, path: Path, n: int, line: bytes, *, need_id: bool = False) -> dict[str, Any]:
+    """One shard line as a dict (with a string ``id`` if ``need_id``); else ``DamagedRunError``
+    naming ``path:n``."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise _damaged(root, path, n, exc) from None
+    if not isinstance(value, dict) or (need_id and not isinstance(value.get("id"), str)):
+        raise _damaged(root, path, n, "not a record with an `id`" if need_id else "not a JSON object")
+    return value
+
+
+def _damaged(root: Path, path: Path, n: int, why: object) -> DamagedRunError:
+    text = str(why).splitlines()[0][:120] if str(why) else type(why).__name__
+    return DamagedRunError(f"{path}:{n}", f"unreadable line: {text}", str(root))
+
+
+class ShardWriter:
+    """Appends lines to numbered shards ``<prefix>NNNNN.jsonl.partial``, sealing each (fsync,
+    rename to ``.jsonl``) after ``max_records`` lines or on ``seal()``. The one shard writer:
+    records (``write``: one syscall a line) and the trace (``append``: buffered, flushed every
+    ``FLUSH_BYTES`` or ``FLUSH_AFTER_S``) both go through it."""
+
+    FLUSH_BYTES = 64 * 1024
+    FLUSH_AFTER_S = 1.0
 
     def __init__(self, folder: Path, writer: str, first_num: int, max_records: int):
         self.folder = folder
@@ -104,13 +133,57 @@ class _ShardWriter:
         self.fd: int | None = None
         self.path: Path | None = None
         self.in_shard = 0
+        self.pending = bytearray()  # appended lines not yet written (``append``)
+        self.pending_lines = 0
+        self._flushed = time.monotonic()
 
-    def write(self, line: bytes) -> None:
+    @classmethod
+    def resume(cls, folder: Path, writer: str, max_records: int) -> ShardWriter:
+        """A writer after this writer's existing shards, its torn ``.partial`` ones sealed first."""
+        folder.mkdir(parents=True, exist_ok=True)
+        nums = []
+        for path in folder.iterdir():
+            m = _SHARD.match(path.name)
+            if m is None or (m["writer"] or "") != writer:
+                continue
+            if m["partial"]:
+                recover_partial(path)
+            nums.append(int(m["num"]))
+        return cls(folder, writer, max(nums, default=-1) + 1, max_records)
+
+    def _open(self) -> int:
         if self.fd is None:
             self.path = self.folder / f"{self.prefix}{self.num:05d}.jsonl.partial"
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.write(self.fd, line)
+        return self.fd
+
+    def write(self, line: bytes) -> None:
+        """One line, one ``write`` syscall: a SIGKILL never loses a line written."""
+        os.write(self._open(), line)
         self.in_shard += 1
+        if self.in_shard >= self.max_records:
+            self.seal()
+
+    def append(self, line: bytes = b"") -> None:
+        """Buffer a line (or count one the caller encoded into ``pending``); written in batches."""
+        if line:
+            self.pending += line
+        self.pending_lines += 1
+        if len(self.pending) >= self.FLUSH_BYTES or time.monotonic() - self._flushed > self.FLUSH_AFTER_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self._flushed = time.monotonic()
+        if not self.pending:
+            return
+        data = bytes(self.pending)
+        self.pending.clear()
+        fd = self._open()
+        done = 0
+        while done < len(data):
+            done += os.write(fd, data[done:])
+        self.in_shard += self.pending_lines
+        self.pending_lines = 0
         if self.in_shard >= self.max_records:
             self.seal()
 
@@ -119,6 +192,7 @@ class _ShardWriter:
             os.fsync(self.fd)
 
     def seal(self) -> None:
+        self.flush()
         if self.fd is None or self.path is None:
             return
         os.fsync(self.fd)
@@ -131,12 +205,25 @@ class _ShardWriter:
 class RunStore:
     """The writing side of a run directory. Open, write records, close with a status."""
 
-    def __init__(self, root: str | Path, *, writer: str = "", shard_records: int = 50_000):
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        writer: str = "",
+        shard_records: int = 50_000,
+        scope: str | None = None,
+        manifest: Path | None = None,
+    ):
+        """``scope``: index only shards whose writer name starts with it (a Ray block sees its
+        own epochs' records, not the whole run's); ``manifest``: where ``close`` writes the
+        manifest (default ``RUN_DIR/manifest.json``; a block writes its own, the driver merges)."""
         self.root = Path(root)
         self.writer = writer
         self.shard_records = shard_records
+        self.scope = scope
+        self.manifest_path = manifest if manifest is not None else self.root / "manifest.json"
         self._ids: dict[str, set[str]] = {}
-        self._writers: dict[str, _ShardWriter] = {}
+        self._writers: dict[str, ShardWriter] = {}
         self._last_sync = time.monotonic()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -155,13 +242,15 @@ class RunStore:
                     path = recover_partial(path)
                 if (m["writer"] or "") == self.writer:
                     nums.append(int(m["num"]))
+                if self.scope is not None and not (m["writer"] or "").startswith(self.scope):
+                    continue
                 with open(path, "rb") as f:
-                    for line in f:
+                    for n, line in enumerate(f, 1):
                         if line.endswith(b"\n"):
-                            ids.add(orjson.loads(line)["id"])
+                            ids.add(read_line(self.root, path, n, line, need_id=True)["id"])
             self._ids[kind] = ids
             first = max(nums) + 1 if nums else 0
-            self._writers[kind] = _ShardWriter(folder, self.writer, first, self.shard_records)
+            self._writers[kind] = ShardWriter(folder, self.writer, first, self.shard_records)
         _fsync_dir(self.root)
         return self
 
@@ -202,7 +291,7 @@ class RunStore:
         for kind in self._ids:
             counts[kind] = len(self._ids[kind])
             for path in shard_paths(self.root, kind):
-                if path.name.endswith(".partial"):
+                if path.name.endswith(".partial") or not self._in_scope(path):
                     continue
                 shards.append(
                     {
@@ -220,13 +309,25 @@ class RunStore:
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra or {}),
         }
-        atomic_write(self.root / "manifest.json", orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        atomic_write(self.manifest_path, orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
         return manifest
+
+    def _in_scope(self, path: Path) -> bool:
+        m = _SHARD.match(path.name)
+        return self.scope is None or (m is not None and (m["writer"] or "").startswith(self.scope))
 
 
 def read_manifest(root: str | Path) -> dict[str, Any] | None:
     path = Path(root) / "manifest.json"
-    return orjson.loads(path.read_bytes()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        manifest = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise DamagedRunError(f"{path}:{exc.lineno}", f"not valid JSON: {exc.msg}", str(root)) from None
+    if not isinstance(manifest, dict):
+        raise DamagedRunError(f"{path}:1", "not a JSON object", str(root))
+    return manifest
 
 
 def _sha256(path: Path) -> str:

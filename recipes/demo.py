@@ -1,7 +1,7 @@
 """`fair demo`: the whole of fairdistill on the embedded default, in minutes, on a CPU.
 
-1. start the simulator's three teachers (``committee`` profile) and the CPU student server
-   with the real SmolLM2-135M-Instruct, on loopback;
+1. start the simulator's three teachers (``committee`` profile) and the student server with the
+   real SmolLM2-135M-Instruct, on loopback (``vllm serve`` when vLLM is installed, else on CPU);
 2. run the FAIR job on the training part of the built-in problem set (real student mistakes);
 3. train a few LoRA steps on the samples;
 4. evaluate base vs trained student on the held-back part;
@@ -92,10 +92,13 @@ def main(args) -> int:
         student_url, student_model = sim_url, "student-sim"
         if not args.sim_student:
             student_url = f"http://127.0.0.1:{student_port}/v1"
+            # `vllm serve` when vLLM is installed (a GPU machine), else the CPU server
             services.start(
                 "student",
-                ["serve-student", "--port", str(student_port)],
-                f"http://127.0.0.1:{student_port}/health",
+                ["serve-student", "--port", str(student_port), "--backend", "auto"],
+                f"{student_url}/models",
+                timeout=900,
+                grace=30,
             )
             student_model = _models(student_url)[0]
         timings["servers_s"] = time.monotonic() - t_start

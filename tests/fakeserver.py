@@ -63,6 +63,8 @@ class FakeServer:
     rule: Callable[[Seen], Action | None] | None = None
     echo_auth: bool = False  # error bodies repeat the Authorization header (a careless server)
     seen: list[Seen] = field(default_factory=list)
+    in_flight: int = 0  # requests being answered now
+    peak_in_flight: int = 0  # the most at once
 
     async def __aenter__(self) -> FakeServer:
         app = web.Application()
@@ -121,6 +123,15 @@ class FakeServer:
 
     # -- the request path -------------------------------------------------------------------
     async def _handle(self, request: web.Request, answer: Callable[[Any, str], bytes]) -> web.StreamResponse:
+        """``_respond``, counting the requests in flight (``peak_in_flight``: the most at once)."""
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            return await self._respond(request, answer)
+        finally:
+            self.in_flight -= 1
+
+    async def _respond(self, request: web.Request, answer: Callable[[Any, str], bytes]) -> web.StreamResponse:
         raw = await request.read()
         try:
             body = orjson.loads(raw)

@@ -40,7 +40,8 @@ def test_every_example_config_validates(path):
     [
         ("[review]\nthreshold = 'high'\n", "review.threshold"),
         ("[review]\ngold_chek = 'reject'\n", "gold_chek"),
-        ("[endpoints.c]\nbase_url = 'x'\nmodel = 'm'\nrpm = -5\n", "endpoints.c: rpm must be > 0"),
+        ("[endpoints.c]\nbase_url = 'http://h'\nmodel = 'm'\nrpm = -5\n", "endpoints.c: Expected `float`"),
+        ("[endpoints.c]\nbase_url = 'x'\nmodel = 'm'\n", "endpoints.c: Expected an http:// or https:// URL"),
         ("[endpoints.c]\nmodel = 'm'\n", "endpoints.c: Object missing required field `base_url`"),
         ("[samples]\npolicy = 'some'\n", "samples.policy"),
     ],

@@ -15,7 +15,7 @@ from engine.config import RunConfig, convert_config
 from engine.errors import BreakerTripped
 from engine.pipeline import Job
 from engine.report import summarize
-from engine.schema import Problem
+from engine.schema import Attempt, Problem
 from engine.sim import ModelProfile, SimProfile, start_sim
 from engine.store import iter_records, read_manifest
 
@@ -242,3 +242,79 @@ async def test_sigkill_then_resume_gives_the_uninterrupted_samples(tmp_path, kil
     assert {r.id for r in iter_records(killed, "problems")} == {p.id for p in probs}
     # only requests in flight at a kill may be paid twice (at most max_in_flight problems' worth)
     assert paid_killed <= paid_ref + kills * 8 * 12
+
+
+# -- streaming input, resume index, seams ------------------------------------------------------
+
+
+async def test_problems_stream_in_with_at_most_max_in_flight_held(tmp_path):
+    probs = problems(60)
+    held: list[int] = []
+
+    async with start_sim(profile(latency_ms=5), problems=probs) as sim:
+        cfg = config(sim.base_url, run={"max_in_flight": 4})
+        job = Job(cfg, tmp_path, progress=False)
+
+        async def source():  # an async iterator: the job pulls one problem when it has room
+            for i, p in enumerate(probs):
+                held.append(i - job.finished)  # pulled but not finished, as this one is handed out
+                yield p
+
+        summary = await job.run(source())
+    assert summary["status"] == "done"
+    assert max(held) <= 4  # never more than max_in_flight problems in memory
+    assert read_manifest(tmp_path)["problems_total"] == len(probs)  # counted as they streamed
+    assert {r.id for r in iter_records(tmp_path, "problems")} == {p.id for p in probs}
+
+
+def test_prior_records_are_indexed_and_read_one_problem_at_a_time(tmp_path):
+    from engine.resume import PriorRecords
+    from engine.schema import ProblemDone
+    from engine.store import RunStore
+
+    store = RunStore(tmp_path, shard_records=3).open(["attempts", "problems"])
+    for pid in ("p1", "p2", "p3"):
+        for k in range(2):
+            store.write(
+                "attempts",
+                Attempt(
+                    id=f"{pid}/attempt/s/{k}", problem_id=pid, student="s", sample_index=k,
+                    text=f"{pid} try {k}", answer=None, correct=False, prompt_version="v1",
+                ),
+            )  # fmt: skip
+    store.write("problems", ProblemDone(id="p1", status="mistakes"))
+    store.close("interrupted")
+
+    prior = PriorRecords(tmp_path, ["attempts"], done={"p1"})
+    assert len(prior) == 2  # p2 and p3 are unfinished; p1's records are not even indexed
+    assert prior.get("p2/attempt/s/1") is None  # nothing read until its problem runs
+    assert prior.load("p2") == 2 and prior.load("p1") == 0
+    assert prior.get("p2/attempt/s/1").text == "p2 try 1"  # across a shard boundary (3 a shard)
+    assert prior.get("p3/attempt/s/0") is None
+    prior.drop("p2")
+    assert prior.get("p2/attempt/s/1") is None
+
+
+async def test_an_injected_executor_and_shared_admission_leave_the_stages_unchanged(tmp_path):
+    """The same job through urllib-in-threads and one admission shared by every endpoint writes
+    exactly the records of the default engine: the seams are below the stages."""
+    from executors import UrllibExecutor
+
+    from engine.admission import Admission
+
+    probs = problems(20)
+    async with start_sim(profile(), problems=probs) as sim:
+        cfg = config(sim.base_url)
+        await run(cfg, tmp_path / "default", probs)
+        executor, shared = UrllibExecutor(), Admission(concurrency=6)
+        job = Job(
+            cfg, tmp_path / "seams", progress=False, executor=executor,
+            admissions=dict.fromkeys(cfg.endpoints, shared),
+        )  # fmt: skip
+        await job.run(iter(probs))
+    assert executor.sent > 0 and executor.peak <= 6
+    assert _sample_set(tmp_path / "seams") == _sample_set(tmp_path / "default")
+    for kind in ("attempts", "rationales", "reviews", "feedback"):
+        a = {r.id: msgspec.to_builtins(r) for r in iter_records(tmp_path / "default", kind)}
+        b = {r.id: msgspec.to_builtins(r) for r in iter_records(tmp_path / "seams", kind)}
+        assert a == b, kind

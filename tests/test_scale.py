@@ -416,3 +416,93 @@ def test_breaker_in_a_block_aborts_the_run_exit_3(cluster: str, tmp_path: Path) 
                      "--block-size", "15")  # fmt: skip
     assert code == 3 and "aborted" in err and "problems failed" in err, err
     assert read_manifest(tmp_path / "out")["status"] == "aborted"
+
+
+def test_lent_slots_never_exceed_the_global_concurrency(cluster: str, tmp_path: Path) -> None:
+    """An endpoint with only a concurrency cap lends its leases: calls reuse them without a
+    limiter round trip, yet two workers (each running 2 blocks of 16 tasks) never have more than
+    the global 16 in flight at the server."""
+    inp = write_input(tmp_path / "in.jsonl", 800)
+    out = tmp_path / "out"
+    with FakeServerThread(latency_s=0.03) as srv:
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster, "--workers", "2", "--block-size", "100",
+                                "--concurrency", "16", "--no-cache"))  # fmt: skip
+        peak = srv.peak_in_flight
+    assert code == 0, err
+    assert texts(out) == expected(800)
+    assert 8 <= peak <= 16, f"peak in flight {peak}, global concurrency 16"
+    limiter = read_manifest(out)["ray"]["limiter"]
+    assert limiter["reused"] > 200, limiter  # most calls ran on a lent lease
+    assert limiter["round_trips"] < 400, limiter
+
+
+def test_lending_stops_when_the_server_rate_limits(cluster: str, tmp_path: Path) -> None:
+    """A hidden limit (no headers) answers 429s: lending closes for good (AIMD gates the endpoint)
+    and the workers ask the limiter for every call again, instead of reusing leases at full
+    speed: only the calls of the server's first second (its burst of 50) may run on a lent lease."""
+    inp = write_input(tmp_path / "in.jsonl", 300)
+    out = tmp_path / "out"
+    with FakeServerThread(latency_s=0.02, rpm=3000, burst_s=1, rate_headers=False) as srv:
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster, "--workers", "2", "--block-size", "50",
+                                "--concurrency", "64", "--no-cache"))  # fmt: skip
+        refused = srv.count(429)
+    assert code == 0, err
+    assert texts(out) == expected(300)
+    limiter = read_manifest(out)["ray"]["limiter"]
+    assert limiter["reused"] <= 100, limiter
+    assert limiter["granted"] >= 200, limiter  # the rest went through the limiter one by one
+    assert refused < 150, f"{refused} 429s for 300 calls"
+
+
+def test_prior_records_of_a_block_read_only_its_own_shards(tmp_path: Path) -> None:
+    """A block's resume indexes the shards of its own attempts, not every block's."""
+    from engine.resume import PriorRecords
+    from engine.schema import Attempt
+    from engine.store import RunStore
+
+    for block, pids in (("b00000", ("p1", "p2")), ("b00001", ("p3",))):
+        store = RunStore(tmp_path, writer=f"{block}.e1", scope=f"{block}.").open(["attempts"])
+        for pid in pids:
+            store.write("attempts", Attempt(
+                id=f"{pid}/attempt/s/0", problem_id=pid, student="s", sample_index=0, text=f"{pid} try",
+                answer=None, correct=False, prompt_version="v1",
+            ))  # fmt: skip
+        store.close("interrupted")
+    everything = PriorRecords(tmp_path, ["attempts"], done=set())
+    assert len(everything) == 3
+    mine = PriorRecords(tmp_path, ["attempts"], done=set(), scope="b00000.")
+    assert len(mine) == 2 and mine.load("p3") == 0 and mine.load("p1") == 1
+    assert len(PriorRecords(tmp_path, ["attempts"], done=set(), scope="b00001.")) == 1
+
+
+def test_problem_blocks_stream_the_dataset_in_block_order() -> None:
+    """The driver reads a block's problems when it is handed out, keeps them until it is done,
+    skips blocks done earlier, and stops (exit 2) when the stream no longer matches the plan."""
+    from engine.errors import ConfigError
+    from engine.scale.plan import ProblemBlocks, run_plan
+    from engine.schema import Problem
+
+    def problems(n: int, rename: int = -1) -> Iterator[Problem]:
+        for i in range(n):
+            pid = f"x{i}" if i == rename else f"p{i}"
+            yield Problem(id=pid, question=f"q{i}", answer=str(i), task="numeric")
+
+    plan = run_plan((f"p{i}" for i in range(23)), "test", 10)
+    assert [b.count for b in plan.blocks] == [10, 10, 3]
+    read: list[int] = []
+
+    def counted() -> Iterator[Problem]:
+        for p in problems(23):
+            read.append(1)
+            yield p
+
+    feed = ProblemBlocks(counted(), plan, {"b00001", "b00002"})  # b00000 was done before
+    b1 = feed.get(plan.blocks[1])
+    assert [p.id for p in b1] == [f"p{i}" for i in range(10, 20)] and len(read) == 20 and len(feed) == 1
+    assert feed.get(plan.blocks[1]) is b1  # handed out again (its worker died): still held
+    feed.drop("b00001")
+    assert [p.id for p in feed.get(plan.blocks[2])] == ["p20", "p21", "p22"] and len(feed) == 1
+    with pytest.raises(ConfigError, match="b00001"):
+        feed.get(plan.blocks[1])  # dropped: never read twice
+    with pytest.raises(ConfigError, match="changed"):
+        ProblemBlocks(problems(23, rename=4), plan, {"b00000"}).get(plan.blocks[0])

@@ -23,13 +23,14 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from engine.errors import AbortRun, ConfigError, FairError, one_line
+from engine.progress import Progress
 from engine.scale import check_address, import_ray
 from engine.scale.plan import Block, Plan
 from engine.store import RunStore, atomic_write, recover_partial
@@ -60,6 +61,7 @@ class Driver:
         self.deaths: collections.Counter[str] = collections.Counter()
         self.killed_workers = 0
         self.ray_start_s = 0.0
+        self.ray_stop_s = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> Driver:
@@ -105,6 +107,7 @@ class Driver:
     def stop(self) -> None:
         if self.ray is None:
             return
+        t0 = time.monotonic()
         for actor in self.pool:
             with contextlib.suppress(Exception):
                 self.ray.kill(actor)
@@ -113,6 +116,7 @@ class Driver:
                 self.ray.kill(self.limiter, no_restart=True)
         self.ray.shutdown()
         self.ray = None
+        self.ray_stop_s = time.monotonic() - t0
 
     # -- the loop ---------------------------------------------------------------------------
     def next_epoch(self, block: str) -> int:
@@ -125,14 +129,19 @@ class Driver:
         atomic_write(path, f"{epoch}\n".encode())
         return epoch
 
-    def run(self, blocks: list[Block], submit: Callable[[Any, Block, int], Any]) -> list[dict[str, Any]]:
-        """Run ``blocks`` to completion; ``submit(actor, block, epoch)`` starts one attempt."""
+    def run(
+        self,
+        blocks: list[Block],
+        submit: Callable[[Any, Block, int], Any],
+        done: Callable[[Block, dict[str, Any]], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Run ``blocks`` to completion; ``submit(actor, block, epoch)`` starts one attempt;
+        ``done(block, result)`` hears of each block that completed (progress, freeing its input)."""
         ray = self.ray
         pending = collections.deque(blocks)
         inflight: dict[Any, tuple[Block, int, Any]] = {}  # ref -> (block, slot, actor)
         load = [0] * self.n
         results: list[dict[str, Any]] = []
-        total, t0 = len(blocks), time.monotonic()
         while pending or inflight:
             for slot in range(self.n):
                 while pending and load[slot] < PER_WORKER and not self._isolated(slot, inflight):
@@ -165,12 +174,8 @@ class Driver:
                     continue
                 self.deaths.pop(block.id, None)
                 results.append(res)
-                if self.progress:
-                    print(
-                        f"fair: block {block.id} {status} ({len(results)}/{total} blocks, "
-                        f"{time.monotonic() - t0:.1f}s)",
-                        file=sys.stderr,
-                    )
+                if done is not None:
+                    done(block, res)
         return results
 
     def _isolated(self, slot: int, inflight: dict) -> bool:
@@ -234,6 +239,28 @@ def _attempt_endpoints(run_dir: Path) -> dict[str, dict[str, Any]]:
     return merge_endpoints(snaps)
 
 
+def _attempt_snapshot(run_dir: Path, writer: str) -> dict[str, Any]:
+    """One attempt's endpoint counters, summed over its endpoints (``{}`` if unreadable)."""
+    try:
+        snap = orjson.loads((Path(run_dir) / "blocks" / f"{writer}.json").read_bytes()).get("endpoints")
+    except (orjson.JSONDecodeError, OSError, AttributeError):
+        return {}
+    summed: collections.Counter[str] = collections.Counter()
+    for stats in (snap or {}).values():
+        summed.update({k: v for k, v in stats.items() if isinstance(v, (int, float)) and v is not None})
+    return dict(summed)
+
+
+def _count_calls(bar: Progress, stats: Mapping[str, Any]) -> None:
+    """Add a finished block's request counters to the progress display."""
+    bar.calls += int(stats.get("calls", 0))
+    bar.cached_calls += int(stats.get("cache_hits", 0))
+    bar.http_429 += int(stats.get("http_429", 0))
+    bar.retries += int(stats.get("retries", 0))
+    bar.tokens += int(stats.get("prompt_tokens", 0)) + int(stats.get("completion_tokens", 0))
+    bar.cost_usd += float(stats.get("cost_usd", 0.0))
+
+
 def done_blocks(run_dir: Path, ok: frozenset[str] = COMPLETE) -> set[str]:
     """Blocks with an attempt manifest of a complete status (skipped on a re-run)."""
     out = set()
@@ -287,12 +314,14 @@ def generate(args: Any, endpoint: Any) -> int:
     opts = {"max_tokens": args.max_tokens, "temperature": args.temperature, "n": args.n, "seed": args.seed}
     limits = {ENDPOINT: (endpoint.concurrency, endpoint.rpm, endpoint.tpm)}
     driver = Driver(out, args.ray, args.workers or 2, limits, [ENDPOINT], progress=not args.no_progress)
+    bar = Progress(plan.items, label="responses", enabled=not args.no_progress)
     t0 = time.monotonic()
     status, results, stop = "interrupted", [], None
     t_run = 0.0
     try:
         driver.start()
         t_run = time.monotonic()
+        bar.resumed = RunStore(out).open([KIND]).count(KIND)
 
         def submit(actor: Any, block: Block, epoch: int) -> Any:
             lines = list(read_lines(input_path, block))
@@ -300,12 +329,18 @@ def generate(args: Any, endpoint: Any) -> int:
                 str(out), str(input_path), endpoint, block.id, epoch, lines, opts, not args.no_cache
             )
 
-        results = driver.run(todo, submit)
+        def done(block: Block, res: dict[str, Any]) -> None:
+            bar.advance(res["ok"] + res["failed"])
+            _count_calls(bar, res)
+
+        with bar:
+            results = driver.run(todo, submit, done)
         status = "done"
     except _Stop as exc:
         stop, results = exc.error, exc.results
         status = "aborted" if isinstance(exc.error, AbortRun) else "interrupted"
     finally:
+        run_s = time.monotonic() - t_run if t_run else 0.0  # start-up and shut-down are apart
         driver.stop()
         elapsed = time.monotonic() - t0
         seal_all(out, [KIND])
@@ -313,7 +348,7 @@ def generate(args: Any, endpoint: Any) -> int:
         summary = _generate_summary(results, plan, store.count(KIND), status, elapsed, endpoint)
         if summary["failed"] or summary["bad_lines"] or summary["duplicate_ids"]:
             summary["status"] = status = "done_with_failures" if status == "done" else status
-        summary["ray"] = _ray_fields(driver, plan, len(todo), time.monotonic() - t_run if t_run else 0.0)
+        summary["ray"] = _ray_fields(driver, plan, len(todo), run_s)
         summary["ray"]["limiter"] = _proxy_counters(results)
         store.close(
             status, {"generate": summary, "endpoints": _attempt_endpoints(out), "ray": summary["ray"]}
@@ -373,7 +408,11 @@ def _proxy_counters(results: list[dict[str, Any]]) -> dict[str, int]:
     for r in results:
         if r.get("proxy"):
             last[r["worker"]] = r["proxy"]
-    return dict(sum((collections.Counter(c) for c in last.values()), collections.Counter()))
+    out: dict[str, int] = {}
+    for counters in last.values():
+        for key, value in counters.items():
+            out[key] = out.get(key, 0) + value
+    return out
 
 
 def _ray_fields(driver: Driver, plan: Plan, todo: int, run_s: float) -> dict[str, Any]:
@@ -384,6 +423,7 @@ def _ray_fields(driver: Driver, plan: Plan, todo: int, run_s: float) -> dict[str
         "blocks_run": todo,
         "block_size": plan.block_size,
         "ray_start_s": round(driver.ray_start_s, 3),
+        "ray_stop_s": round(driver.ray_stop_s, 3),
         "run_s": round(run_s, 3),
         "workers_lost": driver.killed_workers,
     }
@@ -407,7 +447,7 @@ def run(args: Any, cfg: Any, run_dir: Path) -> int:
     from engine.config import dump_config
     from engine.pipeline import KINDS, _BadLines, _more_bad
     from engine.report import write_report
-    from engine.scale.plan import RUN_BLOCK, run_plan, settle
+    from engine.scale.plan import RUN_BLOCK, ProblemBlocks, run_plan, settle
 
     _refuse_single_process(run_dir)
     if any(ep.mode == "batch" for ep in cfg.endpoints.values()):
@@ -416,13 +456,26 @@ def run(args: Any, cfg: Any, run_dir: Path) -> int:
         )
     if cfg.run.max_cost_usd is not None:
         raise ConfigError("run.max_cost_usd is not supported with --ray yet (each block would spend it)")
-    bad = _BadLines()
-    problems = list(datasets.iter_problems(cfg.dataset, errors=bad))
+    bad = _BadLines()  # the first pass (ids only, for the plan) reports bad lines; the second is quiet
+
+    def ids() -> Iterator[str]:
+        return (p.id for p in datasets.iter_problems(cfg.dataset, errors=bad))
+
+    plan = settle(run_dir, lambda size: run_plan(ids(), cfg.dataset.name, size), args.block_size, RUN_BLOCK)
     _more_bad(bad)
-    ids = [p.id for p in problems]
-    plan = settle(run_dir, lambda size: run_plan(ids, cfg.dataset.name, size), args.block_size, RUN_BLOCK)
     finished = done_blocks(run_dir, frozenset({"done"}))
     todo = [b for b in plan.blocks if b.id not in finished]
+    feed = ProblemBlocks(
+        datasets.iter_problems(cfg.dataset, errors=_BadLines(report=False)), plan, {b.id for b in todo}
+    )
+    bar = Progress(plan.items, label="problems", enabled=not args.no_progress)
+    bar.resumed = sum(b.count for b in plan.blocks if b.id in finished)
+
+    def done(block: Block, res: dict[str, Any]) -> None:
+        feed.drop(block.id)
+        bar.advance(block.count)
+        _count_calls(bar, _attempt_snapshot(run_dir, f"{block.id}.e{res['epoch']}"))
+
     (run_dir / "config.toml").write_bytes(dump_config(cfg))
     limits = {n: (ep.concurrency, ep.rpm, ep.tpm) for n, ep in cfg.endpoints.items()}
     driver = Driver(
@@ -433,16 +486,17 @@ def run(args: Any, cfg: Any, run_dir: Path) -> int:
     try:
         driver.start()
         t_run = time.monotonic()
-        results = driver.run(
-            todo,
-            lambda a, b, e: a.run.remote(str(run_dir), cfg, b.id, e, problems[b.start : b.start + b.count]),
-        )
+        with bar:
+            results = driver.run(
+                todo, lambda a, b, e: a.run.remote(str(run_dir), cfg, b.id, e, feed.get(b)), done
+            )
         failed = [p for r in results for p in r["failed_problems"]]
         status = "done_with_failures" if failed else "done"
     except _Stop as exc:
         stop, results = exc.error, exc.results
         status = "aborted" if isinstance(exc.error, AbortRun) else "interrupted"
     finally:
+        run_s = time.monotonic() - t_run if t_run else 0.0  # start-up and shut-down are apart
         driver.stop()
         seal_all(run_dir, KINDS)
         store = RunStore(run_dir).open(KINDS)
@@ -450,7 +504,7 @@ def run(args: Any, cfg: Any, run_dir: Path) -> int:
         store.close(status, {
             "problems_total": plan.items, "endpoints": endpoints,
             **splits.manifest_fields(cfg.dataset, store.ids("problems")),
-            "ray": _ray_fields(driver, plan, len(todo), time.monotonic() - t_run if t_run else 0.0),
+            "ray": _ray_fields(driver, plan, len(todo), run_s),
         })  # fmt: skip
         write_report(run_dir)
     if stop is not None:

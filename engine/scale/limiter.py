@@ -11,7 +11,18 @@ is given (``Engine(admissions=...)``). It batches:
   ``HOLD_S``, so requests that queued meanwhile get in line), and keeps the rest waiting in
   its queue for the next round trip;
 * releases: gathered for ``FLUSH_S`` and sent as one fire-and-forget message, apart from
-  acquires (a release must never wait behind an acquire that it would unblock).
+  acquires (a release must never wait behind an acquire that it would unblock);
+* slot lending: while an endpoint's ``Admission`` has nothing but its concurrency cap in force
+  (warm, no RPM/TPM bucket, no server mirror, no pause), every reply says so, and the worker's
+  leases are *lent* for ``LEND_S`` from their grant: a call that ends 2xx without rate-limit
+  headers hands its lease straight to the worker's next waiting call, with no round trip. The
+  lease stays a real lease of the limiter's semaphore, so the global cap is exact (a worker
+  holds at most the leases it was granted); when its term is over, or nothing waits locally, or
+  an outcome is not plain 2xx (which also stops the worker's lending until the limiter says
+  open again), it goes back with its outcome as usual. A worker with calls waiting hears from
+  the limiter at least every ``HOLD_S``, so a 429 elsewhere ends its lending that fast. The
+  outcomes absorbed by lending are counted back (``tally``) so the AIMD's accepted rate stays
+  the single-process one.
 
 A worker that dies holds leases: the driver calls ``forget(worker)``, which releases them (as
 answered: the server may have counted them) and drops its waiting acquires. If the limiter
@@ -27,6 +38,7 @@ import contextlib
 import itertools
 import os
 import random
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,10 +47,12 @@ import ray
 
 from engine.admission import Admission, Lease
 
-HOLD_S = 0.25  # longest a limiter round trip waits with nothing granted
+HOLD_S = 0.1  # longest a limiter round trip waits with nothing granted
 LINGER_S = 0.005  # after a first grant, how long a round trip waits for more (bigger batches)
 FLUSH_S = 0.003  # releases are gathered this long into one message
 RETRY_S = 0.2  # pause before a proxy retries a limiter that is restarting
+TALLY_EVERY = 128  # absorbed outcomes are told at least this often (else with the next release)
+LEND_S = 5.0  # how long a lent lease may be reused by its worker without asking (open endpoints)
 
 Limits = dict[str, tuple[int, float | None, float | None]]  # endpoint -> (concurrency, rpm, tpm)
 
@@ -49,6 +63,7 @@ class Limiter:
 
     def __init__(self, limits: Limits, pid_dir: str | None = None):
         self.admissions = {name: Admission(*lim) for name, lim in limits.items()}
+        self.idle = set(self.admissions)  # endpoints not asked for yet (buckets emptied at first ask)
         self.leases: dict[int, tuple[str, str, Lease]] = {}  # lease id -> (worker, endpoint, lease)
         self.waiting: dict[tuple[str, str], dict[int, asyncio.Task[Lease]]] = {}
         self.ready: dict[tuple[str, str], dict[int, asyncio.Task[Lease]]] = {}  # done, not yet handed out
@@ -60,15 +75,29 @@ class Limiter:
             (Path(pid_dir) / "limiter").write_text(f"{os.getpid()}\n")
 
     async def acquire(
-        self, worker: str, endpoint: str, new: list[tuple[int, float]]
-    ) -> tuple[list[tuple[int, int]], float | None]:
-        """Queue ``new`` (request id, est tokens); return the granted (request id, lease id) pairs
-        once any of this worker's waiting requests is granted, and the endpoint's target rpm."""
+        self, worker: str, endpoint: str, new: list[tuple[int, float]], cancel: list[int] | None = None
+    ) -> tuple[list[tuple[int, int]], float | None, float]:
+        """Queue ``new`` (request id, est tokens) and drop ``cancel`` (requests the worker served
+        itself); return the granted (request id, lease id) pairs once any of this worker's waiting
+        requests is granted, the endpoint's target rpm, and for how long the grants are lent
+        (0: not lent, give each back when its call ends)."""
         admission = self.admissions[endpoint]
+        if endpoint in self.idle:
+            self.idle.discard(endpoint)
+            start_empty(admission)
         key = (worker, endpoint)
         waiting = self.waiting.setdefault(key, {})
         ready = self.ready.setdefault(key, {})
         wake = self.wake.setdefault(key, asyncio.Event())
+        for req in cancel or ():
+            task = waiting.pop(req, None)
+            ready.pop(req, None)
+            if task is None:
+                continue
+            if task.done() and not task.cancelled() and task.exception() is None:
+                admission.release(task.result(), 0)
+            else:
+                task.cancel()
         for req, est in new:
             task = asyncio.ensure_future(admission.acquire(est))
             waiting[req] = task
@@ -87,10 +116,18 @@ class Limiter:
             lease_id = next(self._ids)
             self.leases[lease_id] = (worker, endpoint, task.result())
             granted.append((req, lease_id))
-        return granted, admission.effective_rpm()
+        return granted, admission.effective_rpm(), LEND_S if lendable(admission) else 0.0
 
-    def release(self, done: list[tuple[int, int, dict[str, str] | None, float | None]]) -> None:
-        """Give leases back with their outcome (``Admission.release``); unknown ids are ignored."""
+    def release(
+        self,
+        done: list[tuple[int, int, dict[str, str] | None, float | None]],
+        tally: dict[str, int] | None = None,
+    ) -> None:
+        """Give leases back with their outcome (``Admission.release``); unknown ids are ignored.
+        ``tally``: per endpoint, the plain 2xx outcomes absorbed by lent leases meanwhile."""
+        for endpoint, n in (tally or {}).items():
+            if endpoint in self.admissions:
+                absorb(self.admissions[endpoint], n)
         for lease_id, status, headers, used in done:
             item = self.leases.pop(lease_id, None)
             if item is not None:
@@ -128,6 +165,31 @@ class Limiter:
         return os.getpid()
 
 
+def start_empty(admission: Admission) -> None:
+    """Configured RPM/TPM buckets start empty at the first request, not full: a full bucket
+    lets one second's worth go at once on top of the steady rate (the first 10 s window at 3,000
+    rpm carried 1.09x the limit), and a limiter Ray restarted does not know what its predecessor
+    just let through. (Emptied at the first ask, not when built: the workers start meanwhile.)"""
+    for bucket in (admission.requests, admission.tokens):
+        if bucket is not None:
+            bucket.adjust(-bucket.level)
+
+
+def lendable(admission: Admission) -> bool:
+    """Nothing but the concurrency cap is in force: warm, no bucket, no mirror, no pause.
+    (``Admission`` keeps exactly this as its ungated fast-path flag.)"""
+    return not admission._gated and admission.paused_until <= time.monotonic()
+
+
+def absorb(admission: Admission, n: int) -> None:
+    """Count ``n`` plain 2xx outcomes that lent leases absorbed, as ``Admission.release`` would
+    have (what the server accepted since the last cut measures the next cut). Only ever
+    called for an ungated admission, where release counts nothing else for a 2xx."""
+    admission.req.accepted += n
+    admission._ok_since_cut += n
+    admission._ok_this_epoch += n
+
+
 class AdmissionProxy:
     """``Admission``'s interface in a worker, backed by the ``Limiter`` actor (batched calls)."""
 
@@ -138,13 +200,19 @@ class AdmissionProxy:
         self._ids = itertools.count()
         self._queued: dict[int, tuple[float, asyncio.Future[int] | None]] = {}  # not yet sent
         self._sent: dict[int, tuple[float, asyncio.Future[int] | None]] = {}  # in the limiter's queue
+        self._cancel: list[int] = []  # sent requests served by a lent lease: drop them at the limiter
         self._pump: asyncio.Task[None] | None = None
         self._releases: list[tuple[int, int, dict[str, str] | None, float | None]] = []
         self._flush_soon = False
         self._rpm: float | None = None
+        self._lend_open = False  # the limiter's last word: the endpoint has only its cap in force
+        self._closed = 0.0  # when an outcome here last closed lending
+        self._lent: dict[int, float] = {}  # held lease id -> end of its term (time.monotonic)
+        self._absorbed = 0  # plain 2xx outcomes absorbed by lent leases, not yet told
         self.round_trips = 0  # acquire round trips that came back
         self.granted = 0  # leases they brought
         self.release_calls = 0  # release messages sent
+        self.reused = 0  # calls that ran on a lent lease, without a round trip
 
     def __repr__(self) -> str:
         return f"AdmissionProxy({self.worker!r}, {self.endpoint!r})"
@@ -167,24 +235,36 @@ class AdmissionProxy:
         """One round trip at a time while anything waits."""
         while self._queued or self._sent:
             new = [(req, est) for req, (est, _) in self._queued.items()]
+            cancel, self._cancel = self._cancel, []
             self._sent.update(self._queued)
             self._queued.clear()
+            asked = time.monotonic()
             try:
-                granted, self._rpm = await self.limiter.acquire.remote(self.worker, self.endpoint, new)
+                granted, self._rpm, lend_s = await self.limiter.acquire.remote(
+                    self.worker, self.endpoint, new, cancel
+                )
             except ray.exceptions.RayError:  # restarting: what it had queued is lost, send again
                 self._queued.update(self._sent)
                 self._sent.clear()
+                self._lent.clear()  # the new incarnation never lent them: stop reusing
+                self._lend_open = False
                 await asyncio.sleep(RETRY_S)
                 continue
             self.round_trips += 1
             self.granted += len(granted)
+            # (an answer to a question asked before our own non-plain outcome reached the limiter
+            # does not reopen lending)
+            self._lend_open = lend_s > 0 and asked > self._closed + 2 * FLUSH_S
+            now = time.monotonic()
             for req, lease_id in granted:
+                # every lease gets a term (a little apart, so they do not all come back at once):
+                # one granted while the endpoint was cold is reusable once the limiter says open
+                self._lent[lease_id] = now + (lend_s or LEND_S) * random.uniform(0.75, 1.0)
                 _, fut = self._sent.pop(req, (0.0, None))
                 if fut is not None and not fut.done():
                     fut.set_result(lease_id)
                 else:  # its caller is gone
-                    self._releases.append((lease_id, 0, None, None))
-                    self._schedule_flush()
+                    self._give_back(lease_id, 0, None, None)
 
     def release(
         self,
@@ -193,6 +273,39 @@ class AdmissionProxy:
         headers: Mapping[str, str] | None = None,
         used_tokens: float | None = None,
     ) -> None:
+        plain = 200 <= status < 300 and not (
+            headers
+            and ("x-ratelimit-remaining-requests" in headers or "x-ratelimit-remaining-tokens" in headers)
+        )
+        if not plain:
+            self._lend_open = False  # something to learn: every lease goes back until the limiter says
+            self._closed = time.monotonic()
+        elif self._lend_open and self._lent.get(lease, 0.0) > time.monotonic() and self._reuse(lease):
+            self._absorbed += 1
+            self.reused += 1
+            if self._absorbed >= TALLY_EVERY:
+                self._schedule_flush()
+            return
+        self._give_back(lease, status, headers, used_tokens)
+
+    def _reuse(self, lease: int) -> bool:
+        """Hand a lent lease to the oldest call waiting here (not yet sent, else sent: then the
+        limiter is told to drop that request); False when none waits."""
+        for pool in (self._queued, self._sent):
+            for req, (_, fut) in pool.items():
+                if fut is None or fut.done():
+                    continue
+                del pool[req]
+                if pool is self._sent:
+                    self._cancel.append(req)
+                fut.set_result(lease)
+                return True
+        return False
+
+    def _give_back(
+        self, lease: int, status: int, headers: Mapping[str, str] | None, used_tokens: float | None
+    ) -> None:
+        self._lent.pop(lease, None)
         self._releases.append((lease, status, dict(headers) if headers else None, used_tokens))
         self._schedule_flush()
 
@@ -204,13 +317,20 @@ class AdmissionProxy:
     def _flush(self) -> None:
         self._flush_soon = False
         done, self._releases = self._releases, []
-        if done:
+        tally = {self.endpoint: self._absorbed} if self._absorbed else None
+        self._absorbed = 0
+        if done or tally:
             self.release_calls += 1
             with contextlib.suppress(ray.exceptions.RayError):
-                self.limiter.release.remote(done)  # a restarting limiter forgot them anyway
+                self.limiter.release.remote(done, tally)  # a restarting limiter forgot them anyway
 
     def effective_rpm(self) -> float | None:
         return self._rpm
 
     def counters(self) -> dict[str, int]:
-        return {"round_trips": self.round_trips, "granted": self.granted, "release_calls": self.release_calls}
+        return {
+            "round_trips": self.round_trips,
+            "granted": self.granted,
+            "release_calls": self.release_calls,
+            "reused": self.reused,
+        }

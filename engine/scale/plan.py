@@ -13,6 +13,7 @@ consecutive problems of the dataset.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Literal
 import msgspec
 
 from engine.errors import ConfigError, InputError, one_line
+from engine.schema import Problem
 from engine.store import atomic_write
 
 GENERATE_BLOCK = 1000  # input lines per block (fair generate)
@@ -163,6 +165,44 @@ def settle(run_dir: Path, make: Callable[[int], Plan], size_flag: int | None, de
             f"then, {len(fresh.blocks)} now); use a new run directory"
         )
     return stored
+
+
+class ProblemBlocks:
+    """A ``fair run`` plan's problems, streamed from the dataset in block order: a block's problems
+    are read when it is first handed out and held until ``drop`` (a block whose worker died is
+    handed out again), so the driver holds the blocks in flight, never the whole dataset. Blocks
+    not in ``wanted`` (done in an earlier run) are read past and not kept."""
+
+    def __init__(self, problems: Iterable[Problem], plan: Plan, wanted: set[str]):
+        self._it = iter(problems)
+        self._blocks = plan.blocks
+        self._next = 0  # the next block to read from the stream
+        self._wanted = wanted
+        self._held: dict[str, list[Problem]] = {}
+
+    def get(self, block: Block) -> list[Problem]:
+        while block.id not in self._held:
+            if self._next >= len(self._blocks) or self._blocks[self._next].start > block.start:
+                raise ConfigError(f"block {block.id}: asked for after it was dropped or read past")
+            b = self._blocks[self._next]
+            self._next += 1
+            items = list(itertools.islice(self._it, b.count))
+            if len(items) != b.count or _digest([p.id for p in items]) != b.ids_sha256:
+                raise ConfigError(
+                    f"the dataset changed while the run was going (block {b.id}, items "
+                    f"{b.start}-{b.start + b.count - 1}); run again to check it against the plan"
+                )
+            if b.id in self._wanted:
+                self._held[b.id] = items
+        return self._held[block.id]
+
+    def drop(self, block_id: str) -> None:
+        """The block is done: forget its problems."""
+        self._held.pop(block_id, None)
+
+    def __len__(self) -> int:
+        """Blocks held now."""
+        return len(self._held)
 
 
 def read_lines(input_path: Path, block: Block) -> Iterator[tuple[int, bytes]]:
