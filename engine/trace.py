@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -77,53 +78,50 @@ class TraceObserver(Observer):
     def __init__(self, trace: Trace):
         self.trace = trace
 
-    def cached(self, call: Call, done: Completion) -> None:
+    def _write(self, call: Call, **fields: Any) -> None:
+        """One line for ``call``: now, its endpoint, model and stage, and ``fields``."""
         self.trace.write(
             TraceEvent(
                 ts=time.time(),
                 endpoint=call.endpoint,
                 model=call.model,
-                latency_s=0.0,
-                prompt_tokens=done.usage.prompt_tokens,
-                completion_tokens=done.usage.completion_tokens,
-                attempts=0,
-                cache_hit=True,
-                status=200,
                 stage=call.stage or msgspec.UNSET,
+                **fields,
             )
+        )
+
+    def _sent(self, call: Call, **fields: Any) -> None:
+        """``_write`` for a call that went out: its attempts, 429s, last status and batch too."""
+        self._write(
+            call,
+            attempts=call.attempts,
+            http_429=call.http_429,
+            status=call.status,
+            batch=call.batch or msgspec.UNSET,
+            **fields,
+        )
+
+    def cached(self, call: Call, done: Completion) -> None:
+        u = done.usage
+        self._write(
+            call,
+            latency_s=0.0,
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            attempts=0,
+            cache_hit=True,
+            status=200,
         )
 
     def completed(self, call: Call, done: Completion) -> None:
         u = done.usage
-        self.trace.write(
-            TraceEvent(
-                ts=time.time(),
-                endpoint=call.endpoint,
-                model=call.model,
-                latency_s=round(done.latency_s, 6),
-                prompt_tokens=u.prompt_tokens,
-                completion_tokens=u.completion_tokens,
-                cost_usd=done.cost_usd,
-                attempts=call.attempts,
-                http_429=call.http_429,
-                status=call.status,
-                batch=call.batch or msgspec.UNSET,
-                stage=call.stage or msgspec.UNSET,
-            )
+        self._sent(
+            call,
+            latency_s=round(done.latency_s, 6),
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            cost_usd=done.cost_usd,
         )
 
     def failed(self, call: Call, error: BaseException) -> None:
-        self.trace.write(
-            TraceEvent(
-                ts=time.time(),
-                endpoint=call.endpoint,
-                model=call.model,
-                latency_s=round(call.elapsed_s, 6),
-                attempts=call.attempts,
-                http_429=call.http_429,
-                status=call.status,
-                error=type(error).__name__,
-                batch=call.batch or msgspec.UNSET,
-                stage=call.stage or msgspec.UNSET,
-            )
-        )
+        self._sent(call, latency_s=round(call.elapsed_s, 6), error=type(error).__name__)

@@ -15,23 +15,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
-import aiohttp
 import msgspec
 
-from engine.batch.wire import (
-    TRANSIENT,
-    ControlError,
-    Lost,
-    Outcome,
-    Refused,
-    Remote,
-    Truncated,
-    call,
-    decode,
-    failed,
-    fetch,
-)
-from engine.providers import error_message
+from engine.batch.wire import TRANSIENT, BatchWire, Outcome, Remote, results
 
 MAX_ITEMS = 100_000
 MAX_BYTES = 256 * 1024**2
@@ -54,12 +40,6 @@ class _Batch(msgspec.Struct):
     results_url: str | None = None
 
 
-class _List(msgspec.Struct):
-    data: list[_Batch]
-    has_more: bool = False
-    last_id: str | None = None
-
-
 class _ErrInner(msgspec.Struct):
     type: str = "api_error"
     message: str | None = None
@@ -80,8 +60,6 @@ class _Line(msgspec.Struct):
     result: _Result
 
 
-_batch = msgspec.json.Decoder(_Batch)
-_list = msgspec.json.Decoder(_List)
 _line = msgspec.json.Decoder(_Line)
 _enc = msgspec.json.Encoder()
 
@@ -105,15 +83,10 @@ def _remote(b: _Batch) -> Remote:
     )
 
 
-class AnthropicBatchWire:
+class AnthropicBatchWire(BatchWire, batch=_Batch):
     max_items, max_bytes = MAX_ITEMS, MAX_BYTES
-
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, key: str | None, lane: str):
-        self.session, self.base, self.key, self.lane = session, base_url.rstrip("/"), key, lane
-
-    async def _json(self, method: str, path: str, data: bytes | None = None) -> tuple[int, bytes]:
-        kw = {"data": data, "headers": {"Content-Type": "application/json"}} if data is not None else {}
-        return await call(self.session, method, self.base + path, self.key, self.lane, **kw)
+    batches, after, noun = "/messages/batches", "after_id", "message batch"
+    remote = staticmethod(_remote)
 
     @staticmethod
     def line(custom_id: str, body: bytes) -> bytes:
@@ -127,50 +100,8 @@ class AnthropicBatchWire:
 
     async def create(self, path: Path, local: str) -> Remote:
         """Post the request file ``path`` (streamed from disk)."""
-        try:
-            with open(path, "rb") as data:
-                headers = {"Content-Type": "application/json"}
-                url = self.base + "/messages/batches"
-                status, raw = await call(
-                    self.session, "POST", url, self.key, self.lane, data=data, headers=headers
-                )
-        except ControlError as exc:  # no reply: the batch may exist
-            raise Lost(str(exc)) from None
-        if status >= 500 or status == 429:
-            raise Lost(f"POST /messages/batches: HTTP {status}: {error_message(raw, self.key)}", status)
-        if status >= 300:
-            msg = f"POST /messages/batches: HTTP {status}: {error_message(raw, self.key)}"
-            raise Refused(msg, status, raw)
-        return _remote(decode(_batch, raw, "message batch"))
-
-    async def retrieve(self, bid: str) -> Remote:
-        status, raw = await self._json("GET", f"/messages/batches/{bid}")
-        if status >= 300:
-            raise failed("GET", f"{self.base}/messages/batches/{bid}", status, raw, self.key)
-        return _remote(decode(_batch, raw, "message batch"))
-
-    async def cancel(self, bid: str) -> Remote:
-        status, raw = await self._json("POST", f"/messages/batches/{bid}/cancel")
-        if status >= 300:
-            raise failed("POST", f"{self.base}/messages/batches/{bid}/cancel", status, raw, self.key)
-        return _remote(decode(_batch, raw, "message batch"))
-
-    async def list(self, limit: int = 100) -> list[Remote]:
-        out: list[Remote] = []
-        after = ""
-        while len(out) < limit:
-            q = f"/messages/batches?limit={min(100, limit - len(out))}" + (
-                f"&after_id={after}" if after else ""
-            )
-            status, raw = await self._json("GET", q)
-            if status >= 300:
-                raise failed("GET", self.base + "/messages/batches", status, raw, self.key)
-            page = decode(_list, raw, "batch list")
-            out += [_remote(b) for b in page.data]
-            if not page.has_more or not page.data:
-                break
-            after = page.data[-1].id
-        return out
+        with open(path, "rb") as data:
+            return await self._create(data=data, headers={"Content-Type": "application/json"})
 
     async def find(self, local: str, t_create: float, n: int) -> list[Remote]:
         """Batches of ``n`` requests created since our ``creating`` event (less the clock skew)."""
@@ -181,19 +112,11 @@ class AnthropicBatchWire:
         url = f"{self.base}/messages/batches/{remote.id}/results"
         if remote.output and remote.output.split("/")[:3] == self.base.split("/")[:3]:
             url = remote.output  # results_url, only on our own host: the key goes with it
-        status, raw = await fetch(self.session, url, self.key, self.lane, out)
-        if status >= 300:
-            raise failed("GET", url, status, raw, self.key)
+        await self._fetch(url, out)
 
     def parse(self, lines: Iterable[bytes], remote: Remote, ids: list[str]) -> Iterator[Outcome]:
         """Outcomes, one by one (any order); ``Truncated`` on a bad line or missing lines."""
-        n = 0
-        for raw in lines:
-            try:
-                line = _line.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-                raise Truncated("unreadable line in the batch results") from None
-            n += 1
+        for line in results(_line, lines, remote.n, "results"):
             r = line.result
             if r.type == "succeeded" and bytes(r.message) != b"null":
                 yield line.custom_id, 200, bytes(r.message)
@@ -212,5 +135,3 @@ class AnthropicBatchWire:
                 yield line.custom_id, 400, err
             else:  # canceled, expired, api/overloaded errors: a later batch
                 yield line.custom_id, TRANSIENT, b""
-        if n < remote.n:
-            raise Truncated(f"batch results have {n} of {remote.n} lines")

@@ -20,16 +20,14 @@ import msgspec
 
 from engine.batch.wire import (
     TRANSIENT,
-    ControlError,
-    Lost,
+    BatchWire,
     Outcome,
     Refused,
     Remote,
-    Truncated,
     call,
     decode,
     failed,
-    fetch,
+    results,
 )
 from engine.providers import error_message
 
@@ -62,12 +60,6 @@ class _Batch(msgspec.Struct):
     errors: _Errors | None = None
 
 
-class _List(msgspec.Struct):
-    data: list[_Batch]
-    has_more: bool = False
-    last_id: str | None = None
-
-
 class _File(msgspec.Struct):
     id: str
 
@@ -83,8 +75,6 @@ class _Line(msgspec.Struct):
     error: dict | None = None
 
 
-_batch = msgspec.json.Decoder(_Batch)
-_list = msgspec.json.Decoder(_List)
 _file = msgspec.json.Decoder(_File)
 _line = msgspec.json.Decoder(_Line)
 _enc = msgspec.json.Encoder()
@@ -105,15 +95,10 @@ def _remote(b: _Batch) -> Remote:
     )
 
 
-class OpenAIBatchWire:
+class OpenAIBatchWire(BatchWire, batch=_Batch):
     max_items, max_bytes = MAX_ITEMS, MAX_BYTES
-
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, key: str | None, lane: str):
-        self.session, self.base, self.key, self.lane = session, base_url.rstrip("/"), key, lane
-
-    async def _json(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
-        kw = {"data": _enc.encode(body), "headers": {"Content-Type": "application/json"}} if body else {}
-        return await call(self.session, method, self.base + path, self.key, self.lane, **kw)
+    batches, after, noun = "/batches", "after", "batch object"
+    remote = staticmethod(_remote)
 
     @staticmethod
     def line(custom_id: str, body: bytes) -> bytes:
@@ -138,49 +123,18 @@ class OpenAIBatchWire:
         if status >= 300:
             raise self._refusal("POST", "/files", status, raw)
         fid = decode(_file, raw, "file object").id
-        meta = {"fair_batch": local}
-        body = {"input_file_id": fid, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
-        try:
-            status, raw = await self._json("POST", "/batches", {**body, "metadata": meta})
-        except ControlError as exc:  # no reply: the batch may exist
-            raise Lost(str(exc)) from None
-        if status >= 500 or status == 429:
-            raise Lost(f"POST /batches: HTTP {status}: {error_message(raw, self.key)}", status)
-        if status >= 300:
-            raise self._refusal("POST", "/batches", status, raw)
-        return _remote(decode(_batch, raw, "batch object"))
+        body = {
+            "input_file_id": fid,
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+            "metadata": {"fair_batch": local},
+        }
+        return await self._create(data=_enc.encode(body), headers={"Content-Type": "application/json"})
 
     def _refusal(self, method: str, path: str, status: int, raw: bytes) -> Exception:
         if status >= 500 or status == 429:
             return failed(method, self.base + path, status, raw, self.key)
         return Refused(f"{method} {path}: HTTP {status}: {error_message(raw, self.key)}", status, raw)
-
-    async def retrieve(self, bid: str) -> Remote:
-        status, raw = await self._json("GET", f"/batches/{bid}")
-        if status >= 300:
-            raise failed("GET", f"{self.base}/batches/{bid}", status, raw, self.key)
-        return _remote(decode(_batch, raw, "batch object"))
-
-    async def cancel(self, bid: str) -> Remote:
-        status, raw = await self._json("POST", f"/batches/{bid}/cancel")
-        if status >= 300:
-            raise failed("POST", f"{self.base}/batches/{bid}/cancel", status, raw, self.key)
-        return _remote(decode(_batch, raw, "batch object"))
-
-    async def list(self, limit: int = 100) -> list[Remote]:
-        out: list[Remote] = []
-        after = ""
-        while len(out) < limit:
-            q = f"/batches?limit={min(100, limit - len(out))}" + (f"&after={after}" if after else "")
-            status, raw = await self._json("GET", q)
-            if status >= 300:
-                raise failed("GET", self.base + "/batches", status, raw, self.key)
-            page = decode(_list, raw, "batch list")
-            out += [_remote(b) for b in page.data]
-            if not page.has_more or not page.data:
-                break
-            after = page.data[-1].id
-        return out
 
     async def find(self, local: str, t_create: float, n: int) -> list[Remote]:
         """Batches carrying our local id in their metadata (newest 100 looked at)."""
@@ -190,10 +144,7 @@ class OpenAIBatchWire:
         """The output file, then the error file, streamed into ``out``."""
         for fid in (remote.output, remote.errors_file):
             if fid:
-                url = f"{self.base}/files/{fid}/content"
-                status, raw = await fetch(self.session, url, self.key, self.lane, out)
-                if status >= 300:
-                    raise failed("GET", url, status, raw, self.key)
+                await self._fetch(f"{self.base}/files/{fid}/content", out)
 
     def parse(self, lines: Iterable[bytes], remote: Remote, ids: list[str]) -> Iterator[Outcome]:
         """Outcomes of the items ``ids`` (in upload order), one by one; raises ``Truncated`` on a
@@ -206,17 +157,9 @@ class OpenAIBatchWire:
                 else:
                     yield cid, TRANSIENT, b""
             return
-        n = 0
-        for raw in lines:
-            try:
-                line = _line.decode(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-                raise Truncated("unreadable line in the batch output") from None
-            n += 1
+        for line in results(_line, lines, remote.n, "output"):
             r = line.response
             if r is None or r.status_code >= 500 or r.status_code in (408, 429):
                 yield line.custom_id, TRANSIENT, b""
             else:
                 yield line.custom_id, r.status_code, bytes(r.body)
-        if n < remote.n:  # a download cut at a line boundary
-            raise Truncated(f"batch output has {n} of {remote.n} lines")

@@ -1,4 +1,5 @@
-"""What the batch executor needs of a provider's Batch API, and the HTTP helper both wires use.
+"""What the batch executor needs of a provider's Batch API, and what both wires share: the HTTP
+helpers and ``BatchWire``, their base (the calls that are alike on both providers).
 
 A wire (``engine.batch.openai``, ``engine.batch.anthropic``) turns ``(custom_id, body)`` pairs
 into a provider batch and its results back into ``Outcome`` tuples, through files on disk (a batch
@@ -18,8 +19,8 @@ control call is an ``AuthError``: the run aborts (exit 3).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Generic, TypeVar
 
 import aiohttp
 import msgspec
@@ -32,6 +33,8 @@ from engine.providers import error_message, redact
 # missing from the results; the item goes into a later batch).
 Outcome = tuple[str, int, bytes]
 TRANSIENT = 0
+B = TypeVar("B")  # a provider's batch object
+_enc = msgspec.json.Encoder()
 
 
 class Remote(msgspec.Struct, kw_only=True):
@@ -46,6 +49,14 @@ class Remote(msgspec.Struct, kw_only=True):
     output: str | None = None  # OpenAI output_file_id / Anthropic results_url
     errors_file: str | None = None  # OpenAI error_file_id
     line_errors: list[tuple[int, str]] = []  # OpenAI validation failure: (line, message)
+
+
+class Page(msgspec.Struct, Generic[B]):
+    """One page of a provider's batch list (both keep this shape)."""
+
+    data: list[B]
+    has_more: bool = False
+    last_id: str | None = None
 
 
 class ControlError(Exception):
@@ -81,12 +92,8 @@ async def call(
         async with session.request(method, url, **kw) as resp:
             status, raw = resp.status, await resp.read()
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise ControlError(redact(f"{method} {url}: {type(exc).__name__}: {exc}", key)) from None
-    if status in (401, 403):
-        raise AuthError(
-            f"endpoint {lane!r} ({url}) refused the credentials (HTTP {status}: {error_message(raw, key)})"
-        )
-    return status, raw
+        raise _no_reply(method, url, exc, key) from None
+    return _answer(status, raw, url, key, lane)
 
 
 async def fetch(
@@ -107,7 +114,16 @@ async def fetch(
                 if last != b"\n":
                     out.write(b"\n")  # a cut last line then fails to parse (Truncated)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise ControlError(redact(f"GET {url}: {type(exc).__name__}: {exc}", key)) from None
+        raise _no_reply("GET", url, exc, key) from None
+    return _answer(status, raw, url, key, lane)
+
+
+def _no_reply(method: str, url: str, exc: BaseException, key: str | None) -> ControlError:
+    return ControlError(redact(f"{method} {url}: {type(exc).__name__}: {exc}", key))
+
+
+def _answer(status: int, raw: bytes, url: str, key: str | None, lane: str) -> tuple[int, bytes]:
+    """``(status, raw)``, or ``AuthError`` for 401/403."""
     if status in (401, 403):
         raise AuthError(
             f"endpoint {lane!r} ({url}) refused the credentials (HTTP {status}: {error_message(raw, key)})"
@@ -143,3 +159,101 @@ def decode(decoder: msgspec.json.Decoder, raw: bytes, what: str) -> Any:
         return decoder.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
         raise ControlError(f"unusable {what}: {one_line(str(exc), 200)}") from None
+
+
+def results(decoder: msgspec.json.Decoder, lines: Iterable[bytes], expect: int, what: str) -> Iterator[Any]:
+    """The decoded lines of a results file; ``Truncated`` on an unreadable line or, at the end, when
+    fewer than ``expect`` came (a download cut at a line boundary). ``what``: "results", "output"."""
+    n = 0
+    for raw in lines:
+        try:
+            line = decoder.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            raise Truncated(f"unreadable line in the batch {what}") from None
+        n += 1
+        yield line
+    if n < expect:
+        verb = "have" if what.endswith("s") else "has"
+        raise Truncated(f"batch {what} {verb} {n} of {expect} lines")
+
+
+class BatchWire:
+    """The calls both providers make alike on their batches collection (``{base}{batches}``):
+    create's reply, retrieve, cancel, the paged list, result downloads. A provider's wire sets
+    the class attributes and writes what differs: its input and result shapes, ``create``,
+    ``find``, ``download``, ``parse``."""
+
+    max_items: int
+    max_bytes: int
+    batches: str  # the collection's path: "/batches", "/messages/batches"
+    after: str  # the list's paging parameter
+    noun: str  # the batch object, as unusable-reply messages name it
+    batch_decoder: msgspec.json.Decoder  # of the provider's batch object (from ``batch=``)
+    list_decoder: msgspec.json.Decoder  # of a ``Page`` of them
+    remote: Callable[[Any], Remote]  # provider batch object -> Remote
+
+    def __init_subclass__(cls, batch: type, **kw: Any) -> None:
+        """``class XBatchWire(BatchWire, batch=XBatch)``: decoders of that batch object and its list."""
+        super().__init_subclass__(**kw)
+        cls.batch_decoder, cls.list_decoder = msgspec.json.Decoder(batch), msgspec.json.Decoder(Page[batch])
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, key: str | None, lane: str):
+        self.session, self.base, self.key, self.lane = session, base_url.rstrip("/"), key, lane
+
+    async def _json(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
+        kw = {"data": _enc.encode(body), "headers": {"Content-Type": "application/json"}} if body else {}
+        return await call(self.session, method, self.base + path, self.key, self.lane, **kw)
+
+    def _decoded(self, raw: bytes) -> Remote:
+        return self.remote(decode(self.batch_decoder, raw, self.noun))
+
+    async def _create(self, **kw: Any) -> Remote:
+        """``POST {batches}`` with ``kw`` (the request body): the new batch. ``Lost`` when no reply
+        came or a 5xx/429 did (the batch may exist); ``Refused`` for another 4xx."""
+        try:
+            url = self.base + self.batches
+            status, raw = await call(self.session, "POST", url, self.key, self.lane, **kw)
+        except ControlError as exc:  # no reply: the batch may exist
+            raise Lost(str(exc)) from None
+        if status >= 300:
+            msg = f"POST {self.batches}: HTTP {status}: {error_message(raw, self.key)}"
+            if status >= 500 or status == 429:
+                raise Lost(msg, status)
+            raise Refused(msg, status, raw)
+        return self._decoded(raw)
+
+    async def _on_batch(self, method: str, path: str) -> Remote:
+        """A control call on one batch: the batch as it is now."""
+        status, raw = await self._json(method, path)
+        if status >= 300:
+            raise failed(method, self.base + path, status, raw, self.key)
+        return self._decoded(raw)
+
+    async def retrieve(self, bid: str) -> Remote:
+        return await self._on_batch("GET", f"{self.batches}/{bid}")
+
+    async def cancel(self, bid: str) -> Remote:
+        return await self._on_batch("POST", f"{self.batches}/{bid}/cancel")
+
+    async def list(self, limit: int = 100) -> list[Remote]:
+        out: list[Remote] = []
+        after = ""
+        while len(out) < limit:
+            q = f"{self.batches}?limit={min(100, limit - len(out))}" + (
+                f"&{self.after}={after}" if after else ""
+            )
+            status, raw = await self._json("GET", q)
+            if status >= 300:
+                raise failed("GET", self.base + self.batches, status, raw, self.key)
+            page = decode(self.list_decoder, raw, "batch list")
+            out += [self.remote(b) for b in page.data]
+            if not page.has_more or not page.data:
+                break
+            after = page.data[-1].id
+        return out
+
+    async def _fetch(self, url: str, out: BinaryIO) -> None:
+        """``GET url`` streamed into ``out``; ``ControlError`` unless 2xx."""
+        status, raw = await fetch(self.session, url, self.key, self.lane, out)
+        if status >= 300:
+            raise failed("GET", url, status, raw, self.key)

@@ -308,6 +308,19 @@ class BatchSim:
             401, "invalid x-api-key" if anthropic else "Incorrect API key provided.", "authentication_error"
         )
 
+    def _named(self, request: web.Request, kind: str) -> _Batch | web.Response:
+        """The ``kind`` batch the route's ``{bid}`` names, or the answer instead (401, or 404 in
+        that provider's error shape)."""
+        anthropic = kind == "anthropic"
+        if (refused := self._refused(request, anthropic)) is not None:
+            return refused
+        b = self.batches.get(request.match_info["bid"])
+        if b is not None and b.kind == kind:
+            return b
+        if anthropic:
+            return _anthropic_error(404, "batch not found", "not_found_error")
+        return _error(404, "No such batch", "invalid_request_error")
+
     # -- OpenAI routes --------------------------------------------------------------------------
 
     async def upload(self, request: web.Request) -> web.Response:
@@ -409,19 +422,13 @@ class BatchSim:
         return _json(b.obj)
 
     async def get_openai(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request, False)) is not None:
-            return refused
-        b = self.batches.get(request.match_info["bid"])
-        if b is None or b.kind != "openai":
-            return _error(404, "No such batch", "invalid_request_error")
+        if isinstance(b := self._named(request, "openai"), web.Response):
+            return b
         return _json(b.obj)
 
     async def cancel_openai(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request, False)) is not None:
-            return refused
-        b = self.batches.get(request.match_info["bid"])
-        if b is None or b.kind != "openai":
-            return _error(404, "No such batch", "invalid_request_error")
+        if isinstance(b := self._named(request, "openai"), web.Response):
+            return b
         self._cancel(b)
         return _json(b.obj)
 
@@ -501,20 +508,14 @@ class BatchSim:
         return _json(b.obj)
 
     async def get_anthropic(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request, True)) is not None:
-            return refused
-        b = self.batches.get(request.match_info["bid"])
-        if b is None or b.kind != "anthropic":
-            return _anthropic_error(404, "batch not found", "not_found_error")
+        if isinstance(b := self._named(request, "anthropic"), web.Response):
+            return b
         return _json(b.obj)
 
     async def results_anthropic(self, request: web.Request) -> web.Response:
         """``GET {results_url}``: JSONL, one {custom_id, result} per request (order not kept)."""
-        if (refused := self._refused(request, True)) is not None:
-            return refused
-        b = self.batches.get(request.match_info["bid"])
-        if b is None or b.kind != "anthropic":
-            return _anthropic_error(404, "batch not found", "not_found_error")
+        if isinstance(b := self._named(request, "anthropic"), web.Response):
+            return b
         if b.ended is None:
             return _anthropic_error(400, "batch is still in progress")
         model = b.items[0][1].get("model", "") if b.items else ""
@@ -522,11 +523,8 @@ class BatchSim:
         return web.Response(body=self._cut(data), content_type="application/x-jsonl")
 
     async def cancel_anthropic(self, request: web.Request) -> web.Response:
-        if (refused := self._refused(request, True)) is not None:
-            return refused
-        b = self.batches.get(request.match_info["bid"])
-        if b is None or b.kind != "anthropic":
-            return _anthropic_error(404, "batch not found", "not_found_error")
+        if isinstance(b := self._named(request, "anthropic"), web.Response):
+            return b
         b.obj["cancel_initiated_at"] = _iso(time.time())
         self._cancel(b)
         return _json(b.obj)
