@@ -143,17 +143,6 @@ def failed(method: str, url: str, status: int, raw: bytes, key: str | None) -> C
     return ControlError(one_line(f"{method} {url}: HTTP {status}: {error_message(raw, key)}"), status)
 
 
-def lines(data: bytes):
-    """The non-blank lines of ``data`` as zero-copy memoryviews (a results file can be 100s of MB)."""
-    view, start = memoryview(data), 0
-    while start < len(data):
-        end = data.find(b"\n", start)
-        end = len(data) if end < 0 else end
-        if end - start > 8 or data[start:end].strip():  # a JSON line is never under 8 bytes
-            yield view[start:end]
-        start = end + 1
-
-
 def decode(decoder: msgspec.json.Decoder, raw: bytes, what: str) -> Any:
     try:
         return decoder.decode(raw)
