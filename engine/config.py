@@ -121,7 +121,7 @@ class EndpointConfig(Struct, kw_only=True):
         if self.mode != "batch":
             return
         if self.provider not in BATCH_LIMITS:
-            raise ValueError(f"mode = \"batch\" is not available for provider {self.provider!r} yet")
+            raise ValueError(f'mode = "batch" is not available for provider {self.provider!r} yet')
         items, size = BATCH_LIMITS[self.provider]
         b = self.batch
         for field, value, limit in (("max_items", b.max_items, items), ("max_bytes", b.max_bytes, size)):
