@@ -3,7 +3,8 @@
 Every arm is the real command (``fair generate`` / ``fair run``) in a child process; Ray arms
 join one Ray head this benchmark starts (``ray start --head --block`` on 127.0.0.1, its own
 process group, killed at the end), so start-up is measured once, apart, as ``ray_start_s``
-(joining the cluster and starting the limiter and the workers), and rates exclude it.
+(joining the cluster and starting the limiter and the workers), and rates exclude it (and
+Ray's shut-down, ``ray_stop_s`` in the run's manifest).
 
 Arms (``--quick``: smaller, in brackets):
 

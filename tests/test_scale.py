@@ -343,9 +343,12 @@ def test_fair_run_on_ray_same_records_as_single_process(cluster: str, tmp_path: 
     with SimThread(profile(), probs) as sim:
         job = _write_job(tmp_path, sim.base_url, probs)
         code1, err1 = fair("run", str(job), "--run-dir", str(tmp_path / "single"), "--no-progress")
-        code2, err2 = fair("run", str(job), "--run-dir", str(tmp_path / "ray"), "--no-progress",
+        code2, err2 = fair("run", str(job), "--run-dir", str(tmp_path / "ray"),
                            "--ray", cluster, "--block-size", "5")  # fmt: skip
     assert (code1, code2) == (0, 0), (err1, err2)
+    # the shared progress display, fed per finished block (not a terminal: a last plain line)
+    last = [line for line in err2.splitlines() if line.startswith("problems ")][-1]
+    assert last.startswith("problems 20/20 |") and "calls " in last, err2
     for kind in ("attempts", "rationales", "feedback", "reviews", "samples", "failures", "problems"):
         single, ray = (
             sorted((_drop(r, "calls") for r in iter_raw(tmp_path / arm, kind)), key=lambda r: r["id"])
@@ -506,3 +509,22 @@ def test_problem_blocks_stream_the_dataset_in_block_order() -> None:
         feed.get(plan.blocks[1])  # dropped: never read twice
     with pytest.raises(ConfigError, match="changed"):
         ProblemBlocks(problems(23, rename=4), plan, {"b00000"}).get(plan.blocks[0])
+
+
+def test_generate_on_ray_shows_the_shared_progress(cluster: str, tmp_path: Path) -> None:
+    """Without --no-progress the driver shows the single-process progress display, advanced by
+    finished blocks with their request counters; a re-run counts the done records as resumed."""
+    inp = write_input(tmp_path / "in.jsonl", 200)
+    out = tmp_path / "out"
+    with FakeServerThread() as srv:
+        args = _args(srv, inp, out, "--ray", cluster, "--block-size", "50")
+        args.remove("--no-progress")
+        code, err = fair(*args)
+        assert code == 0, err
+        last = [line for line in err.splitlines() if line.startswith("responses ")][-1]
+        assert last.startswith("responses 200/200 |") and "calls " in last and "/s" in last, err
+        code, err = fair(*args)
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.startswith("responses ")][-1].startswith(
+        "responses 200/200 | 0.0/s"
+    ), err

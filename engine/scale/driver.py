@@ -13,6 +13,13 @@ records, traces, caches and their attempt manifests (``engine.scale.worker``). T
 * an attempt that reports ``aborted`` (401/403, the breaker) stops everything: workers are
   killed, the manifest says ``aborted``, exit 3; ``config_error`` (a worker without the API
   key) the same with exit 2.
+
+The input is streamed: ``fair generate`` reads a block's lines by byte offset when the block is
+handed out; ``fair run`` reads the dataset once for the plan (ids only) and again as blocks are
+handed out (``plan.ProblemBlocks``), holding only the blocks in flight. Progress is the
+single-process display (``engine.progress.Progress``), advanced per finished block with that
+block's request counters. ``run_s`` (what rates are measured over) excludes Ray's start-up and
+shut-down, which the manifest reports apart (``ray_start_s``, ``ray_stop_s``).
 """
 
 from __future__ import annotations
