@@ -438,6 +438,20 @@ class Admission:
         except TimeoutError:
             pass
 
+    @property
+    def ungated(self) -> bool:
+        """Nothing but the concurrency cap is in force: warm, no bucket, no mirror, no pause (a
+        shared limiter may then lend leases without asking again: ``engine.scale.limiter``)."""
+        return not self._gated and self.paused_until <= time.monotonic()
+
+    def absorb(self, n: int) -> None:
+        """Count ``n`` plain 2xx outcomes of calls that ran on lent leases, as ``release`` would
+        have (what the server accepted since the last cut measures the next cut). Only for an
+        ungated admission, where ``release`` counts nothing else for a 2xx."""
+        self.req.accepted += n
+        self._ok_since_cut += n
+        self._ok_this_epoch += n
+
     # -- release ----------------------------------------------------------------------------
     def release(
         self,

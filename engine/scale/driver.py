@@ -50,15 +50,12 @@ COMPLETE = frozenset({"done", "done_with_failures"})
 class Driver:
     """Ray, the limiter and the worker pool of one scaled run."""
 
-    def __init__(
-        self, run_dir: Path, address: str, workers: int, limits: dict, endpoints: list[str], progress: bool
-    ):
+    def __init__(self, run_dir: Path, address: str, workers: int, limits: dict, endpoints: list[str]):
         self.run_dir = Path(run_dir)
         self.address = check_address(address)
         self.n = workers
         self.limits = limits
         self.endpoints = endpoints
-        self.progress = progress
         self.pid_dir = self.run_dir / "blocks" / "pids"
         self.ray: Any = None
         self.limiter: Any = None
@@ -320,7 +317,7 @@ def generate(args: Any, endpoint: Any) -> int:
     todo = [b for b in plan.blocks if b.id not in finished]
     opts = {"max_tokens": args.max_tokens, "temperature": args.temperature, "n": args.n, "seed": args.seed}
     limits = {ENDPOINT: (endpoint.concurrency, endpoint.rpm, endpoint.tpm)}
-    driver = Driver(out, args.ray, args.workers or 2, limits, [ENDPOINT], progress=not args.no_progress)
+    driver = Driver(out, args.ray, args.workers or 2, limits, [ENDPOINT])
     bar = Progress(plan.items, label="responses", enabled=not args.no_progress)
     t0 = time.monotonic()
     status, results, stop = "interrupted", [], None
@@ -485,9 +482,7 @@ def run(args: Any, cfg: Any, run_dir: Path) -> int:
 
     (run_dir / "config.toml").write_bytes(dump_config(cfg))
     limits = {n: (ep.concurrency, ep.rpm, ep.tpm) for n, ep in cfg.endpoints.items()}
-    driver = Driver(
-        run_dir, args.ray, args.workers or 2, limits, list(cfg.endpoints), progress=not args.no_progress
-    )
+    driver = Driver(run_dir, args.ray, args.workers or 2, limits, list(cfg.endpoints))
     status, results, stop = "interrupted", [], None
     t_run = 0.0
     try:

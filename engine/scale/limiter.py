@@ -116,7 +116,7 @@ class Limiter:
             lease_id = next(self._ids)
             self.leases[lease_id] = (worker, endpoint, task.result())
             granted.append((req, lease_id))
-        return granted, admission.effective_rpm(), LEND_S if lendable(admission) else 0.0
+        return granted, admission.effective_rpm(), LEND_S if admission.ungated else 0.0
 
     def release(
         self,
@@ -127,7 +127,7 @@ class Limiter:
         ``tally``: per endpoint, the plain 2xx outcomes absorbed by lent leases meanwhile."""
         for endpoint, n in (tally or {}).items():
             if endpoint in self.admissions:
-                absorb(self.admissions[endpoint], n)
+                self.admissions[endpoint].absorb(n)
         for lease_id, status, headers, used in done:
             item = self.leases.pop(lease_id, None)
             if item is not None:
@@ -173,21 +173,6 @@ def start_empty(admission: Admission) -> None:
     for bucket in (admission.requests, admission.tokens):
         if bucket is not None:
             bucket.adjust(-bucket.level)
-
-
-def lendable(admission: Admission) -> bool:
-    """Nothing but the concurrency cap is in force: warm, no bucket, no mirror, no pause.
-    (``Admission`` keeps exactly this as its ungated fast-path flag.)"""
-    return not admission._gated and admission.paused_until <= time.monotonic()
-
-
-def absorb(admission: Admission, n: int) -> None:
-    """Count ``n`` plain 2xx outcomes that lent leases absorbed, as ``Admission.release`` would
-    have (what the server accepted since the last cut measures the next cut). Only ever
-    called for an ungated admission, where release counts nothing else for a 2xx."""
-    admission.req.accepted += n
-    admission._ok_since_cut += n
-    admission._ok_this_epoch += n
 
 
 class AdmissionProxy:
