@@ -13,7 +13,8 @@ Two modes, as in lm-evaluation-harness's GSM8K task:
   answer wins. A reply that is nothing but the answer ("18", "Yes.", "(B)") counts as well.
 * ``flexible``: the strict answer if there is one, else a fallback: the number the final
   statement gives (numeric; ``final_statement_number``: a sentence-level rule, so "Emily used a
-  total of 52 beads for her 44 friends." gives 52, not the trailing 44); a reply opening with
+  total of 52 beads for her 44 friends." gives 52, not the trailing 44; given the ``question``,
+  the number of the unit "how many X" asks for wins); a reply opening with
   "Yes"/"No", else the last yes/no/true/false word (yesno); the
   last "(B)" / "option B" / trailing bare letter, else a unique option-text match (choice).
 
@@ -27,6 +28,7 @@ Pure Python (re, fractions): the trainer imports this module too.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Sequence
@@ -232,7 +234,7 @@ def _render(m: re.Match[str]) -> str | None:
     return format_number(parsed[0]) + ("%" if parsed[1] else "")
 
 
-def _extract_numeric(text: str, mode: str) -> str | None:
+def _extract_numeric(text: str, mode: str, question: str | None = None) -> str | None:
     text = _clean(text)
     whole = _WHOLE_NUMBER.fullmatch(text)
     if whole:
@@ -243,7 +245,7 @@ def _extract_numeric(text: str, mode: str) -> str | None:
             return found
     if mode == "strict":
         return None
-    return final_statement_number(text)
+    return final_statement_number(text, question)
 
 
 # -- the final statement of free-form text (no answer marker) -----------------------------------
@@ -269,13 +271,73 @@ def final_statement(text: str) -> str | None:
     return None
 
 
-def final_statement_number(text: str) -> str | None:
+# "How many (more) sacks of oranges ..." -> "sacks": the unit the question asks a count of
+_ASKED_UNIT = re.compile(
+    r"\bhow\s+many\s+(?:(?:more|fewer|less|total|different|new|extra|additional)\s+)*([a-z][a-z-]*)", re.I
+)
+_UNIT_AFTER = re.compile(
+    r"\s*(?:(?:more|fewer|less|additional|extra|new|other|different|total)\s+)*([a-z][a-z-]*)", re.I
+)
+_RATE = re.compile(r"\s*(?:/|per\b|each\b|in\s+each\b|a\s+(?:day|week|month|year)\b)", re.I)
+# a sentence opening with a subordinate clause ("Since ..., ...") asserts its result after a comma
+_SUBORDINATE = re.compile(
+    r"^\W*(?:(?:so|thus|hence|therefore)\s*,?\s*)?"
+    r"(?:since|because|as|if|when|while|although|given|before|after|once|until)\b",
+    re.I,
+)
+_TOTAL_OF = re.compile(r"\btotal\s+of\b", re.I)
+# a trailing clause that explains rather than asserts: ", as she has already put in 2 cups ..."
+_TRAILING = re.compile(r",\s+(?:as|since|because|while|which|so\s+that|leaving|making)\b", re.I)
+
+
+def asked_unit(question: str | None) -> str | None:
+    """The unit a "how many X" question counts ("how many more cakes ..." -> "cakes"), or None."""
+    m = _ASKED_UNIT.search(question or "")
+    return m[1].lower() if m else None
+
+
+def _stem(word: str) -> str:
+    word = word.lower()
+    if re.search(r"(?:ch|sh|ss|x|us)es$", word):
+        return word[:-2]
+    return word[:-1] if word.endswith("s") and not word.endswith("ss") else word
+
+
+def _unit_number(statement: str, unit: str) -> re.Match[str] | None:
+    """The number in the statement that counts the asked unit ("390 sacks of ..."), not a rate
+    ("15 people/seat"): the first after the last "total of" of the main clause (trailing ", as /
+    leaving / ..." clauses explain); in a sentence that opens with a subordinate clause ("Since
+    ..., ..."), the first in the last comma-separated part that has one; else the first."""
+    stem = _stem(unit)
+
+    def first(start: int = 0, end: int | None = None) -> re.Match[str] | None:
+        for m in _NUMBER.finditer(statement, start, len(statement) if end is None else end):
+            w = _UNIT_AFTER.match(statement, m.end())
+            if w and _stem(w[1]) == stem and not _RATE.match(statement, w.end()):
+                return m
+        return None
+
+    main = _TRAILING.split(statement, maxsplit=1)[0]
+    totals = list(_TOTAL_OF.finditer(main))
+    if totals and (m := first(totals[-1].end(), len(main))) is not None:
+        return m
+    if _SUBORDINATE.match(statement):
+        cuts = [c.end() for c in re.finditer(r",\s+", statement)] + [len(statement)]
+        for lo, hi in reversed(list(itertools.pairwise(cuts))):
+            if (m := first(lo, hi)) is not None:
+                return m
+    return first()
+
+
+def final_statement_number(text: str, question: str | None = None) -> str | None:
     """The number the final statement gives as its result, by a sentence-level rule.
 
     In the last sentence with a number: the result of its last "=", if that starts the rest;
-    else, in its last clause with a number, the first number after the last "total of / in
-    all / is / are / equals" cue; else the first number that is not a detail introduced by a
-    preposition ("You can buy 4 packs with 104 dollars" -> 4); else the last number.
+    else, when a ``question`` asks "how many X", the first number of X in it ("20 Ferris wheels
+    can hold 5700 people" -> 5700 for "how many people"; not a rate "15 people/seat"); else, in its
+    last clause with a number, the first number after the last "total of / in all / is / are /
+    equals" cue; else the first number that is not a detail introduced by a preposition ("You
+    can buy 4 packs with 104 dollars" -> 4); else the last number. The gold is never consulted.
     ``tests/test_answers.py`` measures it on the FAIR release (confusion table with ``-s``).
     """
     s = final_statement(text)
@@ -288,6 +350,9 @@ def final_statement_number(text: str) -> str | None:
             return _render(nums[0])
         if nums:
             s = seg
+    unit = asked_unit(question)
+    if unit is not None and (m := _unit_number(s, unit)) is not None:
+        return _render(m)
     clause = [c for c in _CLAUSE.split(s) if _NUMBER.search(c)][-1]
     nums = list(_NUMBER.finditer(clause))
     cues = list(_CUE.finditer(clause))
@@ -380,19 +445,25 @@ def _option_text(text: str, options: Sequence[str]) -> str | None:
 
 
 def extract_answer(
-    text: str, task: str, *, mode: str = "flexible", options: Sequence[str] | None = None
+    text: str,
+    task: str,
+    *,
+    mode: str = "flexible",
+    options: Sequence[str] | None = None,
+    question: str | None = None,
 ) -> str | None:
     """The final answer a model gave, in canonical form ("18", "0.75", "yes", "B"), or None.
 
     ``options`` (choice tasks, flexible mode) lets a reply that quotes exactly one option's text
-    without its letter count as that option.
+    without its letter count as that option. ``question`` (numeric, flexible mode) lets the
+    final-statement rule prefer the number of the unit a "how many X" question asks for.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
     if not text:
         return None
     if task == "numeric":
-        return _extract_numeric(text, mode)
+        return _extract_numeric(text, mode, question)
     if task == "yesno":
         return _extract_yesno(text, mode)
     if task == "choice":
@@ -457,8 +528,15 @@ def states_answer(text: str, gold: str, task: str) -> bool:
 
 
 def grade(
-    text: str, gold: str, task: str, *, mode: str = "flexible", options: Sequence[str] | None = None
+    text: str,
+    gold: str,
+    task: str,
+    *,
+    mode: str = "flexible",
+    options: Sequence[str] | None = None,
+    question: str | None = None,
 ) -> tuple[str | None, bool]:
-    """(extracted answer, is it correct) for one model reply."""
-    pred = extract_answer(text, task, mode=mode, options=options)
+    """(extracted answer, is it correct) for one model reply; the gold is only compared, never
+    used to find the answer."""
+    pred = extract_answer(text, task, mode=mode, options=options, question=question)
     return pred, is_correct(pred, gold, task)

@@ -345,8 +345,10 @@ def _judges_markdown(j: dict[str, Any]) -> list[str]:
 # -- error types --------------------------------------------------------------------------------
 
 
-def error_types(root: Path) -> dict[str, Any]:
-    """Each teacher's tags, and per mistake the majority tag (``engine.errortypes``)."""
+def error_types(root: Path, *, previous: bool = True) -> dict[str, Any]:
+    """Each teacher's tags, and per mistake the majority tag (``engine.errortypes``); for a round-2
+    run (``student.adapter`` in its config.toml), the same for the runs the adapter was trained on
+    (``previous``: the training record ``fair train`` keeps), so the report shows how it moved."""
     per_teacher: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     per_attempt: dict[str, list[str]] = collections.defaultdict(list)
     for f in iter_raw(root, "feedback"):
@@ -355,28 +357,74 @@ def error_types(root: Path) -> dict[str, Any]:
         per_attempt[f["attempt_id"]].append(tag)
     mistakes = collections.Counter(majority(tags) for tags in per_attempt.values())
     split = sum(len(set(tags)) > 1 for tags in per_attempt.values())
-    return {
+    out: dict[str, Any] = {
         "mistakes": dict(mistakes),
         "teachers": {k: dict(v) for k, v in sorted(per_teacher.items())},
         "teachers_disagree": split,
         "n": len(per_attempt),
     }
+    if previous and (runs := _previous_rounds(root)):
+        from engine.errors import DamagedRunError
+
+        out["previous"] = {}
+        for d in runs:
+            try:
+                out["previous"][str(d)] = error_types(d, previous=False)
+            except DamagedRunError:  # a damaged earlier round is left out, not this run's report
+                continue
+    return out
+
+
+def _previous_rounds(root: Path) -> list[Path]:
+    """The run directories a round-2 run's adapter was trained on (those still on disk)."""
+    import tomllib
+
+    from engine.splits import find_training_record
+
+    try:
+        cfg = tomllib.loads((root / "config.toml").read_text())
+    except (OSError, ValueError):
+        return []
+    adapter = (cfg.get("student") or {}).get("adapter")
+    record = find_training_record(adapter) if isinstance(adapter, str) else None
+    if not record:
+        return []
+    dirs = [Path(r["run_dir"]) for r in record.get("runs", ()) if isinstance(r, dict) and r.get("run_dir")]
+    return [d for d in dirs if (d / "feedback").exists() and d.resolve() != root.resolve()]
+
+
+def _count_share(k: int, n: int) -> str:
+    return f"{k} ({_pct(k / n)})" if n else "0"
 
 
 def _error_types_markdown(e: dict[str, Any]) -> list[str]:
     if not e.get("n"):
         return []
     n = e["n"]
+    before = e.get("previous") or {}
+    head = "| error type | mistakes | share |"
+    if before:  # round 2: the rounds its adapter was trained on, then this one
+        head = (
+            "| error type | "
+            + " | ".join(f"before: {Path(d).name} (n = {b['n']})" for d, b in before.items())
+            + f" | this run (n = {n}) |"
+        )
     lines = [
         "",
         "## Student error types (majority of the teachers' tags)",
         "",
-        "| error type | mistakes | share |",
-        "|---|---|---|",
+        head,
+        "|---" * (head.count("|") - 1) + "|",
     ]
     for tag in (*TYPES, UNKNOWN):
         k = e["mistakes"].get(tag, 0)
-        lines.append(f"| {tag} | {k} | {_pct(k / n)} |")
+        if before:
+            cells = [_count_share(b["mistakes"].get(tag, 0), b["n"]) for b in before.values()]
+            lines.append(f"| {tag} | " + " | ".join(cells) + f" | {_count_share(k, n)} |")
+        else:
+            lines.append(f"| {tag} | {k} | {_pct(k / n)} |")
+    if before:
+        lines += ["", "Before: the runs the student's adapter was trained on (its `fair_training.json`)."]
     lines += ["", f"Teachers disagree on {e['teachers_disagree']} of {n} mistakes; per teacher:", ""]
     for teacher, tags in e["teachers"].items():
         lines.append(f"- {teacher}: " + ", ".join(f"{t} {c}" for t, c in sorted(tags.items())))

@@ -123,6 +123,10 @@ def test_round_two_serves_the_trained_adapter_itself(tmp_path: Path, sim: str) -
     assert {f["attempt_id"] for f in feedback} == mistakes  # every mistake explained by the teachers
     round1 = {a["model"] for a in iter_raw(tmp_path / "run1", "attempts")}
     assert round1 == {"student-sim"}
+    # the report puts round 1's error types (the adapter's training runs) beside round 2's
+    n1 = len({f["attempt_id"] for f in iter_raw(tmp_path / "run1", "feedback")})
+    report = (tmp_path / "run2" / "report.md").read_text()
+    assert f"| error type | before: run1 (n = {n1}) | this run (n = {len(mistakes)}) |" in report
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))  # nobody listens there any more

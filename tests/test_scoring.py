@@ -212,3 +212,35 @@ def test_calibrated_aggregation_on_the_fair_release(datasets_dir):
     )
     assert n_paper == 826 and len(items) == 1161
     assert changed > 0  # the reviewers' leniency differs, so standardising moves some verdicts
+
+
+def test_calibrated_verdicts_offline_are_order_free_live_ones_are_not():
+    """``calibrated_verdicts`` standardises against the whole run, so the order of the items does
+    not matter; the live rule (a running ``Calibration``) judges each item against the scores
+    received before it, so the same item can get another verdict in another order (README)."""
+    import random
+
+    from engine.scoring import Calibration, calibrated_verdict, calibrated_verdicts
+
+    rng = random.Random(0)
+    items = [[("lenient", rng.choice((4, 5))), ("harsh", rng.choice((2, 3, 4)))] for _ in range(60)]
+    base = calibrated_verdicts(items)
+    assert len(set(base)) == 2  # both verdicts occur, or order could not matter anyway
+    for seed in range(5):
+        order = list(range(len(items)))
+        random.Random(seed).shuffle(order)
+        shuffled = calibrated_verdicts([items[i] for i in order])
+        assert [shuffled[order.index(i)] for i in range(len(items))] == base
+
+    def live(seq):
+        cal, out = Calibration(), []
+        for item in seq:
+            for reviewer, score in item:
+                cal.add(reviewer, score)
+            out.append(calibrated_verdict(item, cal)[0])
+        return out
+
+    probe = [("lenient", 2), ("harsh", 4)]  # judged after 20 items of one history or another
+    mild_history = [[("lenient", 5), ("harsh", 4)]] * 20 + [probe]
+    harsh_history = [[("lenient", 5), ("harsh", 2)]] * 20 + [probe]
+    assert live(mild_history)[-1] is True and live(harsh_history)[-1] is False

@@ -8,7 +8,8 @@ template that made the request (``prompt_set().identify``):
   answer with probability ``skill``, else a plausible wrong one (numeric slip, flipped yes/no,
   another option letter);
 - ``feedback``: an explanation of the student's mistake that names the gold answer, opening
-  with a bracketed error-type tag (``engine.errortypes``);
+  with a bracketed error-type tag (``engine.errortypes``) read off the student's answer (no
+  answer line: format; near the gold: arithmetic; ...), so a better student's tags move;
 - ``review`` / ``review_feedback``: a short justification ending in "[k]"; k is high when the
   reviewed text's final answer is right and low when it is wrong, shifted by the reviewer's
   ``leniency`` plus gaussian noise, and sometimes (``invalid_review_rate``) unparseable.
@@ -160,9 +161,33 @@ def _rationale(problem: Problem, answer: str, correct: bool, rng: random.Random)
     return "\n".join(lines)
 
 
-def _feedback(problem: Problem, gold: str, answer: str, rng: random.Random) -> str:
+_STUDENT = re.compile(r'(?:"""\n(.*?)\n"""|Student\'s Answer: (.*?)\nHint:)', re.DOTALL)
+
+
+def _error_type(problem: Problem, gold: str, text: str, rng: random.Random) -> str:
+    """What the student's text shows (no answer: format/incomplete; near the gold: arithmetic;
+    a given quantity: misread; else wrong-plan); one tag in four is the teacher's own guess."""
+    m = _STUDENT.search(text)
+    student = (m.group(1) or m.group(2) or "") if m else ""
+    if not student or rng.random() < 0.25:
+        return rng.choices(TYPES, weights=_ERROR_WEIGHTS)[0]
+    from engine.answers import canonical_number, extract_answer
+
+    pred = extract_answer(student, problem.task, mode="flexible", options=problem.options)
+    if pred is None:
+        return "incomplete"
+    if extract_answer(student, problem.task, mode="strict", options=problem.options) is None:
+        return "format"
+    if problem.task != "numeric":
+        return "wrong-plan"
+    p, g = canonical_number(pred), canonical_number(gold)
+    if p is not None and g is not None and abs(p - g) <= 0.1 * max(abs(g), 1.0):
+        return "arithmetic"
+    return "misread" if pred in _NUM.findall(problem.question) else "wrong-plan"
+
+
+def _feedback(problem: Problem, gold: str, answer: str, rng: random.Random, tag: str) -> str:
     where = rng.choice(("in the second step", "when combining the quantities", "at the final step"))
-    tag = rng.choices(TYPES, weights=_ERROR_WEIGHTS)[0]
     return "\n".join(
         (
             f"[{tag}]",
@@ -267,7 +292,7 @@ class Reasoning:
             hint = _GOLD_HINT.search(text)
             gold = hint.group(1) if hint else problem.answer
             answer = gold if rng.random() >= mp.feedback_error_rate else wrong_answer(problem, rng)
-            return _feedback(problem, gold, answer, rng)
+            return _feedback(problem, gold, answer, rng, _error_type(problem, gold, text, rng))
         correct = rng.random() < mp.skill  # solve, mistake, or an unknown template about a problem
         answer = problem.answer if correct else wrong_answer(problem, rng)
         return _rationale(problem, answer, correct, rng)

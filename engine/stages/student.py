@@ -29,7 +29,7 @@ async def attempt(ctx: StageContext, problem: Problem, k: int) -> Attempt:
         sample_index=k,
     )
     done = await ctx.engine.complete(cfg.endpoint, request, "student")
-    pred, correct = grade(done.text, problem.answer, problem.task)
+    pred, correct = grade(done.text, problem.answer, problem.task, question=problem.question)
     return Attempt(
         id=rid,
         problem_id=problem.id,

@@ -32,7 +32,7 @@ async def rationale(ctx: StageContext, problem: Problem, teacher: str) -> Ration
     messages = ctx.prompts.render("solve", problem)
     request = _request(ctx, messages, ctx.cfg.teachers.max_tokens)
     done = await ctx.engine.complete(teacher, request, "rationale")
-    pred, correct = grade(done.text, problem.answer, problem.task)
+    pred, correct = grade(done.text, problem.answer, problem.task, question=problem.question)
     return Rationale(
         id=rid,
         problem_id=problem.id,
