@@ -134,7 +134,7 @@ def _manifest(out: Path) -> dict:
 
 
 def _texts(out: Path) -> dict[str, list[str]]:
-    from engine.store import iter_raw
+    from engine.rundir.store import iter_raw
 
     return {r["id"]: r["texts"] for r in iter_raw(out, "responses")}
 
@@ -250,10 +250,10 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 async def _fair_rounds(tmp: Path) -> list[dict[str, Any]]:
     """The FAIR job on the built-in problems, teachers in batch mode, early stop on and off."""
     from engine.config import RunConfig, convert_config
-    from engine.pipeline import Job
+    from engine.fair.pipeline import Job
+    from engine.rundir.store import iter_raw
     from engine.sim import ModelProfile, SimProfile, start_sim
     from engine.sim.server import load_problems
-    from engine.store import iter_raw
 
     probs = load_problems("builtin")
     teachers = {"t-a": ("openai", 0.9, 0.3), "t-b": ("anthropic", 0.7, 0.0), "t-c": ("openai", 0.8, -0.8)}

@@ -38,14 +38,14 @@ from pathlib import Path
 import msgspec
 
 from engine.config import RunConfig, convert_config
-from engine.pipeline import Job
-from engine.schema import Problem
+from engine.fair.pipeline import Job
+from engine.request.trace import TraceEvent
+from engine.rundir.schema import Problem
+from engine.rundir.store import iter_records
 from engine.sim import ModelProfile, SimProfile, start_sim
-from engine.store import iter_records
-from engine.trace import TraceEvent
 
 # Skills are the gold-match rates of the paper's released SVAMP rationales (gpt 69 %, gemini 63 %,
-# mistral 57 %, computed with engine.answers), so the gold check rejects as often as it would there.
+# mistral 57 %, computed with engine.fair.answers), so the gold check rejects as often as it would there.
 TEACHERS = {
     "gpt-sim": {"skill": 0.69, "leniency": 0.4, "rpm": 900},
     "claude-sim": {"skill": 0.63, "leniency": -0.5, "rpm": 600},

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import FairError
-from engine.schema import Problem, Sample
+from engine.rundir.schema import Problem, Sample
 
 RECIPES = ("fair", "single-teacher", "fair-no-mistake", "fair-paper")
 TEACHERS = ("gpt", "gemini", "mistral")  # the replay profile's model names = the release's authors
@@ -139,7 +139,7 @@ def find_data(data_dir: str | None) -> Path:
 
 def held_out(data: Path, train: list[Problem], n: int | None, seed: int) -> list[Problem]:
     """SVAMP questions whose text is not a replayed training question; a seeded subset of ``n``."""
-    from engine.datasets import load_svamp
+    from engine.fair.datasets import load_svamp
     from engine.sim.content import norm
 
     seen = {norm(p.question).lower() for p in train}
@@ -194,8 +194,8 @@ def run_pipeline(
     out: Path, data: Path, problems: list[Problem], seed: int, gold_check: str, paper: bool = False
 ) -> dict:
     """The FAIR job over the replayed committee; returns its figures (and the run directory)."""
-    from engine.pipeline import Job
-    from engine.report import summarize
+    from engine.fair.pipeline import Job
+    from engine.fair.report import summarize
     from engine.services import Services, free_port
 
     run_dir = out / ("run-paper" if paper else "run")
@@ -243,8 +243,8 @@ def paper_agreement(run_dir: Path, replay) -> dict:
     gold number in their last line: counted apart, a heuristic."""
     import re
 
-    from engine.answers import is_correct
-    from engine.store import iter_raw
+    from engine.fair.answers import is_correct
+    from engine.rundir.store import iter_raw
 
     items = {it.id: it for it in replay.items.values()}
     paper_ok = gold_but_ok = gold_in_last_line = review_but_ok = 0
@@ -286,9 +286,9 @@ def recipe_samples(
     run_dir: Path, problems: list[Problem], teacher: str, paper_run: Path | None = None
 ) -> dict[str, list[Sample]]:
     """The samples each recipe trains on, from the committee runs' records."""
-    from engine.prompts import prompt_set
-    from engine.schema import Msg, Rationale
-    from engine.store import iter_records
+    from engine.fair.prompts import prompt_set
+    from engine.rundir.schema import Msg, Rationale
+    from engine.rundir.store import iter_records
     from trainer.data import load_samples
 
     committee = load_samples([run_dir])

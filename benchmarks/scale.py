@@ -45,7 +45,7 @@ from typing import Any
 import orjson
 
 from benchmarks.throughput import _http, simulator
-from engine.store import iter_raw, read_manifest
+from engine.rundir.store import iter_raw, read_manifest
 
 RPM = 3000
 TARGETS = {

@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.schema import Msg, Problem, Sample
+from engine.rundir.schema import Msg, Problem, Sample
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def fair_release_samples(limit: int) -> list[Sample] | None:
     """Samples built from the paper's released SVAMP rationales and feedback, or None if absent."""
-    from engine.datasets import default_data_dir
-    from engine.prompts import prompt_set
+    from engine.fair.datasets import default_data_dir
+    from engine.fair.prompts import prompt_set
 
     root = default_data_dir()
     folder = root / "fair-release" if root else None

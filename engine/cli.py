@@ -31,17 +31,17 @@ from engine.errors import AbortRun, ConfigError, FairError, UsageError, one_line
 # Modules are imported only when their command runs, so `fair run` never imports torch.
 HANDLERS = {
     "demo": "recipes.demo:main",
-    "run": "engine.pipeline:cli_main",
+    "run": "engine.fair.pipeline:cli_main",
     "generate": "engine.generate:cli_main",
-    "status": "engine.status:cli_main",
+    "status": "engine.rundir.status:cli_main",
     "sim": "engine.sim.server:cli_main",
     "serve-student": "trainer.serve:cli_main",
     "train": "trainer.train:cli_main",
     "eval": "trainer.evaluate:cli_main",
-    "export": "engine.export:cli_main",
+    "export": "engine.rundir.export:cli_main",
     "bench": "benchmarks:cli_main",
-    "repair": "engine.repair:cli_main",
-    "batches": "engine.batch.cli:cli_main",
+    "repair": "engine.rundir.repair:cli_main",
+    "batches": "engine.request.batch.cli:cli_main",
 }
 
 # OSErrors that are the user's to fix (a path, a port): exit 2 and one line, no log file.

@@ -36,7 +36,7 @@ import msgspec
 from msgspec import Meta
 
 from engine.errors import ConfigError
-from engine.scoring import MAX_SCORE, MIN_SCORE
+from engine.fair.scoring import MAX_SCORE, MIN_SCORE
 
 T = TypeVar("T")
 
@@ -85,7 +85,7 @@ BATCH_LIMITS = {"openai": (50_000, 200 * 1024**2), "anthropic": (100_000, 256 * 
 
 class BatchConfig(Struct, kw_only=True):
     """``[endpoints.X.batch]``: how a ``mode = "batch"`` endpoint groups requests into provider
-    batches (``engine.batch``)."""
+    batches (``engine.request.batch``)."""
 
     linger_s: Seconds = 5.0  # submit after this long without a new request
     max_items: Count = 10_000  # or at this many requests (at most the provider's limit)
@@ -113,7 +113,7 @@ class EndpointConfig(Struct, kw_only=True):
     max_attempts: Attempts = 6  # retries for 5xx / resets / timeouts
     max_wait_s: Seconds = 600.0  # ceiling on any pause a server asks for (Retry-After, resets)
     headers: dict[HeaderName, HeaderValue] = {}
-    mode: Literal["online", "batch"] = "online"  # batch: the provider's Batch API (engine.batch)
+    mode: Literal["online", "batch"] = "online"  # batch: the provider's Batch API (engine.request.batch)
     batch: BatchConfig = msgspec.field(default_factory=BatchConfig)
     name: str = ""  # filled from the table key
 
@@ -152,7 +152,7 @@ class RunSection(Struct, kw_only=True):
     shard_records: PosInt = 50_000  # records per shard before rotating
     breaker_window: Count = 200  # recent problems looked at by the error-rate breaker
     breaker_rate: Share = 0.5  # abort when this share of them failed
-    max_cost_usd: Annotated[float, Meta(gt=0, le=1e9)] | None = None  # hard cap (engine.budget)
+    max_cost_usd: Annotated[float, Meta(gt=0, le=1e9)] | None = None  # hard cap (engine.fair.budget)
 
 
 class DatasetSection(Struct, kw_only=True):
@@ -171,7 +171,7 @@ class StudentSection(Struct, kw_only=True):
     temperature: Temperature = 0.0
     top_p: Share | None = None  # nucleus sampling (the paper: 0.9 at temperature 0.3)
     max_tokens: Tokens = 512
-    # round 2 (engine.student_server): `fair run` serves this LoRA adapter itself, at the student
+    # round 2 (engine.fair.student_server): `fair run` serves this LoRA adapter itself, at the student
     # endpoint's loopback address and under its model name, and stops the server at the end
     adapter: Name | None = None
     model: Name | None = None  # the base model under the adapter (default: the embedded SmolLM2)
@@ -225,7 +225,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.student.endpoint not in known:
         raise ValueError(f"student.endpoint {cfg.student.endpoint!r} is not in [endpoints]")
     if cfg.student.adapter is not None:  # round 2: the run serves the student itself
-        from engine.student_server import endpoint_address
+        from engine.fair.student_server import endpoint_address
 
         endpoint_address(cfg)
     teachers = cfg.teachers.endpoints
@@ -242,7 +242,7 @@ def validate(cfg: RunConfig) -> None:
             f"review.min_valid = {cfg.review.min_valid} but a rationale has only {reviewers} "
             f"reviewer(s) (teachers - 1): no rationale could ever be judged"
         )
-    from engine.prompts import versions as prompt_versions  # lazily: the prompts import the schema
+    from engine.fair.prompts import versions as prompt_versions  # lazily: the prompts import the schema
 
     if cfg.prompts not in (known_prompts := prompt_versions()):
         raise ValueError(f"prompts: unknown version {cfg.prompts!r} (have {', '.join(known_prompts)})")

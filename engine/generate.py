@@ -14,7 +14,7 @@ moment its answer arrives; on restart every id already written is skipped, so a 
 any point and started again ends with exactly the records of an uninterrupted run.
 
 Progress is ``engine.progress`` (a rich bar, plain lines off a terminal); ``--metrics-port``
-serves Prometheus metrics while it runs (``engine.metrics``).
+serves Prometheus metrics while it runs (``engine.request.metrics``).
 
 A bad input line is reported as ``file:line: why`` on stderr, skipped and counted; the run goes
 on. Exit code: 0 all written, 1 some records failed or lines were bad (counts on stderr),
@@ -34,14 +34,14 @@ from typing import Any
 
 import msgspec
 
-from engine.client import Engine
 from engine.config import EndpointConfig, check_output_dir, convert_flags
 from engine.errors import AbortRun, ConfigError, InputError, RequestError, one_line
-from engine.metrics import serve_engine
 from engine.progress import Progress
-from engine.providers import redact
-from engine.schema import Response
-from engine.store import RunStore
+from engine.request.client import Engine
+from engine.request.metrics import serve_engine
+from engine.request.providers import redact
+from engine.rundir.schema import Response
+from engine.rundir.store import RunStore
 from engine.types import ChatRequest, Message
 
 ENDPOINT = "default"
@@ -173,7 +173,7 @@ async def generate(
 
     Raises ``AbortRun`` (e.g. ``AuthError``) when the run must stop; records written until
     then stay, and the manifest says ``aborted``. ``metrics_port``: serve Prometheus metrics
-    (``engine.metrics``) there while it runs.
+    (``engine.request.metrics``) there while it runs.
     """
     input_path, out = Path(input_path), Path(output_dir)
     if not input_path.is_file():
@@ -185,7 +185,7 @@ async def generate(
     seams: dict[str, Any] = {}
     workers = endpoint.concurrency
     if endpoint.mode == "batch":  # provider Batch API: requests wait in batches, not in admission
-        from engine.batch.executor import BatchExecutor, Unmetered
+        from engine.request.batch.executor import BatchExecutor, Unmetered
 
         seams = {"executor": BatchExecutor(out), "admissions": {ENDPOINT: Unmetered()}}
         workers = max(1, min(total, endpoint.batch.max_items * endpoint.batch.max_open))
@@ -210,8 +210,8 @@ async def generate(
             with bar, metrics or contextlib.nullcontext():
                 try:
                     async with asyncio.TaskGroup() as tg:
-                        if streamed:  # batch mode: no coroutine per waiting line (engine.batch.feed)
-                            from engine.batch.feed import feed
+                        if streamed:  # batch mode: no coroutine per waiting line (engine.request.batch.feed)
+                            from engine.request.batch.feed import feed
 
                             req = {"max_tokens": max_tokens, "temperature": temperature, "n": n, "seed": seed}
                             tg.create_task(feed(engine, ENDPOINT, work, store, bar, KIND, **req))
@@ -275,7 +275,7 @@ async def _worker(
 def _summary(
     work: _Work, engine: Engine, store: RunStore, status: str, elapsed: float, endpoint: EndpointConfig
 ) -> dict[str, Any]:
-    st = engine.stats[ENDPOINT]
+    st = engine.request.stats[ENDPOINT]
     done = work.ok + work.failed
     return {
         "status": status,
@@ -296,7 +296,7 @@ def _summary(
         "completion_tokens": st.completion_tokens,
         "cost_usd": round(st.cost_usd, 6),
         "failures": work.failures,
-        **({"batch": dict(engine.executor.stats)} if endpoint.mode == "batch" else {}),  # type: ignore[attr-defined]
+        **({"batch": dict(engine.request.executor.stats)} if endpoint.mode == "batch" else {}),  # type: ignore[attr-defined]
     }
 
 

@@ -33,7 +33,7 @@ from rich.progress import Progress as RichProgress
 from rich.table import Column
 from rich.text import Text
 
-from engine.events import Call, Observer
+from engine.request.events import Call, Observer
 from engine.types import Completion
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from engine.schema import Msg as Message  # the one message Struct: records and requests alike
+from engine.rundir.schema import Msg as Message  # the one message Struct: records and requests alike
 
 __all__ = ["ChatRequest", "Choice", "Completion", "Message", "Usage", "user"]
 

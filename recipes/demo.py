@@ -20,10 +20,10 @@ import urllib.request
 from pathlib import Path
 
 from engine.config import DatasetSection, RunConfig, convert_config
-from engine.datasets import load_problems
-from engine.pipeline import Job
-from engine.report import render_markdown, summarize
-from engine.schema import Problem
+from engine.fair.datasets import load_problems
+from engine.fair.pipeline import Job
+from engine.fair.report import render_markdown, summarize
+from engine.rundir.schema import Problem
 from engine.services import Services, free_port
 
 TEACHERS = ["gpt-sim", "claude-sim", "gemini-sim"]

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 
-from engine.executor import Reply, SendError
+from engine.request.executor import Reply, SendError
 
 
 class UrllibExecutor:

@@ -38,7 +38,7 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from engine.store import iter_raw
+from engine.rundir.store import iter_raw
 
 Action = str | tuple
 

@@ -23,9 +23,9 @@ import pytest
 import tomli_w
 
 from engine.cli import main
+from engine.rundir.store import iter_raw, shard_paths
 from engine.sim import ModelProfile, SimProfile
 from engine.sim.server import SimThread
-from engine.store import iter_raw, shard_paths
 from tests.fakeserver import FakeServerThread, Seen, raw, write_input
 
 # -- running `fair` in-process -------------------------------------------------------------------
@@ -406,7 +406,7 @@ QUESTIONS = {
 
 @pytest.fixture(scope="module")
 def sim():
-    from engine.schema import Problem
+    from engine.rundir.schema import Problem
 
     probs = [
         Problem(id=k, question=q, answer=a, task="numeric", dataset="t") for k, (q, a) in QUESTIONS.items()
@@ -1118,7 +1118,7 @@ def _tear(path: Path, n: int, keep: float, fill: bytes = b"\x00") -> bytes:
 
 
 def test_repair_round_trip_on_a_fair_run(tmp_path):
-    from engine.schema import Problem
+    from engine.rundir.schema import Problem
 
     probs = [
         Problem(id=f"p{i:02d}", question=f"Tom has {i + 2} apples and gets {i + 5} more. How many?",

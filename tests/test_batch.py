@@ -17,8 +17,8 @@ from fakeserver import fair, records, write_input
 
 from engine.config import BatchConfig, EndpointConfig
 from engine.generate import generate
+from engine.rundir.store import read_manifest
 from engine.sim.server import SimServer
-from engine.store import read_manifest
 
 PROVIDERS = ["openai", "anthropic"]
 FAST = {"linger_s": 0.05, "poll_s": 0.05}
@@ -324,7 +324,7 @@ async def test_refused_credentials_on_a_control_call_abort_with_exit_3_and_no_ke
 
 
 async def test_journal_torn_last_line_is_cut_and_a_garbage_line_is_exit_2(tmp_path):
-    from engine.batch.journal import Journal
+    from engine.request.batch.journal import Journal
 
     j = Journal(tmp_path)
     j.write("open", "L1", lane="default")
@@ -483,7 +483,7 @@ def _dup_input(path: Path, n: int, unique: int) -> Path:
 async def test_identical_requests_are_one_item_and_a_rerun_after_sigkill_pays_none_again(
     tmp_path, provider, n
 ):
-    """openai n=1 streams (engine.batch.feed); anthropic n=2 fans out through Engine.complete
+    """openai n=1 streams (engine.request.batch.feed); anthropic n=2 fans out through Engine.complete
     (single-flight on the cache key, parts named KEY-0, KEY-1)."""
     inp = _dup_input(tmp_path / "in.jsonl", 30, 10)
     out = tmp_path / "out"
@@ -515,7 +515,7 @@ async def test_identical_requests_are_one_item_and_a_rerun_after_sigkill_pays_no
 
 
 async def test_identical_concurrent_calls_share_one_send_online_too(tmp_path):
-    from engine.client import Engine
+    from engine.request.client import Engine
     from engine.types import ChatRequest, Message
 
     req = ChatRequest(messages=[Message("user", "question 7")], max_tokens=50, temperature=0.7)
@@ -526,7 +526,7 @@ async def test_identical_concurrent_calls_share_one_send_online_too(tmp_path):
             other = await engine.complete("e", msgspec.structs.replace(req, sample_index=1))
         assert sim.stats["requests"] == 2  # five identical calls, one send; another sample, its own
     assert len({g.text for g in got}) == 1 and sum(not g.cached for g in got) == 1
-    assert engine.stats["e"].calls == 2 and engine.stats["e"].cache_hits == 4
+    assert engine.request.stats["e"].calls == 2 and engine.request.stats["e"].cache_hits == 4
     assert other.cost_usd > 0 and not other.cached
 
 
@@ -548,8 +548,8 @@ async def test_a_lost_create_matching_two_running_batches_mid_run_stops_with_exi
 
 
 async def test_when_the_first_of_identical_calls_is_cancelled_the_second_takes_its_item_over(tmp_path):
-    from engine.batch.executor import BatchExecutor, Unmetered
-    from engine.client import Engine
+    from engine.request.batch.executor import BatchExecutor, Unmetered
+    from engine.request.client import Engine
     from engine.types import ChatRequest, Message
 
     req = ChatRequest(messages=[Message("user", "question 8")], max_tokens=50)

@@ -16,9 +16,9 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from benchmarks import replay_svamp
+from engine.rundir.store import iter_raw
 from engine.sim.content import norm
 from engine.sim.replay import ReplayData, data_dir
-from engine.store import iter_raw
 
 
 def parse(*argv: str) -> argparse.Namespace:

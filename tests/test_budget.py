@@ -6,12 +6,12 @@ import pytest
 from fakeserver import fair
 from test_pipeline import config, profile
 
-from engine.budget import BudgetReached, estimate
 from engine.config import dump_config
-from engine.pipeline import Job
+from engine.fair.budget import BudgetReached, estimate
+from engine.fair.pipeline import Job
+from engine.rundir.store import read_manifest
 from engine.sim import start_sim
 from engine.sim.server import load_problems
-from engine.store import read_manifest
 
 DATASET = {"name": "builtin", "split": "all"}
 

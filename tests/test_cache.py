@@ -12,9 +12,9 @@ import time
 
 from fakeserver import FakeServer
 
-from engine.cache import KeyPrefixes, ResponseCache, cache_key
-from engine.client import Engine
 from engine.config import EndpointConfig
+from engine.request.cache import KeyPrefixes, ResponseCache, cache_key
+from engine.request.client import Engine
 from engine.types import ChatRequest, Choice, Completion, Message, Usage, user
 
 
@@ -98,7 +98,7 @@ async def test_buffered_writes_stay_bounded_when_puts_outrun_the_writer(tmp_path
     """Puts in a tight loop (faster than SQLite commits): the write buffer never holds more than
     MAX_BUFFERED entries plus the batch being written (it held every entry, ~450 B each, when the
     writer fell behind), and every entry is stored in the end."""
-    from engine import cache as cache_mod
+    from engine.request import cache as cache_mod
 
     cache = ResponseCache(tmp_path / "c.sqlite")
     most = 0
@@ -120,7 +120,7 @@ def test_sigkill_keeps_committed_entries_and_never_a_half_one(tmp_path):
     script = textwrap.dedent(
         f"""
         import asyncio, sys
-        from engine.cache import ResponseCache
+        from engine.request.cache import ResponseCache
         from engine.types import Choice, Completion, Usage
         async def main():
             cache = ResponseCache({str(path)!r})
@@ -167,7 +167,7 @@ async def test_a_cache_hit_costs_nothing_and_sends_nothing(tmp_path):
         assert not first.cached and first.cost_usd > 0
         assert second.cached and second.cost_usd == 0.0 and second.text == first.text
         assert not other.cached
-        assert engine.stats["a"].cache_hits == 1 and engine.stats["a"].requests == 3
+        assert engine.request.stats["a"].cache_hits == 1 and engine.request.stats["a"].requests == 3
         # a new engine on the same file (a resumed run) pays nothing either
         async with Engine({"a": cfg}, cache_path=tmp_path / "cache.sqlite") as engine:
             third = await engine.complete("a", req)

@@ -9,10 +9,11 @@ from fractions import Fraction
 
 import pytest
 
-from engine import datasets
-from engine.answers import normalize_gold
 from engine.config import DatasetSection
-from engine.datasets import (
+from engine.errors import ConfigError, InputError
+from engine.fair import datasets
+from engine.fair.answers import normalize_gold
+from engine.fair.datasets import (
     load_builtin,
     load_gsm8k,
     load_jsonl,
@@ -21,7 +22,6 @@ from engine.datasets import (
     load_svamp,
     svamp_split,
 )
-from engine.errors import ConfigError, InputError
 
 
 def cfg(**kw) -> DatasetSection:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from fakeserver import fair
 
-from engine.store import iter_raw
+from engine.rundir.store import iter_raw
 
 
 def _children(pid: int) -> list[int]:

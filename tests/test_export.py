@@ -10,9 +10,9 @@ import pytest
 
 from engine.cli import main as fair
 from engine.errors import ConfigError
-from engine.export import FORMATS, export
-from engine.schema import Msg, Sample, Score
-from engine.store import RunStore
+from engine.rundir.export import FORMATS, export
+from engine.rundir.schema import Msg, Sample, Score
+from engine.rundir.store import RunStore
 
 SYSTEM = "You are a careful problem solver."
 

@@ -8,11 +8,11 @@ import signal
 import pytest
 from fakeserver import FakeServer, fair, gen_args, records, write_input
 
-import engine.client as client_mod
+import engine.request.client as client_mod
 from engine.config import EndpointConfig
 from engine.errors import InputError
 from engine.generate import count_lines, generate, parse_line
-from engine.store import read_manifest
+from engine.rundir.store import read_manifest
 
 
 @pytest.fixture(autouse=True)

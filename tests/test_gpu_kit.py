@@ -92,7 +92,7 @@ def test_gpu_kit_installs_the_missing_packages_offline(image_python: Path, tmp_p
     if prep.returncode != 0 and "No matching distribution" in prep.stderr + prep.stdout:
         pytest.skip(f"no package index reachable for the kit's wheels: {prep.stderr[-300:]}")
     assert prep.returncode == 0, prep.stderr[-2000:]
-    code = "import engine.store, trainer.train, trainer.evaluate, msgspec; print(msgspec.__file__)"
+    code = "import engine.rundir.store, trainer.train, trainer.evaluate, msgspec; print(msgspec.__file__)"
     proc = _run(
         ["bash", str(KIT_SCRIPT), "exec", str(image_python), "-c", code],
         GPU_KIT_DIR=str(kit),

@@ -10,7 +10,7 @@ import pytest
 from fakeserver import FakeServer, write_input
 from prometheus_client.parser import text_string_to_metric_families
 
-import engine.client as client_mod
+import engine.request.client as client_mod
 from engine.config import EndpointConfig
 from engine.generate import generate
 
@@ -100,7 +100,7 @@ def scrape_url(url: str) -> dict[str, dict[tuple, float]]:
 async def test_a_fair_job_exports_its_stages(tmp_path):
     from test_pipeline import config, problems, profile
 
-    from engine.pipeline import Job
+    from engine.fair.pipeline import Job
     from engine.sim import start_sim
 
     probs = problems(40)

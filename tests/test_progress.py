@@ -8,9 +8,9 @@ import time
 
 from fakeserver import FakeServer
 
-from engine.client import Engine
 from engine.config import EndpointConfig
 from engine.progress import Progress
+from engine.request.client import Engine
 from engine.types import ChatRequest, user
 
 

@@ -19,13 +19,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from engine.config import RunConfig, load_config
-from engine.datasets import load_jsonl
 from engine.errors import ConfigError, InputError, ReplyError
+from engine.fair.datasets import load_jsonl
 from engine.generate import parse_line
-from engine.providers import MAX_WAIT_S, sane_limits
-from engine.providers.anthropic import AnthropicProvider
-from engine.providers.gemini import GeminiProvider
-from engine.providers.openai import OpenAIProvider
+from engine.request.providers import MAX_WAIT_S, sane_limits
+from engine.request.providers.anthropic import AnthropicProvider
+from engine.request.providers.gemini import GeminiProvider
+from engine.request.providers.openai import OpenAIProvider
 from engine.types import Completion
 
 SETTINGS = settings(

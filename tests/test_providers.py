@@ -9,10 +9,10 @@ import msgspec
 import orjson
 import pytest
 
-from engine.admission import parse_duration, parse_retry_after
 from engine.config import EndpointConfig
 from engine.errors import ReplyError
-from engine.providers import error_message, make_provider, redact
+from engine.request.admission import parse_duration, parse_retry_after
+from engine.request.providers import error_message, make_provider, redact
 from engine.types import ChatRequest, Message, user
 
 KEY = "sk-test-SECRET123"

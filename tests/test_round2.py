@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import vllm_standin
 
+from engine.rundir.store import iter_raw
 from engine.services import Services, free_port
-from engine.store import iter_raw
 
 ROOT = Path(__file__).resolve().parent.parent
 

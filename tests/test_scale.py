@@ -25,7 +25,7 @@ import pytest
 from fakeserver import FakeServer, FakeServerThread, records, write_input
 
 from engine.cli import main
-from engine.store import iter_raw, read_manifest
+from engine.rundir.store import iter_raw, read_manifest
 
 pytest.importorskip("ray")
 
@@ -372,7 +372,7 @@ def _drop(record: dict, key: str) -> dict:
 
 def test_engine_does_not_import_ray_without_the_flag() -> None:
     code = (
-        "import sys, engine.cli, engine.generate, engine.pipeline, engine.scale, engine.scale.plan; "
+        "import sys, engine.cli, engine.generate, engine.fair.pipeline, engine.scale, engine.scale.plan; "
         "sys.exit('ray' in sys.modules)"
     )
     assert subprocess.run([PY, "-c", code], cwd=REPO).returncode == 0
@@ -380,9 +380,9 @@ def test_engine_does_not_import_ray_without_the_flag() -> None:
 
 def test_a_fenced_attempt_stops_before_its_next_write(tmp_path: Path) -> None:
     """A zombie (an attempt whose block was handed on) never writes beside its successor."""
+    from engine.rundir.schema import Response
+    from engine.rundir.store import atomic_write
     from engine.scale.worker import Fenced, FencedStore, fence_path
-    from engine.schema import Response
-    from engine.store import atomic_write
 
     fence = fence_path(tmp_path, "b00003")
     fence.parent.mkdir(parents=True)
@@ -459,9 +459,9 @@ def test_lending_stops_when_the_server_rate_limits(cluster: str, tmp_path: Path)
 
 def test_prior_records_of_a_block_read_only_its_own_shards(tmp_path: Path) -> None:
     """A block's resume indexes the shards of its own attempts, not every block's."""
-    from engine.resume import PriorRecords
-    from engine.schema import Attempt
-    from engine.store import RunStore
+    from engine.fair.resume import PriorRecords
+    from engine.rundir.schema import Attempt
+    from engine.rundir.store import RunStore
 
     for block, pids in (("b00000", ("p1", "p2")), ("b00001", ("p3",))):
         store = RunStore(tmp_path, writer=f"{block}.e1", scope=f"{block}.").open(["attempts"])
@@ -482,8 +482,8 @@ def test_problem_blocks_stream_the_dataset_in_block_order() -> None:
     """The driver reads a block's problems when it is handed out, keeps them until it is done,
     skips blocks done earlier, and stops (exit 2) when the stream no longer matches the plan."""
     from engine.errors import ConfigError
+    from engine.rundir.schema import Problem
     from engine.scale.plan import ProblemBlocks, run_plan
-    from engine.schema import Problem
 
     def problems(n: int, rename: int = -1) -> Iterator[Problem]:
         for i in range(n):

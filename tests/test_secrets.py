@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from fakeserver import FakeServer, fair, gen_args, write_input
 
-import engine.client as client_mod
-from engine.client import Engine
+import engine.request.client as client_mod
 from engine.config import EndpointConfig
 from engine.errors import AuthError, RequestError
+from engine.request.client import Engine
 from engine.types import ChatRequest, user
 
 KEY = "sk-test-SECRET123"

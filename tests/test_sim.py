@@ -16,10 +16,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from engine.answers import extract_answer, is_correct
-from engine.prompts import prompt_set
-from engine.schema import Problem
-from engine.scoring import parse_score
+from engine.fair.answers import extract_answer, is_correct
+from engine.fair.prompts import prompt_set
+from engine.fair.scoring import parse_score
+from engine.rundir.schema import Problem
 from engine.sim import (
     Burst,
     Faults,

@@ -210,7 +210,7 @@ def test_paired_batching_gives_every_step_a_full_batch_of_each_task(tiny_model, 
 
 
 def test_trained_folders_record_their_runs_and_problem_ids(tiny_model, run_dir, tmp_path):
-    from engine.splits import find_training_record, ids_digest
+    from engine.fair.splits import find_training_record, ids_digest
 
     train(config(tiny_model, run_dir, tmp_path, max_steps=1, val_fraction=0.2))
     trained = sorted({s.problem_id for s in D.load_samples([run_dir])})

@@ -1,7 +1,7 @@
 """Accuracy of the base student and of any number of trained adapters on the reasoning benchmarks.
 
 Greedy decoding of the ``solve`` prompt (the same messages the student sees in a FAIR run),
-graded with the engine's own extraction (``engine.answers``): ``strict`` accuracy needs the
+graded with the engine's own extraction (``engine.fair.answers``): ``strict`` accuracy needs the
 instructed final line, ``flexible`` takes the last number / yes-no / letter in the text, and
 numbers are compared numerically. Each accuracy carries a 95 % Wilson score interval, which
 stays inside [0, 1] and is honest at small n (unlike the normal approximation).
@@ -25,7 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.schema import Problem
+from engine.rundir.schema import Problem
 
 MODES = ("strict", "flexible")
 
@@ -44,9 +44,9 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 def grade(text: str, problem: Problem) -> dict:
-    """Both gradings of one generated text with the engine's own ``engine.answers.grade`` (the
+    """Both gradings of one generated text with the engine's own ``engine.fair.answers.grade`` (the
     options are passed so a flexible choice answer may quote an option's text)."""
-    from engine.answers import grade as engine_grade
+    from engine.fair.answers import grade as engine_grade
 
     row: dict = {}
     for mode in MODES:
@@ -65,7 +65,7 @@ def accuracy(graded: Sequence[dict], mode: str) -> dict:
 
 
 def _chat(problem: Problem, version: str = "v1") -> list[dict]:
-    from engine.prompts import prompt_set
+    from engine.fair.prompts import prompt_set
 
     return [{"role": m.role, "content": m.content} for m in prompt_set(version).render("solve", problem)]
 
@@ -399,7 +399,7 @@ def check_overlap(
     """Refuse (ConfigError, exit 2) to score a trained model on questions of its own training
     samples; with ``allow`` the overlaps become notes that the report prints in bold."""
     from engine.errors import ConfigError
-    from engine.splits import RECORD, find_training_record, overlaps
+    from engine.fair.splits import RECORD, find_training_record, overlaps
 
     notes = []
     for name, path in adapters.items():
@@ -427,7 +427,7 @@ def check_overlap(
 
 def cli_main(args) -> int:
     from engine.config import DatasetSection
-    from engine.datasets import load_problems
+    from engine.fair.datasets import load_problems
 
     adapters = parse_adapters(args.adapter)
     problems = {

@@ -48,8 +48,8 @@ from typing import Literal
 import msgspec
 import torch
 
-from engine import splits
 from engine.errors import ConfigError, UsageError
+from engine.fair import splits
 from trainer import data as D
 from trainer.loss import TaskTokens, enable_packed_attention, micro_loss, per_token_loss
 
@@ -284,7 +284,7 @@ class Recipe:
     units_per_epoch: int  # step units (micro-batches, or rationale+mistake pairs) per epoch
     total_steps: int
     warmup: int
-    provenance: dict  # engine.splits.training_record: what `fair eval` checks for leaks
+    provenance: dict  # engine.fair.splits.training_record: what `fair eval` checks for leaks
     step: int = 0
     best_val: float = math.inf
     best_step: int | None = None
@@ -405,7 +405,7 @@ def _resume(r: Recipe, ckpt: Path | None) -> None:
 
 def setup(cfg: TrainConfig) -> Recipe:
     """config -> data -> model (+ LoRA) -> optimizer -> resume; writes OUT/config.json and the
-    training record (``engine.splits``: the input runs and the trained problem ids)."""
+    training record (``engine.fair.splits``: the input runs and the trained problem ids)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = find_checkpoint(out)
@@ -666,7 +666,7 @@ def cli_main(args) -> int:
 
 def _check_inputs(inputs) -> None:
     """Each input is a run directory holding at least one sample (UsageError, exit 2, if not)."""
-    from engine.store import iter_records
+    from engine.rundir.store import iter_records
 
     for run_dir in map(Path, inputs):
         if not run_dir.is_dir():

@@ -38,9 +38,9 @@ import orjson
 
 from engine.errors import AbortRun, ConfigError, FairError, one_line
 from engine.progress import Progress
+from engine.rundir.store import RunStore, atomic_write, recover_partial
 from engine.scale import check_address, import_ray
 from engine.scale.plan import Block, Plan
-from engine.store import RunStore, atomic_write, recover_partial
 
 PER_WORKER = 2  # blocks in flight per worker
 MAX_DEATHS = 3  # workers a block may kill in a row before the run stops
@@ -447,10 +447,10 @@ def _refuse_single_process(out: Path) -> None:
 
 def run(args: Any, cfg: Any, run_dir: Path) -> int:
     """``fair run CONFIG --ray``: the FAIR pipeline over blocks of problems."""
-    from engine import datasets, splits
     from engine.config import dump_config
-    from engine.pipeline import KINDS, _BadLines, _more_bad
-    from engine.report import write_report
+    from engine.fair import datasets, splits
+    from engine.fair.pipeline import KINDS, _BadLines, _more_bad
+    from engine.fair.report import write_report
     from engine.scale.plan import RUN_BLOCK, ProblemBlocks, run_plan, settle
 
     _refuse_single_process(run_dir)

@@ -1,6 +1,6 @@
 """Global limits: each endpoint's real ``Admission`` in one Ray actor, and the workers' proxy.
 
-``Limiter`` (an async actor, restarted by Ray if it dies) holds one ``engine.admission.Admission``
+``Limiter`` (an async actor, restarted by Ray if it dies) holds one ``engine.request.admission.Admission``
 per endpoint, built from the endpoint's config exactly as a single process would, so the 429
 and header learning is the single-process code on one clock. ``AdmissionProxy`` has the same
 ``acquire`` / ``release`` / ``effective_rpm`` as ``Admission`` and is what a worker's ``Engine``
@@ -45,7 +45,7 @@ from typing import Any
 
 import ray
 
-from engine.admission import Admission, Lease
+from engine.request.admission import Admission, Lease
 
 HOLD_S = 0.1  # longest a limiter round trip waits with nothing granted
 LINGER_S = 0.005  # after a first grant, how long a round trip waits for more (bigger batches)

@@ -22,8 +22,8 @@ from typing import Literal
 import msgspec
 
 from engine.errors import ConfigError, InputError, one_line
-from engine.schema import Problem
-from engine.store import atomic_write
+from engine.rundir.schema import Problem
+from engine.rundir.store import atomic_write
 
 GENERATE_BLOCK = 1000  # input lines per block (fair generate)
 RUN_BLOCK = 25  # problems per block (fair run)

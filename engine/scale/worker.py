@@ -23,14 +23,14 @@ from typing import Any
 
 import ray
 
-from engine.client import Engine
 from engine.config import EndpointConfig, RunConfig
 from engine.errors import AbortRun, ConfigError, FairError
 from engine.generate import ENDPOINT, KIND, _summary, _Work, _worker
 from engine.progress import Progress
+from engine.request.client import Engine
+from engine.rundir.schema import Problem
+from engine.rundir.store import RunStore, recover_partial, shard_paths
 from engine.scale.limiter import AdmissionProxy
-from engine.schema import Problem
-from engine.store import RunStore, recover_partial, shard_paths
 
 
 class Fenced(FairError):
@@ -185,7 +185,7 @@ class BlockWorker:
         self, out: str, cfg: RunConfig, block: str, epoch: int, problems: list[Problem]
     ) -> dict[str, Any]:
         """One attempt at a ``fair run`` block: ``pipeline.Job`` on its problems."""
-        from engine.pipeline import KINDS, Job
+        from engine.fair.pipeline import KINDS, Job
 
         root = Path(out)
         store = FencedStore(root, block, epoch, shard_records=cfg.run.shard_records)

@@ -8,7 +8,7 @@ template that made the request (``prompt_set().identify``):
   answer with probability ``skill``, else a plausible wrong one (numeric slip, flipped yes/no,
   another option letter);
 - ``feedback``: an explanation of the student's mistake that names the gold answer, opening
-  with a bracketed error-type tag (``engine.errortypes``) read off the student's answer (no
+  with a bracketed error-type tag (``engine.fair.errortypes``) read off the student's answer (no
   answer line: format; near the gold: arithmetic; ...), so a better student's tags move;
 - ``review`` / ``review_feedback``: a short justification ending in "[k]"; k is high when the
   reviewed text's final answer is right and low when it is wrong, shifted by the reviewer's
@@ -23,16 +23,16 @@ import hashlib
 import random
 import re
 
-from engine.errortypes import TYPES
-from engine.prompts import identify_any, prompt_set, render_problem
-from engine.schema import Problem
+from engine.fair.errortypes import TYPES
+from engine.fair.prompts import identify_any, prompt_set, render_problem
+from engine.rundir.schema import Problem
 from engine.sim.profiles import ModelProfile
 
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _ANSWER = re.compile(r"answer is\s*:?\s*\**\s*\(?\$?\s*(-?[\d,]*\.?\d+|[A-Za-z]+)", re.IGNORECASE)
 _QUOTED = re.compile(r'"""\n(.*?)\n"""', re.DOTALL)
 _GOLD_HINT = re.compile(r"(?:The correct final answer is|The correct answer should be) (.+?)\.(?:\s|$)")
-# how often a simulated teacher names each error type (engine.errortypes.TYPES order)
+# how often a simulated teacher names each error type (engine.fair.errortypes.TYPES order)
 _ERROR_WEIGHTS = (0.15, 0.35, 0.3, 0.12, 0.03, 0.05)
 
 
@@ -86,9 +86,9 @@ def _fallback_correct(pred: str | None, gold: str, task: str) -> bool:
 
 
 def grade(text: str, problem: Problem) -> bool:
-    """Whether ``text``'s final answer is the gold one (engine.answers when it is available)."""
+    """Whether ``text``'s final answer is the gold one (engine.fair.answers when it is available)."""
     try:
-        from engine.answers import extract_answer, is_correct
+        from engine.fair.answers import extract_answer, is_correct
     except ImportError:
         return _fallback_correct(_fallback_extract(text, problem.task), problem.answer, problem.task)
     return bool(is_correct(extract_answer(text, problem.task), problem.answer, problem.task))
@@ -171,7 +171,7 @@ def _error_type(problem: Problem, gold: str, text: str, rng: random.Random) -> s
     student = (m.group(1) or m.group(2) or "") if m else ""
     if not student or rng.random() < 0.25:
         return rng.choices(TYPES, weights=_ERROR_WEIGHTS)[0]
-    from engine.answers import canonical_number, extract_answer
+    from engine.fair.answers import canonical_number, extract_answer
 
     pred = extract_answer(student, problem.task, mode="flexible", options=problem.options)
     if pred is None:

@@ -33,7 +33,7 @@ from functools import cache
 from pathlib import Path
 
 from engine.errors import FairError
-from engine.schema import Problem
+from engine.rundir.schema import Problem
 from engine.sim.content import Reasoning, norm, review_text, split_solution, user_text
 from engine.sim.profiles import ModelProfile
 

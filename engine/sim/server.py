@@ -30,7 +30,7 @@ import orjson
 from aiohttp import web
 
 from engine.errors import ConfigError
-from engine.schema import Problem
+from engine.rundir.schema import Problem
 from engine.server_thread import ServerThread
 from engine.sim.content import Reasoning, rng_for
 from engine.sim.profiles import ModelProfile, SimProfile, load_profile
@@ -634,7 +634,7 @@ def load_problems(dataset: str) -> list[Problem]:
     (``gsm8k``, ``svamp:train``, ``builtin``...). Reasoning models answer every split of a dataset
     a client may ask about, so the default split here is ``all`` where the dataset has one."""
     from engine.config import DatasetSection
-    from engine.datasets import load_problems as load
+    from engine.fair.datasets import load_problems as load
 
     name, _, split = dataset.partition(":")
     if split:

@@ -1,0 +1,1 @@
+"""The FAIR method: datasets, prompts, answers, stages, scoring, pipeline, report."""

@@ -1,0 +1,41 @@
+"""What every stage receives: the engine, the config, the prompts, and prior records."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.config import RunConfig
+from engine.fair.prompts import PromptSet
+from engine.fair.scoring import Calibration
+from engine.rundir.schema import Record
+from engine.types import ChatRequest, Completion
+
+
+class Completer(Protocol):
+    async def complete(self, endpoint: str, request: ChatRequest, stage: str = "") -> Completion: ...
+
+
+class Prior(Protocol):
+    """Records an interrupted run wrote, by id (a dict, or ``engine.fair.resume.PriorRecords``)."""
+
+    def get(self, record_id: str, /) -> Record | None: ...
+
+
+@dataclass
+class StageContext:
+    engine: Completer
+    cfg: RunConfig
+    prompts: PromptSet
+    prior: Prior = field(default_factory=dict)  # records of unfinished problems (engine.fair.resume)
+    counts: Counter = field(default_factory=Counter)  # live figures for progress and report
+    calibration: Calibration = field(default_factory=Calibration)  # aggregation = "calibrated"
+
+    @property
+    def version(self) -> str:
+        return self.prompts.version
+
+    def reuse(self, record_id: str) -> Record | None:
+        """A record an interrupted run already wrote: reused instead of asking again."""
+        return self.prior.get(record_id)

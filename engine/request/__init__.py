@@ -1,0 +1,1 @@
+"""The request path: cache, admission, retry, executors, providers, trace, metrics."""

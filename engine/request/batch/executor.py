@@ -1,0 +1,652 @@
+"""``BatchExecutor``: an ``engine.request.executor.Executor`` that sends a ``mode = "batch"`` endpoint's
+requests through the provider's Batch API; other endpoints go online (``HttpExecutor``).
+
+``send(lane, body, key)`` puts the encoded body into the lane's open batch and returns the item's
+``(status, raw reply, headers)`` when that batch has ended, so the engine's cache, stages and
+provider decoding are unchanged. A batch is submitted after ``linger_s`` without a new request,
+or at ``max_items`` / ``max_bytes``; at most ``max_open`` batches are at the provider at once
+(while they are full, the open batch keeps growing). A queued body waits on disk, in the lane's
+spool (an unlinked temporary file); the upload is written from it to ``batches/<local>.input``
+and streamed, and results stream to disk and are read back line by line, so a 50k-request batch
+is never in memory whole. Batch lanes take ``Unmetered`` admission:
+the online rpm/tpm and concurrency caps do not apply (providers meter batches apart, and a slot
+per waiting item would cap the batch size).
+
+Item outcomes: a reply (200) or a refusal (4xx, e.g. an invalid request) is returned as is; an
+expired, canceled or 5xx item, or one missing from the results, goes into a later batch, at
+most ``max_rounds`` batches in all; then ``fallback = "online"`` sends it once online, ``"none"``
+answers 422 (the record fails, saying why). 401/403 on a control call aborts the run.
+
+Never paying twice: every batch is journalled (``engine.request.batch.journal``) before and after its
+create; its results are saved to ``RUN_DIR/batches/<local>.results.jsonl`` before they are handed
+out. On open, a resume re-attaches to submitted batches, re-reads (or downloads again) ended
+ones, and looks up batches whose create reply was lost (``wire.find``); a send whose custom_id is
+among them waits for that batch instead of submitting again. ``custom_id`` is ``fd`` + the first
+40 hex digits of the request's cache key (the ``key`` the engine passes, ``-i`` kept for part i of
+a fan-out), so a rerun names every request as before; a send whose ``custom_id`` already waits
+shares that item's answer (never a second item for the same request). Replies carry the batch id
+in ``BATCH_HEADER`` (the trace shows it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import os
+import re
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import msgspec
+
+from engine.errors import AbortRun, FairError
+from engine.request.batch.anthropic import AnthropicBatchWire
+from engine.request.batch.journal import Journal
+from engine.request.batch.openai import OpenAIBatchWire
+from engine.request.batch.wire import (
+    TRANSIENT,
+    ControlError,
+    Lost,
+    Outcome,
+    Refused,
+    Remote,
+    Truncated,
+    file_lines,
+)
+from engine.request.executor import BATCH_HEADER, Executor, HttpExecutor, Reply
+from engine.request.providers import error_message, redact
+
+if TYPE_CHECKING:
+    from engine.config import BatchConfig
+    from engine.request.client import Lane
+
+CREATE_TRIES = 5
+DOWNLOAD_TRIES = 6
+HAND_OUT = 1000  # answers handed out between two yields to the event loop
+_enc = msgspec.json.Encoder()
+
+
+class BatchAmbiguous(FairError):
+    """A lost create matches more than one provider batch: a person must choose (exit 1)."""
+
+
+class BatchAmbiguousAbort(AbortRun):
+    """The same, found during a run: the run stops, exit 1 (a person's choice, not a fault)."""
+
+    exit_code = 1
+
+
+class BatchUnreadable(AbortRun):
+    """A batch ended but its results stay unreadable: stop rather than pay for them again."""
+
+
+class Unmetered:
+    """The admission of a batch lane: admits at once, counts nothing (see the module doc)."""
+
+    async def acquire(self, est_tokens: float = 0.0) -> None:
+        return None
+
+    def release(self, lease: Any, status: int, headers=None, used_tokens: float | None = None) -> None:
+        return None
+
+    def effective_rpm(self) -> float | None:
+        return None
+
+
+def custom_id(lane: Lane, body: bytes, key: str | None = None) -> str:
+    """``fd`` + 40 hex digits of the cache key ``key`` (+ its ``-i`` part suffix), within Anthropic's
+    ``^[a-zA-Z0-9_-]{1,64}$``; without a key, of a blake2b of the endpoint identity and the body."""
+    if key is not None:
+        head, _, part = key.partition("-")
+        if re.fullmatch(r"[0-9a-f]{40,}", head) and (part == "" or part.isdigit()):
+            return f"fd{head[:40]}-{part}" if part else f"fd{head[:40]}"
+    cfg = lane.cfg
+    h = hashlib.blake2b(f"{cfg.provider}\0{cfg.base_url.rstrip('/')}\0{cfg.model}\0".encode(), digest_size=20)
+    h.update(body)
+    return "fd" + h.hexdigest()
+
+
+class _Item:
+    """One request waiting in a batch. Its body is on disk, in the lane's spool, once queued."""
+
+    __slots__ = ("body", "cid", "future", "pos", "rounds", "size")
+
+    def __init__(self, cid: str, body: bytes, future: asyncio.Future):
+        self.cid, self.body, self.future, self.rounds = cid, body, future, 0
+        self.size, self.pos = len(body), -1  # pos: offset in the spool, once written there
+
+
+class _Lane:
+    """The batch state of one endpoint."""
+
+    def __init__(self, lane: Lane, wire: Any, session: aiohttp.ClientSession, folder: Path):
+        self.lane = lane
+        # the queued bodies; closed (and so gone) in BatchExecutor.close
+        self.spool = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115
+        self.spool_end = 0
+        self.cfg: BatchConfig = lane.cfg.batch
+        self.wire = wire
+        self.session = session
+        self.max_items = min(self.cfg.max_items, wire.max_items)
+        self.max_bytes = min(self.cfg.max_bytes, wire.max_bytes)
+        self.open: list[_Item] = []
+        self.open_bytes = 0
+        self.last_add = 0.0
+        self.timer: asyncio.Task | None = None
+        self.flush_pending = False
+        self.slots = asyncio.Semaphore(self.cfg.max_open)
+        self.waiting: dict[str, _Item] = {}  # custom_id -> the item a caller awaits
+        self.attached: dict[str, str] = {}  # custom_id -> local id of a re-attached running batch
+
+
+class _Row(msgspec.Struct):
+    c: str
+    s: int
+    b: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_row = msgspec.json.Decoder(_Row)
+
+
+class BatchExecutor:
+    """Batch lanes through the provider's Batch API, the rest through ``online`` (HTTP)."""
+
+    def __init__(self, run_dir: str | Path, online: Executor | None = None):
+        self.run_dir = Path(run_dir)
+        self.online: Executor = online if online is not None else HttpExecutor()
+        self.journal: Journal | None = None
+        self.stats: Counter[str] = Counter()  # batches_created, items_submitted, requeued, fallback...
+        self._lanes: dict[str, _Lane] = {}
+        self._known: dict[str, Reply] = {}  # answers no caller waited for (an earlier run's...)
+        self._tasks: set[asyncio.Task] = set()
+        self._running: dict[str, str] = {}  # local id -> provider id, submitted and not ended
+        self._creating: set[str] = set()  # local ids whose create has no answer yet
+        self._error: BaseException | None = None
+        self._serial = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"BatchExecutor(batch_lanes={list(self._lanes)}, running={len(self._running)})"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def open(self, lanes: Mapping[str, Lane]) -> None:
+        await self.online.open(lanes)
+        batch = {name: lane for name, lane in lanes.items() if lane.cfg.mode == "batch"}
+        if not batch:
+            return
+        self.journal = Journal(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name, lane in batch.items():
+            headers = {**lane.provider.headers(lane.key), **lane.cfg.headers}
+            session = aiohttp.ClientSession(
+                headers={k: v for k, v in headers.items() if k.lower() != "content-type"},
+                timeout=aiohttp.ClientTimeout(total=lane.cfg.timeout_s),
+            )
+            kind = OpenAIBatchWire if lane.cfg.provider == "openai" else AnthropicBatchWire
+            wire = kind(session, lane.cfg.base_url, lane.key, name)
+            self._lanes[name] = _Lane(lane, wire, session, self.run_dir)
+        for stale in (*self.journal.folder.glob("*.input"), *self.journal.folder.glob("*.results.tmp")):
+            stale.unlink(missing_ok=True)  # an upload or a results file a killed run left half-done
+        try:
+            await self._resume()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, set()
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._running:
+            ids = ", ".join(sorted(self._running.values())[:5])
+            print(
+                f"fair: {len(self._running)} batch(es) still running at the provider ({ids}); they are "
+                f"recorded in {self.run_dir / 'batches' / 'journal.jsonl'}: run the same command again to "
+                f"re-attach, or `fair batches cancel {self.run_dir}`",
+                file=sys.stderr,
+            )
+        if self._creating:
+            print(
+                f"fair: {len(self._creating)} batch create(s) had no answer yet; run the same command again "
+                "to find them at the provider (nothing is paid twice)",
+                file=sys.stderr,
+            )
+        for st in self._lanes.values():
+            await st.session.close()
+            st.spool.close()
+        self._lanes = {}
+        if self.journal is not None:
+            self.journal.close()
+        await self.online.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        self._fail_all(task.exception())
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """A batch task died (refused credentials, an ambiguous lost create...): every caller
+        waiting gets the error, and later sends too."""
+        if self._error is None:
+            self._error = exc
+        for st in self._lanes.values():
+            for item in st.waiting.values():
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            st.waiting.clear()
+
+    # -- the seam -----------------------------------------------------------------------------
+
+    async def send(self, lane: Lane, body: bytes, key: str | None = None) -> Reply:
+        if lane.name not in self._lanes:
+            return await self.online.send(lane, body, key)
+        # a cancelled caller's item stays waiting: a later send of it adopts the item (no second
+        # one), or its answer is kept for one (``_known``)
+        return await self._item(lane, body, key).future
+
+    def enqueue(self, lane: Lane, body: bytes, key: str | None = None) -> asyncio.Future:
+        """``send`` without a coroutine: the future of ``(status, raw, headers)`` (for streaming
+        callers such as ``fair generate --mode batch``, which hold no task per waiting item)."""
+        return self._item(lane, body, key).future
+
+    def _item(self, lane: Lane, body: bytes, key: str | None) -> _Item:
+        st = self._lanes[lane.name]
+        future = asyncio.get_running_loop().create_future()
+        cid = custom_id(lane, body, key)
+        item = _Item(cid, body, future)
+        if self._error is not None:
+            future.set_exception(self._error)
+        elif (known := self._known.get(cid)) is not None:  # an earlier run's batch answered it
+            future.set_result(known)
+        elif (first := st.waiting.get(cid)) is not None:  # the same request waits: one item
+            if first.future.done():  # its caller went away: this one takes the item over
+                first.future = future
+                return first
+            self._follow(st, first, item)
+        else:
+            self._wait(st, item)
+        return item
+
+    def _wait(self, st: _Lane, item: _Item) -> None:
+        st.waiting[item.cid] = item
+        if item.cid not in st.attached:
+            self._enqueue(st, item)
+
+    def _follow(self, st: _Lane, first: _Item, item: _Item) -> None:
+        """``item`` gets ``first``'s answer; if ``first``'s caller goes away, ``item`` waits itself."""
+
+        def copy(fut: asyncio.Future) -> None:
+            if item.future.done():
+                return
+            if fut.cancelled():
+                if (other := st.waiting.get(item.cid)) is not None:
+                    if other.future.done():
+                        other.future = item.future  # take the item over
+                    else:
+                        self._follow(st, other, item)
+                elif item.cid in self._known:
+                    item.future.set_result(self._known[item.cid])
+                else:
+                    self._wait(st, item)
+            elif (exc := fut.exception()) is not None:
+                item.future.set_exception(exc)
+            else:
+                item.future.set_result(fut.result())
+
+        self.stats["shared"] += 1
+        first.future.add_done_callback(copy)
+
+    # -- grouping -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _body(st: _Lane, item: _Item) -> bytes:
+        if item.body is not None:
+            return item.body
+        st.spool.flush()
+        return os.pread(st.spool.fileno(), item.size, item.pos)
+
+    def _enqueue(self, st: _Lane, item: _Item) -> None:
+        if item.body is not None:  # spool it: a waiting request keeps a few small fields in memory
+            st.spool.write(item.body)
+            item.pos, item.body = st.spool_end, None
+            st.spool_end += item.size
+        st.open.append(item)
+        st.open_bytes += item.size + 120
+        st.last_add = time.monotonic()
+        if len(st.open) >= st.max_items or st.open_bytes >= st.max_bytes:
+            self._want_flush(st)
+        elif st.timer is None:
+            st.timer = self._spawn(self._linger(st))
+
+    async def _linger(self, st: _Lane) -> None:
+        try:
+            while st.open and (wait := st.last_add + st.cfg.linger_s - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+        finally:
+            st.timer = None
+        if st.open:
+            self._want_flush(st)
+
+    def _want_flush(self, st: _Lane) -> None:
+        if not st.flush_pending:
+            st.flush_pending = True
+            self._spawn(self._flush(st))
+
+    async def _flush(self, st: _Lane) -> None:
+        await st.slots.acquire()  # while max_open batches run, the open one keeps growing
+        st.flush_pending = False
+        k, size = 0, 0
+        while k < len(st.open) and k < st.max_items and size + st.open[k].size + 120 <= st.max_bytes:
+            size += st.open[k].size + 120
+            k += 1
+        items = st.open[:k]
+        del st.open[:k]
+        st.open_bytes -= size
+        if st.open:
+            if len(st.open) >= st.max_items or st.open_bytes >= st.max_bytes:
+                self._want_flush(st)
+            elif st.timer is None:
+                st.timer = self._spawn(self._linger(st))
+        try:
+            live = [i for i in items if not i.future.done()]
+            for i in items:  # answered or cancelled before it went out: not sent
+                if i.future.done() and st.waiting.get(i.cid) is i:
+                    del st.waiting[i.cid]
+            del items
+            if live:
+                await self._submit(st, live)  # it empties ``live`` once the batch is created
+        finally:
+            st.slots.release()
+
+    # -- one batch ----------------------------------------------------------------------------
+
+    async def _submit(self, st: _Lane, items: list[_Item]) -> None:
+        assert self.journal is not None
+        name = st.lane.name
+        local = f"fb-{int(time.time() * 1000):x}-{os.getpid()}-{next(self._serial)}"
+        ids = [i.cid for i in items]
+        cfg = st.lane.cfg
+        key_env = cfg.api_key_env or ""
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", key_env) or redact(key_env) != key_env:
+            key_env = ""  # only a variable's name is written, never something shaped like a key
+        self.journal.write(
+            "open", local, lane=name, provider=cfg.provider, base_url=cfg.base_url, key_env=key_env
+        )
+        info = self.journal.write(
+            "creating", local, lane=name, n=len(items), bytes=sum(i.size for i in items), ids=ids
+        )
+        self._creating.add(local)
+        upload = self.journal.folder / f"{local}.input"
+        try:
+            with open(upload, "wb") as f:  # the upload, streamed from disk
+                st.wire.write_input(((i.cid, self._body(st, i)) for i in items), f)
+            remote = await self._create(st, local, info.t_create, upload, items)
+        finally:
+            self._creating.discard(local)
+            upload.unlink(missing_ok=True)
+        n = len(items)
+        items.clear()  # from here on, ``st.waiting`` holds what is still asked for
+        if remote is None:
+            return
+        self.journal.write("submitted", local, id=remote.id)
+        self.stats["batches_created"] += 1
+        self.stats["items_submitted"] += n
+        await self._watch(st, local, remote.id, ids)
+
+    async def _create(
+        self, st: _Lane, local: str, t_create: float, upload: Path, items: list[_Item]
+    ) -> Remote | None:
+        """Create the batch; a lost reply is looked up before trying again. None: the items
+        have been answered (refused) or handed back to the engine to retry."""
+        assert self.journal is not None
+        last = ""
+        for attempt in range(CREATE_TRIES):
+            if attempt:
+                await asyncio.sleep(min(30.0, 0.2 * 2**attempt))
+            try:
+                return await st.wire.create(upload, local)
+            except Lost as exc:
+                last = str(exc)
+                found = await self._find(st, local, t_create, len(items), live=True)
+                if found is not None:
+                    self.stats["creates_recovered"] += 1
+                    return found
+            except ControlError as exc:  # the upload failed: nothing was created
+                last = str(exc)
+            except Refused as exc:
+                self.journal.write("ended", local, status="refused")
+                body = _enc.encode({"error": {"message": error_message(exc.body, st.lane.key)}})
+                for item in items:
+                    self._resolve(st, item.cid, exc.status, body, "")
+                return None
+        self.journal.write("ended", local, status="not_created")
+        from engine.request.executor import SendError
+
+        for item in items:  # the engine's retry boundary decides what comes next
+            st.waiting.pop(item.cid, None)
+            if not item.future.done():
+                item.future.set_exception(SendError(f"could not create a batch: {last}"))
+        return None
+
+    async def _find(self, st: _Lane, local: str, t_create: float, n: int, live: bool) -> Remote | None:
+        """The batch a lost create made, or None when there is none; ambiguity stops the run."""
+        for attempt in range(CREATE_TRIES):
+            try:
+                found = await st.wire.find(local, t_create, n)
+                break
+            except ControlError:
+                await asyncio.sleep(min(30.0, 0.2 * 2**attempt))
+        else:
+            raise (BatchAmbiguousAbort if live else BatchAmbiguous)(
+                f"endpoint {st.lane.name!r}: cannot tell whether batch {local} was created (listing "
+                f"batches failed); see `fair batches list {self.run_dir}`"
+            )
+        known = {b.id for b in self.journal.batches.values() if b.id} if self.journal else set()
+        found = [r for r in found if r.id not in known]  # batches of ours already accounted for
+        if len(found) > 1 and self.journal is not None and local in self.journal.batches:
+            found = [r for r in found if await self._may_hold(st, r, self.journal.batches[local].ids)]
+        if len(found) > 1:
+            ids = ", ".join(r.id for r in found)
+            raise (BatchAmbiguousAbort if live else BatchAmbiguous)(
+                f"endpoint {st.lane.name!r}: the create of batch {local} ({n} requests) lost its reply and "
+                f"{len(found)} provider batches match it ({ids}); attach the right one with "
+                f"`fair batches attach {self.run_dir} {local} BATCH_ID` (and cancel the others with "
+                f"`fair batches cancel {self.run_dir} BATCH_ID`), then run again"
+            )
+        return found[0] if found else None
+
+    async def _may_hold(self, st: _Lane, remote: Remote, ids: list[str]) -> bool:
+        """False when ``remote`` has ended and its results are for other custom ids."""
+        if not remote.ended or not ids:
+            return True
+        try:
+            with tempfile.TemporaryFile(dir=self.run_dir) as f:
+                await st.wire.download(remote, f)
+                got = {cid for cid, _, _ in st.wire.parse(file_lines(f), remote, ids)}
+        except (Truncated, ControlError):
+            return True
+        return got == set(ids)
+
+    async def _watch(self, st: _Lane, local: str, bid: str, ids: list[str]) -> None:
+        """Poll until the batch ends, save its results, hand them out."""
+        assert self.journal is not None
+        self._running[local] = bid
+        while True:
+            await asyncio.sleep(st.cfg.poll_s)
+            try:
+                remote = await st.wire.retrieve(bid)
+            except ControlError:
+                continue
+            if remote.ended:
+                break
+        path = await self._download(st, remote, ids, local)
+        self.journal.write("ended", local, id=bid, status=remote.status, results=path.name)
+        del self._running[local]
+        await self._hand_out(st, path, ids, bid)
+        self.journal.write("ingested", local)
+
+    async def _download(self, st: _Lane, remote: Remote, ids: list[str], local: str) -> Path:
+        """The results, read to their end and saved; downloading again is free, paying again is
+        not: when they stay unreadable the run stops, and a rerun re-attaches and tries again."""
+        last = ""
+        for attempt in range(DOWNLOAD_TRIES):
+            try:
+                return await self._save(st, remote, ids, local)
+            except (Truncated, ControlError) as exc:
+                last = str(exc)
+                self.stats["downloads_retried"] += 1
+                await asyncio.sleep(min(60.0, min(st.cfg.poll_s, 5.0) * 2**attempt))
+        raise BatchUnreadable(
+            f"endpoint {st.lane.name!r}: the results of batch {remote.id} could not be read ({last}); "
+            "run the same command again later to download them (nothing is paid twice)"
+        )
+
+    async def _save(self, st: _Lane, remote: Remote, ids: list[str], local: str) -> Path:
+        """Download the results to a scratch file and write their outcomes, line by line, to
+        ``batches/<local>.results.jsonl`` (fsynced, renamed into place): never all in memory."""
+        assert self.journal is not None
+        path = self.journal.folder / f"{local}.results.jsonl"
+        tmp = path.with_suffix(".tmp")
+        with tempfile.TemporaryFile(dir=self.journal.folder) as got, open(tmp, "wb") as f:
+            await st.wire.download(remote, got)
+            for cid, status, raw in st.wire.parse(file_lines(got), remote, ids):
+                f.write(b'{"c":"%s","s":%d,"b":%s}\n' % (cid.encode(), status, raw or b"null"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def _rows(self, path: Path) -> Iterator[Outcome]:
+        """The outcomes saved in ``path``, one line at a time."""
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    r = _row.decode(line)
+                    yield r.c, r.s, b"" if bytes(r.b) == b"null" else bytes(r.b)
+
+    async def _hand_out(self, st: _Lane, path: Path, ids: list[str], bid: str) -> None:
+        """Answer the waiting items from the saved results, letting their callers run every
+        ``HAND_OUT`` items (so answers do not pile up in memory)."""
+        seen = set()
+        for n, (cid, status, raw) in enumerate(self._rows(path), 1):
+            if n % HAND_OUT == 0:
+                await asyncio.sleep(0)
+            seen.add(cid)
+            st.attached.pop(cid, None)
+            if status == TRANSIENT:
+                if (item := st.waiting.get(cid)) is not None:
+                    self._again(st, item)
+                continue
+            self._resolve(st, cid, status, raw, bid)
+        for cid in ids:  # asked for, but not in the results
+            st.attached.pop(cid, None)
+            if cid not in seen and (item := st.waiting.get(cid)) is not None:
+                self._again(st, item)
+
+    def _resolve(self, st: _Lane, cid: str, status: int, raw: bytes, bid: str) -> None:
+        if status >= 300:  # the server's words only, any key masked: it may be saved and shown
+            raw = _enc.encode({"error": {"message": error_message(raw, st.lane.key)}})
+        reply = (status, raw, {BATCH_HEADER: bid} if bid else {})
+        item = st.waiting.pop(cid, None)
+        if item is not None and not item.future.done():
+            item.future.set_result(reply)
+        else:
+            self._known[cid] = reply
+
+    def _again(self, st: _Lane, item: _Item) -> None:
+        """An item the batch did not answer: a later batch, or the fallback."""
+        if item.future.done():  # its caller went away: nothing to pay for
+            st.waiting.pop(item.cid, None)
+            return
+        item.rounds += 1
+        if item.rounds < st.cfg.max_rounds:
+            self.stats["requeued"] += 1
+            self._enqueue(st, item)
+            return
+        st.waiting.pop(item.cid, None)
+        self.stats["gave_up"] += 1
+        if st.cfg.fallback == "online":
+            self.stats["fallback_online"] += 1
+            self._spawn(self._online(st, item))
+            return
+        msg = (
+            f"batch item not answered in {item.rounds} batch round(s) (expired, canceled or server "
+            f"errors; batch.max_rounds = {st.cfg.max_rounds}, batch.fallback = none)"
+        )
+        if not item.future.done():
+            item.future.set_result((422, _enc.encode({"error": {"message": msg}}), {}))
+
+    async def _online(self, st: _Lane, item: _Item) -> None:
+        try:
+            reply = await self.online.send(st.lane, self._body(st, item))
+        except Exception as exc:  # SendError: the engine retries it (as a new batch item)
+            if not item.future.done():
+                item.future.set_exception(exc)
+        else:
+            if not item.future.done():
+                item.future.set_result(reply)
+
+    # -- resume -------------------------------------------------------------------------------
+
+    async def _resume(self) -> None:
+        """Re-attach to what an earlier run left at the provider (see the module doc)."""
+        assert self.journal is not None
+        for info in list(self.journal.batches.values()):
+            st = self._lanes.get(info.lane)
+            if st is None:  # a lane no longer in batch mode: `fair batches list` shows it
+                continue
+            if info.state == "creating":
+                found = await self._find(st, info.local, info.t_create, info.n, live=False)
+                if found is None:
+                    self.journal.write("ended", info.local, status="not_created")
+                    continue
+                info = self.journal.write("submitted", info.local, id=found.id)
+                self.stats["creates_recovered"] += 1
+            if info.state == "submitted":
+                for cid in info.ids:
+                    st.attached[cid] = info.local
+                self.stats["reattached"] += 1
+                self._spawn(self._watch(st, info.local, info.id, info.ids))
+            elif info.state in ("ended", "ingested") and info.id:
+                rows = self._load(info.results) if info.results else None
+                if rows is None:  # ended but its results were never saved: download again
+                    try:
+                        remote = await st.wire.retrieve(info.id)
+                    except ControlError as exc:
+                        raise FairError(
+                            f"endpoint {st.lane.name!r}: cannot read batch {info.id} again ({exc}); "
+                            "its results are needed to avoid paying twice: try again later"
+                        ) from None
+                    path = await self._download(st, remote, info.ids, info.local)
+                    self.journal.write(
+                        "ended", info.local, id=info.id, status=remote.status, results=path.name
+                    )
+                    rows = list(self._rows(path))
+                for cid, status, raw in rows:
+                    if status != TRANSIENT:
+                        self._known[cid] = (status, raw, {BATCH_HEADER: info.id})
+
+    def _load(self, name: str) -> list[Outcome] | None:
+        assert self.journal is not None
+        try:
+            data = (self.journal.folder / name).read_bytes()
+            rows = [_row.decode(line) for line in data.splitlines() if line.strip()]
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            return None
+        return [(r.c, r.s, b"" if bytes(r.b) == b"null" else bytes(r.b)) for r in rows]

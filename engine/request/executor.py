@@ -1,0 +1,86 @@
+"""Executors: how an encoded request body reaches an endpoint and its reply comes back.
+
+The engine decides *what* to send and *when* (cache, admission, retries); an executor only
+*sends*::
+
+    await executor.open(lanes)                         # once, before the first call
+    status, body, headers = await executor.send(lane, body, key)
+    await executor.close()
+
+``key`` names the request (the cache key in hex, ``-i`` added for part i of a fan-out): the
+same key is the same request, so an executor may answer both from one send (a Batch API derives
+its ``custom_id`` from it). ``send`` returns the HTTP status, the raw reply body and the reply
+headers, or raises ``SendError`` when no reply came (``timeout=True`` for a deadline); a reply
+header ``BATCH_HEADER`` names the provider batch that answered (traced). ``HttpExecutor`` (the
+default) posts over one aiohttp session per endpoint; a provider Batch API or a test's
+in-memory server plugs in here without touching the engine or the stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
+
+import aiohttp
+
+if TYPE_CHECKING:
+    from engine.request.client import Lane
+
+Reply = tuple[int, bytes, Mapping[str, str]]
+BATCH_HEADER = "x-fair-batch"  # reply header an executor sets to the provider batch that answered
+
+
+class SendError(Exception):
+    """No reply: the connection failed or the deadline passed. Never carries a key."""
+
+    def __init__(self, message: str, timeout: bool = False):
+        super().__init__(message)
+        self.timeout = timeout
+
+
+class Executor(Protocol):
+    async def open(self, lanes: Mapping[str, Lane]) -> None: ...
+    async def send(self, lane: Lane, body: bytes, key: str | None = None) -> Reply: ...
+    async def close(self) -> None: ...
+
+
+class HttpExecutor:
+    """POST over one aiohttp session per endpoint, its auth headers set once on the session.
+
+    Every attempt has a wall-clock deadline (``EndpointConfig.timeout_s``, an aiohttp
+    ``ClientTimeout`` on the session, so it costs nothing per request)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def __repr__(self) -> str:
+        return f"HttpExecutor(endpoints={list(self._sessions)})"
+
+    async def open(self, lanes: Mapping[str, Lane]) -> None:
+        for name, lane in lanes.items():
+            cfg = lane.cfg
+            connector = aiohttp.TCPConnector(limit=cfg.concurrency + 8, limit_per_host=0, ttl_dns_cache=300)
+            self._sessions[name] = aiohttp.ClientSession(
+                connector=connector,
+                headers={**lane.provider.headers(lane.key), **cfg.headers},
+                timeout=aiohttp.ClientTimeout(total=cfg.timeout_s),
+                raise_for_status=False,
+            )
+
+    async def send(self, lane: Lane, body: bytes, key: str | None = None) -> Reply:
+        session = self._sessions.get(lane.name)
+        if session is None:
+            raise RuntimeError("Engine is not open: use `async with Engine(...) as engine`")
+        try:
+            async with session.post(lane.provider.url, data=body) as resp:
+                return resp.status, await resp.read(), resp.headers
+        except TimeoutError:
+            raise SendError(f"no reply within {lane.cfg.timeout_s:g}s", timeout=True) from None
+        except aiohttp.ClientError as exc:
+            detail = str(exc)
+            raise SendError(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__) from None
+
+    async def close(self) -> None:
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
+            await session.close()

@@ -1,0 +1,207 @@
+"""Prometheus metrics of a run: ``fair run`` / ``fair generate --metrics-port PORT`` serve ``/metrics``.
+
+Per endpoint (label ``endpoint``)::
+
+    fair_requests_total{outcome=ok|cached|failed}   complete() calls by how they ended
+    fair_http_calls_total                           HTTP calls sent (429s and retries included)
+    fair_http_429_total, fair_retries_total, fair_timeouts_total
+    fair_in_flight                                  HTTP calls sent and not yet answered
+    fair_effective_rpm, fair_effective_tpm          completed calls / tokens in the last minute
+    fair_admission_rpm                              admission's current target rate (when it has one)
+    fair_request_latency_seconds                    histogram of completed calls (retries included)
+    fair_tokens_total{kind=prompt|completion}, fair_cost_usd_total
+
+Per stage of a FAIR job: ``fair_stage_total{stage, outcome}`` (problems done / failed, student
+attempts and mistakes, rationales accepted / rejected, feedback, samples).
+
+Cheap by construction: the counters are the engine's ``EndpointStats``, read when Prometheus
+scrapes; per call only the latency bucket and the one-minute ring are updated (``completed``).
+The HTTP server is prometheus-client's, in a daemon thread, with a registry of its own per run.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from engine.request.events import Call, Observer
+from engine.types import Completion
+
+if TYPE_CHECKING:
+    from engine.request.client import Engine
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+WINDOW_S = 60
+
+StageCounts = Callable[[], Mapping[tuple[str, str], float]]
+
+
+class _Endpoint:
+    """Latency buckets and a one-minute ring of one endpoint."""
+
+    __slots__ = ("buckets", "first", "ring_req", "ring_sec", "ring_tok", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.ring_sec = [-1] * WINDOW_S
+        self.ring_req = [0] * WINDOW_S
+        self.ring_tok = [0] * WINDOW_S
+        self.first: float | None = None
+
+    def observe(self, latency: float, tokens: int, now: float) -> None:
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, latency)] += 1
+        self.sum += latency
+        sec = int(now)
+        i = sec % WINDOW_S
+        if self.ring_sec[i] != sec:
+            self.ring_sec[i], self.ring_req[i], self.ring_tok[i] = sec, 0, 0
+        self.ring_req[i] += 1
+        self.ring_tok[i] += tokens
+        if self.first is None:
+            self.first = now
+
+    def per_minute(self, now: float) -> tuple[float, float]:
+        """Completed calls and tokens over the last minute (scaled up while younger than that)."""
+        if self.first is None:
+            return 0.0, 0.0
+        sec = int(now)
+        req = tok = 0
+        for s, r, t in zip(self.ring_sec, self.ring_req, self.ring_tok, strict=True):
+            if sec - s < WINDOW_S:
+                req += r
+                tok += t
+        span = min(float(WINDOW_S), max(1.0, now - self.first))
+        return req * 60.0 / span, tok * 60.0 / span
+
+
+class EngineMetrics(Observer):
+    """An engine's metrics as a Prometheus collector (and an observer of its request events)."""
+
+    def __init__(self, engine: Engine, stages: StageCounts | None = None):
+        self.engine = engine
+        self.stages = stages
+        self.by_endpoint = {name: _Endpoint() for name in engine.request.stats}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        engine.observe(self)
+
+    def completed(self, call: Call, done: Completion) -> None:
+        u = done.usage
+        self.by_endpoint[call.endpoint].observe(
+            done.latency_s, u.prompt_tokens + u.completion_tokens, time.monotonic()
+        )
+
+    def collect(self) -> Iterator[Metric]:  # runs in the metrics server's thread
+        now = time.monotonic()
+        ep = ["endpoint"]
+        requests = CounterMetricFamily(
+            "fair_requests", "complete() calls by outcome", labels=[*ep, "outcome"]
+        )
+        calls = CounterMetricFamily("fair_http_calls", "HTTP calls sent", labels=ep)
+        r429 = CounterMetricFamily("fair_http_429", "rate-limit (429) answers", labels=ep)
+        retries = CounterMetricFamily("fair_retries", "attempts after a failed one", labels=ep)
+        timeouts = CounterMetricFamily("fair_timeouts", "attempts past their deadline", labels=ep)
+        in_flight = GaugeMetricFamily("fair_in_flight", "HTTP calls sent, not yet answered", labels=ep)
+        rpm = GaugeMetricFamily("fair_effective_rpm", "completed calls in the last minute", labels=ep)
+        tpm = GaugeMetricFamily("fair_effective_tpm", "tokens completed in the last minute", labels=ep)
+        target = GaugeMetricFamily("fair_admission_rpm", "admission's current target rate", labels=ep)
+        tokens = CounterMetricFamily("fair_tokens", "tokens of completed calls", labels=[*ep, "kind"])
+        cost = CounterMetricFamily("fair_cost_usd", "dollars spent (usage x price)", labels=ep)
+        latency = HistogramMetricFamily(
+            "fair_request_latency_seconds", "latency of completed calls, retries included", labels=ep
+        )
+        for name, s in self.engine.request.stats.items():
+            requests.add_metric([name, "ok"], s.ok)
+            requests.add_metric([name, "cached"], s.cache_hits)
+            requests.add_metric([name, "failed"], s.errors)
+            calls.add_metric([name], s.calls)
+            r429.add_metric([name], s.http_429)
+            retries.add_metric([name], s.retries)
+            timeouts.add_metric([name], s.timeouts)
+            in_flight.add_metric([name], s.in_flight)
+            tokens.add_metric([name, "prompt"], s.prompt_tokens)
+            tokens.add_metric([name, "completion"], s.completion_tokens)
+            cost.add_metric([name], s.cost_usd)
+            mine = self.by_endpoint[name]
+            per_min = mine.per_minute(now)
+            rpm.add_metric([name], per_min[0])
+            tpm.add_metric([name], per_min[1])
+            lane = self.engine.lanes.get(name)
+            rate = lane.admission.effective_rpm() if lane is not None else None
+            if rate is not None:
+                target.add_metric([name], rate)
+            cumulative, running = [], 0
+            for le, n in zip((*LATENCY_BUCKETS, float("inf")), mine.buckets, strict=True):
+                running += n
+                cumulative.append(("+Inf" if le == float("inf") else repr(le), running))
+            latency.add_metric([name], cumulative, mine.sum)
+        yield from (requests, calls, r429, retries, timeouts, in_flight, rpm, tpm, target, tokens, cost)
+        yield latency
+        if self.stages is not None:
+            stage = CounterMetricFamily(
+                "fair_stage", "FAIR job records by stage and outcome", labels=["stage", "outcome"]
+            )
+            for (name, outcome), value in sorted(self.stages().items()):
+                stage.add_metric([name, outcome], value)
+            yield stage
+
+
+class MetricsServer:
+    """``/metrics`` of a registry on ``host:port`` (a daemon thread) until ``close()``."""
+
+    def __init__(self, registry: CollectorRegistry, port: int, host: str = "127.0.0.1"):
+        try:
+            self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            from engine.errors import ConfigError
+
+            raise ConfigError(
+                f"--metrics-port {port}: cannot listen on {host}:{port}: {exc.strerror}"
+            ) from None
+        self.port = self._httpd.server_port
+        self.url = f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def serve_engine(engine: Engine, port: int | None, stages: StageCounts | None = None) -> MetricsServer | None:
+    """Metrics of ``engine`` on ``port`` (None: none served). Close the server when the run ends."""
+    if port is None:
+        return None
+    return MetricsServer(EngineMetrics(engine, stages).registry, port)
+
+
+def exposition(
+    prefix: str, counters: Mapping[str, float], gauges: Mapping[str, float] = {}
+) -> tuple[bytes, str]:
+    """Plain numbers as a Prometheus text page: ``(body, content type)`` for a server's own
+    ``/metrics`` handler (``fair serve-student``). Counters get ``_total``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Numbers(prefix, counters, gauges))
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _Numbers:
+    def __init__(self, prefix: str, counters: Mapping[str, float], gauges: Mapping[str, float]):
+        self.prefix, self.counters, self.gauges = prefix, counters, gauges
+
+    def collect(self) -> Iterator[Metric]:
+        for name, value in self.counters.items():
+            yield CounterMetricFamily(f"{self.prefix}_{name}", name.replace("_", " "), value=value)
+        for name, value in self.gauges.items():
+            yield GaugeMetricFamily(f"{self.prefix}_{name}", name.replace("_", " "), value=value)

@@ -1,0 +1,127 @@
+"""Call trace: one JSON line per API call in ``RUN_DIR/trace/shard-*.jsonl``.
+
+Fields: ts (unix seconds), endpoint, model, latency_s, prompt/completion tokens, cost_usd,
+attempts, http_429 (rate-limit answers before it went through), cache_hit, status (HTTP status
+of the last attempt; 0 = no answer), error (the exception class of a failed call) and, only for
+a call answered through a provider Batch API, batch (that batch's id); stage (what the call was
+for: student, rationale, feedback, review) when the caller said. Never a key, a header or
+a message body.
+
+``TraceObserver`` turns request events (``engine.request.events``) into lines; ``Trace`` writes them
+through the run store's ``ShardWriter``, buffered (64 KiB or once a second): the shard being
+written is ``shard-NNNNN.jsonl.partial`` and is sealed (renamed) on close, like every shard. A
+SIGKILL loses at most the last second of trace, never a record; the next ``Trace`` in that
+folder seals the torn shard and opens a new one beside it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from engine.request.events import Call, Observer
+from engine.rundir.store import ShardWriter
+from engine.types import Completion
+
+SHARD_LINES = 1_000_000
+
+
+class TraceEvent(msgspec.Struct, kw_only=True):
+    ts: float
+    endpoint: str
+    model: str
+    latency_s: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    attempts: int = 1
+    http_429: int = 0
+    cache_hit: bool = False
+    status: int = 0
+    error: str | None = None
+    batch: str | msgspec.UnsetType = msgspec.UNSET  # omitted unless a Batch API answered
+    stage: str | msgspec.UnsetType = msgspec.UNSET  # omitted unless the caller named one
+
+
+class Trace:
+    """Buffered JSONL writer of ``TraceEvent`` lines."""
+
+    def __init__(self, folder: str | Path, writer: str = ""):
+        self.folder = Path(folder)
+        self._shards = ShardWriter.resume(self.folder, writer, SHARD_LINES)
+        self._encoder = msgspec.json.Encoder()
+        self.lines = 0
+
+    def __repr__(self) -> str:
+        return f"Trace({str(self.folder)!r})"
+
+    def write(self, event: TraceEvent) -> None:
+        shards = self._shards
+        self._encoder.encode_into(event, shards.pending, -1)
+        shards.pending += b"\n"
+        shards.append()
+        self.lines += 1
+
+    def flush(self) -> None:
+        self._shards.flush()
+
+    def close(self) -> None:
+        self._shards.seal()
+
+
+class TraceObserver(Observer):
+    """One trace line per call that ended: answered from cache, completed or failed."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+
+    def _write(self, call: Call, **fields: Any) -> None:
+        """One line for ``call``: now, its endpoint, model and stage, and ``fields``."""
+        self.trace.write(
+            TraceEvent(
+                ts=time.time(),
+                endpoint=call.endpoint,
+                model=call.model,
+                stage=call.stage or msgspec.UNSET,
+                **fields,
+            )
+        )
+
+    def _sent(self, call: Call, **fields: Any) -> None:
+        """``_write`` for a call that went out: its attempts, 429s, last status and batch too."""
+        self._write(
+            call,
+            attempts=call.attempts,
+            http_429=call.http_429,
+            status=call.status,
+            batch=call.batch or msgspec.UNSET,
+            **fields,
+        )
+
+    def cached(self, call: Call, done: Completion) -> None:
+        u = done.usage
+        self._write(
+            call,
+            latency_s=0.0,
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            attempts=0,
+            cache_hit=True,
+            status=200,
+        )
+
+    def completed(self, call: Call, done: Completion) -> None:
+        u = done.usage
+        self._sent(
+            call,
+            latency_s=round(done.latency_s, 6),
+            prompt_tokens=u.prompt_tokens,
+            completion_tokens=u.completion_tokens,
+            cost_usd=done.cost_usd,
+        )
+
+    def failed(self, call: Call, error: BaseException) -> None:
+        self._sent(call, latency_s=round(call.elapsed_s, 6), error=type(error).__name__)

@@ -1,0 +1,1 @@
+"""The run directory: record kinds, shards and manifest, export, status, repair."""
