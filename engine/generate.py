@@ -275,7 +275,7 @@ async def _worker(
 def _summary(
     work: _Work, engine: Engine, store: RunStore, status: str, elapsed: float, endpoint: EndpointConfig
 ) -> dict[str, Any]:
-    st = engine.request.stats[ENDPOINT]
+    st = engine.stats[ENDPOINT]
     done = work.ok + work.failed
     return {
         "status": status,

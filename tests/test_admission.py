@@ -82,7 +82,7 @@ async def test_hidden_limit_is_learned_from_headers(limit_header):
         cfg = EndpointConfig(base_url=srv.url, model="m", concurrency=128)
         async with Engine({"a": cfg}) as engine:
             await run_all(engine, 400, workers=128)
-            stats = engine.request.stats["a"]
+            stats = engine.stats["a"]
     _, achieved = steady_rate(srv)
     assert stats.ok == 400
     assert achieved >= 0.85 * rate, achieved
@@ -97,7 +97,7 @@ async def test_anthropic_rate_limit_headers_are_read():
         cfg = EndpointConfig(base_url=srv.url, model="m", provider="anthropic", concurrency=128)
         async with Engine({"a": cfg}) as engine:
             await run_all(engine, 400, workers=128)
-            stats = engine.request.stats["a"]
+            stats = engine.stats["a"]
             learned = engine.snapshot()["a"]["rate_rpm"]
     ok, achieved = steady_rate(srv)
     assert stats.ok == 400
@@ -116,7 +116,7 @@ async def test_a_hidden_limit_is_used_fully_when_replies_are_slower_than_its_bur
         cfg = EndpointConfig(base_url=srv.url, model="m", concurrency=256)
         async with Engine({"a": cfg}) as engine:
             await run_all(engine, 200, workers=256)
-            stats = engine.request.stats["a"]
+            stats = engine.stats["a"]
     ok, achieved = steady_rate(srv)
     assert stats.ok == 200
     assert achieved >= 0.85 * rate, achieved
@@ -162,7 +162,7 @@ async def test_429_storm_without_headers_is_survived_and_every_call_answered():
         cfg = EndpointConfig(base_url=srv.url, model="m", concurrency=32)
         async with Engine({"a": cfg}) as engine:
             await run_all(engine, 200, workers=32)
-            stats = engine.request.stats["a"]
+            stats = engine.stats["a"]
             admission = engine._lanes["a"].admission
     assert stats.ok == 200 and stats.errors == 0
     assert stats.http_429 == srv.count(429) > 0
@@ -347,7 +347,7 @@ async def test_hidden_limits_of_every_shape_without_headers(shape, window, n):
             t0 = time.monotonic()
             await run_all(engine, n, workers=64)
             wall = time.monotonic() - t0
-            stats = engine.request.stats["a"]
+            stats = engine.stats["a"]
         refused = sim.stats.http_429
     ideal = ideal_s(shape, n, window, 64)
     assert stats.ok == n and stats.errors == 0

@@ -526,7 +526,7 @@ async def test_identical_concurrent_calls_share_one_send_online_too(tmp_path):
             other = await engine.complete("e", msgspec.structs.replace(req, sample_index=1))
         assert sim.stats["requests"] == 2  # five identical calls, one send; another sample, its own
     assert len({g.text for g in got}) == 1 and sum(not g.cached for g in got) == 1
-    assert engine.request.stats["e"].calls == 2 and engine.request.stats["e"].cache_hits == 4
+    assert engine.stats["e"].calls == 2 and engine.stats["e"].cache_hits == 4
     assert other.cost_usd > 0 and not other.cached
 
 

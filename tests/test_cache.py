@@ -167,7 +167,7 @@ async def test_a_cache_hit_costs_nothing_and_sends_nothing(tmp_path):
         assert not first.cached and first.cost_usd > 0
         assert second.cached and second.cost_usd == 0.0 and second.text == first.text
         assert not other.cached
-        assert engine.request.stats["a"].cache_hits == 1 and engine.request.stats["a"].requests == 3
+        assert engine.stats["a"].cache_hits == 1 and engine.stats["a"].requests == 3
         # a new engine on the same file (a resumed run) pays nothing either
         async with Engine({"a": cfg}, cache_path=tmp_path / "cache.sqlite") as engine:
             third = await engine.complete("a", req)

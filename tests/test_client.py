@@ -37,7 +37,7 @@ async def test_a_5xx_burst_is_retried_then_answered():
         done = await engine.complete("a", REQ)
     assert done.text == "echo: hello"
     assert done.attempts == 4
-    assert engine.request.stats["a"].retries == 3 and engine.request.stats["a"].ok == 1
+    assert engine.stats["a"].retries == 3 and engine.stats["a"].ok == 1
     assert len(srv.seen) == 4
 
 
@@ -45,7 +45,7 @@ async def test_a_hung_request_hits_its_deadline_and_is_retried():
     async with FakeServer(script=["hang"]) as srv, Engine(ep(srv, timeout_s=0.3)) as engine:
         done = await engine.complete("a", REQ)
     assert done.text == "echo: hello" and done.attempts == 2
-    assert engine.request.stats["a"].timeouts == 1
+    assert engine.stats["a"].timeouts == 1
     assert 0.3 <= done.latency_s < 2.0
 
 
@@ -61,7 +61,7 @@ async def test_retries_are_bounded_by_max_attempts():
             await engine.complete("a", REQ)
     assert len(srv.seen) == 3
     assert "gave up after 3 attempts" in str(err.value) and "HTTP 503" in str(err.value)
-    assert err.value.status == 503 and engine.request.stats["a"].errors == 1
+    assert err.value.status == 503 and engine.stats["a"].errors == 1
 
 
 @pytest.mark.parametrize(("action", "words"), [("malformed", "unusable reply"), ("empty", "no choices")])
@@ -118,8 +118,8 @@ async def test_cost_is_usage_times_price():
         done = await engine.complete("a", REQ)
     u = done.usage
     assert done.cost_usd == pytest.approx((u.prompt_tokens * 2.0 + u.completion_tokens * 10.0) / 1e6)
-    assert engine.request.stats["a"].cost_usd == pytest.approx(done.cost_usd)
-    assert engine.request.stats["a"].prompt_tokens == u.prompt_tokens
+    assert engine.stats["a"].cost_usd == pytest.approx(done.cost_usd)
+    assert engine.stats["a"].prompt_tokens == u.prompt_tokens
 
 
 async def test_anthropic_has_no_n_so_calls_fan_out_and_merge():
@@ -267,7 +267,7 @@ async def test_a_cancelled_call_gives_its_slot_back_and_is_answered_once():
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert engine.request.stats["a"].in_flight == 0
+        assert engine.stats["a"].in_flight == 0
         done = await asyncio.wait_for(engine.complete("a", REQ), 5)  # the one slot is free again
     assert done.text == "echo: hello"
     assert [e for e in rec.log if e[0] == "answered"] == [("answered", 0), ("answered", 200)]
@@ -290,7 +290,7 @@ async def test_injected_executor_and_shared_admission_replace_the_defaults(tmp_p
     assert [d.text for d in done] == [f"echo: q{i}" for i in range(20)]
     assert executor.sent == len(srv.seen) == 20
     assert executor.peak <= 2  # one cap of 2 across both endpoints, not 16 each
-    assert engine.request.stats["a"].ok == engine.request.stats["b"].ok == 10
+    assert engine.stats["a"].ok == engine.stats["b"].ok == 10
     assert len(list(iter_raw(tmp_path, "trace"))) == 20
 
 
@@ -301,7 +301,7 @@ async def test_injected_executor_keeps_retry_and_error_mapping():
         srv.rule = lambda s: ("status", 404, {"error": {"message": "no such model"}}, {})
         with pytest.raises(RequestError, match="HTTP 404: no such model"):
             await engine.complete("a", ChatRequest(messages=user("x")))
-    assert done.attempts == 2 and engine.request.stats["a"].retries == 1 and executor.sent == 3
+    assert done.attempts == 2 and engine.stats["a"].retries == 1 and executor.sent == 3
 
 
 def test_admissions_for_unknown_endpoints_are_a_config_error():

@@ -317,7 +317,7 @@ async def test_batches_waiting_requests_and_short_ones_leave_early(tiny):
             long = asyncio.create_task(
                 timed(s, "long", chat("red", temperature=0, max_tokens=400, ignore_eos=True))
             )
-            while engine.request.stats.steps < 20:  # the long one is decoding
+            while engine.stats.steps < 20:  # the long one is decoding
                 await asyncio.sleep(0.005)
             (status, short) = await timed(
                 s, "short", chat("blue", temperature=0, max_tokens=3, ignore_eos=True)

@@ -44,13 +44,16 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 def grade(text: str, problem: Problem) -> dict:
-    """Both gradings of one generated text with the engine's own ``engine.fair.answers.grade`` (the
-    options are passed so a flexible choice answer may quote an option's text)."""
+    """Both gradings of one generated text with the engine's own ``engine.fair.answers.grade``, as
+    the pipeline grades: the options (a flexible choice answer may quote an option's text) and the
+    question (a free-form final statement is read for the unit it asks about) are passed."""
     from engine.fair.answers import grade as engine_grade
 
     row: dict = {}
     for mode in MODES:
-        pred, ok = engine_grade(text, problem.answer, problem.task, mode=mode, options=problem.options)
+        pred, ok = engine_grade(
+            text, problem.answer, problem.task, mode=mode, options=problem.options, question=problem.question
+        )
         row[mode], row[f"{mode}_ok"] = pred, ok
     return row
 

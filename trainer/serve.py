@@ -227,7 +227,7 @@ class StudentServer:
         stats = self.engine.request.stats.as_dict()
         counters = {k: v for k, v in stats.items() if k not in ("max_batch_seen", "mean_batch")}
         gauges = {
-            "max_batch_seen": self.engine.request.stats.max_batch_seen,
+            "max_batch_seen": self.engine.stats.max_batch_seen,
             "waiting": self.engine.waiting(),
             "running": len(self.engine._rows),
         }

@@ -86,7 +86,7 @@ class EngineMetrics(Observer):
     def __init__(self, engine: Engine, stages: StageCounts | None = None):
         self.engine = engine
         self.stages = stages
-        self.by_endpoint = {name: _Endpoint() for name in engine.request.stats}
+        self.by_endpoint = {name: _Endpoint() for name in engine.stats}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
         engine.observe(self)

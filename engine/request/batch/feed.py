@@ -31,8 +31,8 @@ async def feed(engine: Engine, endpoint: str, work: Any, store: Any, bar: Any, k
     from engine.generate import MAX_REPORTED_BAD_LINES
 
     lane = engine.lanes[endpoint]
-    executor = engine.request.executor
-    events, cache = engine.request.events, engine.request.cache
+    executor = engine.executor
+    events, cache = engine.events, engine.cache
     window = lane.cfg.batch.max_items * lane.cfg.batch.max_open
     room, idle = asyncio.Event(), asyncio.Event()
     room.set()
