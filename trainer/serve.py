@@ -120,7 +120,7 @@ class StudentServer:
 
     @property
     def stats(self) -> dict:
-        return self.engine.request.stats.as_dict() if self.engine else {}
+        return self.engine.stats.as_dict() if self.engine else {}
 
     def start(self) -> StudentServer:
         passive_openmp()
@@ -224,7 +224,7 @@ class StudentServer:
         from engine.request.metrics import exposition  # prometheus-client only, not the request path
 
         assert self.engine is not None
-        stats = self.engine.request.stats.as_dict()
+        stats = self.engine.stats.as_dict()
         counters = {k: v for k, v in stats.items() if k not in ("max_batch_seen", "mean_batch")}
         gauges = {
             "max_batch_seen": self.engine.stats.max_batch_seen,

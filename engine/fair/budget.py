@@ -59,7 +59,7 @@ class Budget:
         return f"Budget(cap={self.cap}, prior={self.prior:.4f}, stopped={self.stopped})"
 
     def spent(self, engine: Engine) -> float:
-        return self.prior + sum(s.cost_usd for s in engine.request.stats.values())
+        return self.prior + sum(s.cost_usd for s in engine.stats.values())
 
     def admit(self, engine: Engine, finished: int, in_flight: int) -> bool:
         """May one more problem start now?"""

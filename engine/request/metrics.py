@@ -116,7 +116,7 @@ class EngineMetrics(Observer):
         latency = HistogramMetricFamily(
             "fair_request_latency_seconds", "latency of completed calls, retries included", labels=ep
         )
-        for name, s in self.engine.request.stats.items():
+        for name, s in self.engine.stats.items():
             requests.add_metric([name, "ok"], s.ok)
             requests.add_metric([name, "cached"], s.cache_hits)
             requests.add_metric([name, "failed"], s.errors)
