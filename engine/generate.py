@@ -296,7 +296,7 @@ def _summary(
         "completion_tokens": st.completion_tokens,
         "cost_usd": round(st.cost_usd, 6),
         "failures": work.failures,
-        **({"batch": dict(engine.request.executor.stats)} if endpoint.mode == "batch" else {}),  # type: ignore[attr-defined]
+        **({"batch": dict(engine.executor.stats)} if endpoint.mode == "batch" else {}),  # type: ignore[attr-defined]
     }
 
 
