@@ -364,8 +364,19 @@ def cli_main(args: Any) -> int:
             metrics_port=getattr(args, "metrics_port", None),
         )
     )
-    for line in summary["failures"]:
-        print(f"fair: failed: {one_line(line)}", file=sys.stderr)
+    return report(
+        summary,
+        f"fair: {summary['records']} records in {os.fspath(args.output)}/responses "
+        f"({summary['ok']} new ok, {summary['skipped_existing']} already there) "
+        f"in {summary['elapsed_s']:.1f}s",
+    )
+
+
+def report(summary: dict[str, Any], line: str) -> int:
+    """Print a finished generate run's failures and its one summary ``line`` (with what went
+    wrong appended) to stderr; the exit code: 1 when records failed or lines were skipped."""
+    for failure in summary["failures"]:
+        print(f"fair: failed: {one_line(failure)}", file=sys.stderr)
     problems = []
     if summary["failed"]:
         problems.append(f"{summary['failed']} records failed (their `error` says why)")
@@ -373,10 +384,5 @@ def cli_main(args: Any) -> int:
         problems.append(f"{summary['bad_lines']} input lines were bad and skipped")
     if summary["duplicate_ids"]:
         problems.append(f"{summary['duplicate_ids']} input lines repeated an earlier id and were skipped")
-    line = (
-        f"fair: {summary['records']} records in {os.fspath(args.output)}/responses "
-        f"({summary['ok']} new ok, {summary['skipped_existing']} already there) "
-        f"in {summary['elapsed_s']:.1f}s"
-    )
     print(line + (f"; {'; '.join(problems)}" if problems else ""), file=sys.stderr)
     return 1 if problems else 0

@@ -305,7 +305,7 @@ def merge_endpoints(snapshots: list[dict[str, dict[str, Any]]]) -> dict[str, dic
 
 def generate(args: Any, endpoint: Any) -> int:
     """``fair generate ... --ray``: same records and exit codes as the single-process run."""
-    from engine.generate import ENDPOINT, KIND
+    from engine.generate import ENDPOINT, KIND, report
     from engine.scale.plan import GENERATE_BLOCK, generate_plan, read_lines, settle
 
     out, input_path = Path(args.output), Path(args.input)
@@ -359,22 +359,12 @@ def generate(args: Any, endpoint: Any) -> int:
         )
     if stop is not None:
         raise stop
-    for line in summary["failures"]:
-        print(f"fair: failed: {one_line(line)}", file=sys.stderr)
-    problems = []
-    if summary["failed"]:
-        problems.append(f"{summary['failed']} records failed (their `error` says why)")
-    if summary["bad_lines"]:
-        problems.append(f"{summary['bad_lines']} input lines were bad and skipped")
-    if summary["duplicate_ids"]:
-        problems.append(f"{summary['duplicate_ids']} input lines repeated an earlier id and were skipped")
-    line = (
+    return report(
+        summary,
         f"fair: {summary['records']} records in {os.fspath(out)}/responses ({summary['ok']} new ok, "
         f"{len(plan.blocks) - len(todo)} of {len(plan.blocks)} blocks already done) in "
-        f"{summary['elapsed_s']:.1f}s on Ray with {driver.n} workers (start-up {driver.ray_start_s:.1f}s)"
+        f"{summary['elapsed_s']:.1f}s on Ray with {driver.n} workers (start-up {driver.ray_start_s:.1f}s)",
     )
-    print(line + (f"; {'; '.join(problems)}" if problems else ""), file=sys.stderr)
-    return 1 if problems else 0
 
 
 def _generate_summary(
