@@ -17,7 +17,9 @@
    - ``fair-paper``: the paper's method: a second committee run in paper mode (``prompts =
      "paper"``, gold as a review hint, no gold check, texts as written, every reviewer asked),
      paired batches (a rationale batch and a mistake batch per step), alpha 0.5, tested with its
-     own solve prompt.
+     own solve prompt;
+   - ``fair-paired``: ``fair``'s samples and alpha with the paper's paired batches, so paired vs
+     our one-pass mixed batch is measured on the same data.
 
    Every recipe sees ``batch_size`` rationale examples per step (``BATCHING``): the mistake task
    is FAIR's extra, not a replacement.
@@ -41,7 +43,8 @@ process's ``time.process_time`` (all threads), plus the simulator child's for th
 Sizes: the defaults are a GPU-size run (all 387 problems, 300 steps x 8, the whole held-out set
 of 613, 384 new tokens). ``--quick`` fits a 2-core CPU in about a quarter of an hour (20 steps x 4
 per recipe, 64 held-out questions, 256 new tokens). ``--tiny`` swaps in a tiny random Llama for a
-plumbing check (tests). Every size is an option.
+plumbing check (tests). Every size is an option. ``--from OUT`` reuses a finished run's pipelines
+and adapters (training only recipes it lacks) and evaluates again, e.g. all 613 questions.
 """
 
 from __future__ import annotations
@@ -59,10 +62,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.errors import FairError
+from engine.errors import FairError, UsageError
 from engine.rundir.schema import Problem, Sample
 
-RECIPES = ("fair", "single-teacher", "fair-no-mistake", "fair-paper")
+RECIPES = ("fair", "single-teacher", "fair-no-mistake", "fair-paper", "fair-paired")
 TEACHERS = ("gpt", "gemini", "mistral")  # the replay profile's model names = the release's authors
 RELEASE_FILES = tuple(
     f"fair-release/Llama-2-7b-chat-hf_svamp_{kind}_round0.json" for kind in ("rationale", "feedback", "false")
@@ -114,6 +117,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama: plumbing check only")
+    parser.add_argument(
+        "--from",
+        dest="from_dir",
+        default=None,
+        help="reuse a finished run's pipelines and adapters (its OUT): evaluate only, e.g. on more questions",
+    )
+    parser.add_argument(
+        "--eval-models",
+        default=None,
+        help=f"comma-separated models to evaluate (default: base,{','.join(RECIPES)})",
+    )
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -315,6 +329,7 @@ def recipe_samples(
         "single-teacher": single,
         "fair-no-mistake": [s for s in committee if s.task == "rationale"],
         "fair-paper": load_samples([paper_run]) if paper_run is not None else [],
+        "fair-paired": committee,
     }
 
 
@@ -323,7 +338,7 @@ def recipe_samples(
 # fair one mixed batch of twice the size (about half of it rationales, the same tokens per step
 # as fair-paper in one pass).
 BATCHING = {"fair": ("mixed", 2), "single-teacher": ("mixed", 1), "fair-no-mistake": ("mixed", 1),
-            "fair-paper": ("paired", 1)}  # fmt: skip
+            "fair-paper": ("paired", 1), "fair-paired": ("paired", 1)}  # fmt: skip
 
 
 def train_recipe(name: str, samples: list[Sample], out: Path, opts: dict, alpha: float) -> dict:
@@ -412,7 +427,8 @@ def mcnemar(b: int, c: int) -> float:
 
 
 PAIRS = (("fair-paper", "single-teacher"), ("fair", "single-teacher"), ("fair-paper", "fair"),
-         ("fair-paper", "base"), ("fair", "base"), ("single-teacher", "base"))  # fmt: skip
+         ("fair", "fair-paired"), ("fair", "fair-no-mistake"), ("fair-paper", "base"), ("fair", "base"),
+         ("single-teacher", "base"))  # fmt: skip
 
 
 def paired_tests(eval_dir: Path, evalset: list[Problem], names: list[str]) -> list[dict]:
@@ -428,10 +444,27 @@ def paired_tests(eval_dir: Path, evalset: list[Problem], names: list[str]) -> li
     for a, b in PAIRS:
         if a in right and b in right:
             only_a, only_b = len(right[a] - right[b]), len(right[b] - right[a])
-            out.append(
-                {"a": a, "b": b, "only_a": only_a, "only_b": only_b, "p": round(mcnemar(only_a, only_b), 4)}
-            )
+            row = {"a": a, "b": b, "only_a": only_a, "only_b": only_b, "p": round(mcnemar(only_a, only_b), 4)}
+            out.append(row | power(only_a, only_b, len(evalset)))
     return out
+
+
+Z_ALPHA, Z_POWER = 1.959964, 0.841621  # two-sided 5 %, 80 % power
+
+
+def power(b: int, c: int, n: int) -> dict:
+    """What these paired results could resolve (normal approximation to McNemar, Connor 1987):
+    ``mdd80`` the smallest accuracy difference detectable with 80 % power at this ``n`` and the
+    observed discordance, and ``n_for_observed`` the questions needed to detect the observed
+    difference (``None`` when the difference is zero or the questions discordant are too few)."""
+    if n <= 0 or b + c == 0:
+        return {"mdd80": None, "n_for_observed": None}
+    disc, diff = (b + c) / n, abs(b - c) / n
+    mdd = (Z_ALPHA + Z_POWER) * (disc / n) ** 0.5
+    needed = None
+    if diff > 0 and diff**2 < disc:
+        needed = ((Z_ALPHA * disc**0.5 + Z_POWER * (disc - diff**2) ** 0.5) / diff) ** 2
+    return {"mdd80": round(mdd, 4), "n_for_observed": None if needed is None else int(needed) + 1}
 
 
 # -- the benchmark --------------------------------------------------------------------------------
@@ -451,7 +484,11 @@ def run(args: argparse.Namespace) -> dict:
     opts = resolve(args)
     data = find_data(args.data_dir)
     out = Path(args.out)
-    for sub in ("run", "run-paper", "recipes", "train", "eval", "logs", "tiny-model"):
+    source = Path(args.from_dir) if getattr(args, "from_dir", None) else None
+    prev = reused(source, opts) if source is not None else None
+    models = eval_models(getattr(args, "eval_models", None))
+    fresh = ("eval",) if prev else ("run", "run-paper", "recipes", "train", "eval", "logs", "tiny-model")
+    for sub in fresh:
         shutil.rmtree(out / sub, ignore_errors=True)  # a benchmark starts clean (no resume, no cache)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -465,32 +502,46 @@ def run(args: argparse.Namespace) -> dict:
         "".join(json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) + "\n" for p in evalset)
     )
 
-    print(f"== FAIR pipeline on {len(problems)} replayed SVAMP problems", file=sys.stderr, flush=True)
-    pipeline = run_pipeline(out, data, problems, opts["seed"], opts["gold_check"])
-    pipeline.update(paper_agreement(Path(pipeline["run_dir"]), replay))
-    print("== the same in paper mode", file=sys.stderr, flush=True)
-    pipeline_paper = run_pipeline(out, data, problems, opts["seed"], "off", paper=True)
-    pipeline_paper.update(paper_agreement(Path(pipeline_paper["run_dir"]), replay))
-    sets = recipe_samples(
-        Path(pipeline["run_dir"]), problems, opts["teacher"], Path(pipeline_paper["run_dir"])
-    )
+    if prev is not None:
+        print(f"== reusing the pipelines and adapters of {source}", file=sys.stderr, flush=True)
+        pipeline, pipeline_paper, done = prev["pipeline"], prev["pipeline_paper"], prev["training"]
+    else:
+        print(f"== FAIR pipeline on {len(problems)} replayed SVAMP problems", file=sys.stderr, flush=True)
+        pipeline = run_pipeline(out, data, problems, opts["seed"], opts["gold_check"])
+        pipeline.update(paper_agreement(Path(pipeline["run_dir"]), replay))
+        print("== the same in paper mode", file=sys.stderr, flush=True)
+        pipeline_paper = run_pipeline(out, data, problems, opts["seed"], "off", paper=True)
+        pipeline_paper.update(paper_agreement(Path(pipeline_paper["run_dir"]), replay))
+        done = []
+        if opts["size"] == "tiny" and not opts["model"]:
+            from trainer.model import save_tiny_student
 
-    if opts["size"] == "tiny" and not opts["model"]:
-        from trainer.model import save_tiny_student
+            opts["model"] = save_tiny_student(out / "tiny-model")
 
-        opts["model"] = save_tiny_student(out / "tiny-model")
-    alphas = {"fair": opts["alpha"], "single-teacher": 0.0, "fair-no-mistake": 0.0, "fair-paper": 0.5}
-    training = [train_recipe(name, sets[name], out, opts, alphas[name]) for name in RECIPES]
+    trained = {row["recipe"]: row for row in done}
+    missing = [name for name in RECIPES if name not in trained and (prev is None or name in models)]
+    if missing:  # --from a run without a newer recipe trains just that one, on the same records
+        sets = recipe_samples(
+            Path(pipeline["run_dir"]), problems, opts["teacher"], Path(pipeline_paper["run_dir"])
+        )
+        alphas = {"single-teacher": 0.0, "fair-no-mistake": 0.0, "fair-paper": 0.5}
+        for name in missing:
+            shutil.rmtree(out / "recipes" / name, ignore_errors=True)
+            shutil.rmtree(out / "train" / name, ignore_errors=True)
+            trained[name] = train_recipe(name, sets[name], out, opts, alphas.get(name, opts["alpha"]))
+    training = [trained[name] for name in RECIPES if name in trained]
 
     from trainer.evaluate import evaluate
 
-    print(f"\n== evaluating base + {len(RECIPES)} recipes on {len(evalset)} held-out SVAMP questions",
-          file=sys.stderr, flush=True)  # fmt: skip
+    adapters = {row["recipe"]: row["adapter"] for row in training if row["recipe"] in models}
+    print(f"\n== evaluating {', '.join(m for m in ('base', *RECIPES) if m in models)} on {len(evalset)} "
+          "held-out SVAMP questions", file=sys.stderr, flush=True)  # fmt: skip
     t0, c0 = time.perf_counter(), time.process_time()
     ev = evaluate(
         opts["model"],
-        {row["recipe"]: row["adapter"] for row in training},
+        adapters,
         {"svamp-heldout": evalset},
+        include_base="base" in models,
         batch_size=opts["eval_batch_size"],
         max_new_tokens=opts["max_new_tokens"],
         out=out / "eval",
@@ -522,6 +573,8 @@ def run(args: argparse.Namespace) -> dict:
         "benchmark": "replay-svamp",
         "size": opts["size"],
         "model": opts["model"] or "SmolLM2-135M-Instruct (embedded)",
+        "model_path": opts["model"],
+        "reused": str(source) if source is not None else None,
         "device": _device_name(opts["device"]),
         "budget": {k: opts[k] for k in ("steps", "batch_size", "max_seq_len", "lr", "seed")},
         "teacher": opts["teacher"],
@@ -533,6 +586,7 @@ def run(args: argparse.Namespace) -> dict:
         "pipeline_paper": pipeline_paper,
         "paired_tests": paired_tests(out / "eval", evalset, list(ev["results"])),
         "training": [{k: v for k, v in row.items() if k != "adapter"} for row in training],
+        "adapters": {row["recipe"]: str(row["adapter"]) for row in training},
         "accuracy": accuracy,
         "evaluation": evaluation,
         "wall_s": round(time.perf_counter() - t_start, 1),
@@ -541,7 +595,54 @@ def run(args: argparse.Namespace) -> dict:
         "exit_code": 1 if pipeline["failed_problems"] else 0,
     }
     result["report"] = str(write_report(out, result, ev))
+    (out / "result.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     return result
+
+
+def eval_models(spec: str | None) -> tuple[str, ...]:
+    """``--eval-models``: which of base and the recipes to evaluate (default all)."""
+    known = ("base", *RECIPES)
+    if not spec:
+        return known
+    names = tuple(n.strip() for n in spec.split(",") if n.strip())
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise UsageError(
+            f"bench replay-svamp: --eval-models: unknown {unknown or spec!r} (have {', '.join(known)})"
+        )
+    return names
+
+
+def reused(source: Path, opts: dict) -> dict:
+    """A finished run's ``result.json`` (``--from``): its pipelines, training rows with their adapter
+    folders, and the student and budget they were trained with (written into ``opts``)."""
+    path = source / "result.json"
+    try:
+        prev = json.loads(path.read_text())
+        training, budget = prev["training"], prev["budget"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(
+            f"bench replay-svamp: --from {source}: no finished run's result.json ({exc})"
+        ) from None
+    rows = []
+    for row in training:
+        adapter = Path(
+            (prev.get("adapters") or {}).get(row["recipe"]) or source / "train" / row["recipe"] / "adapter"
+        )
+        if not adapter.is_dir():
+            raise UsageError(
+                f"bench replay-svamp: --from {source}: adapter of {row['recipe']} missing: {adapter}"
+            )
+        rows.append({**row, "adapter": adapter})
+    opts.update({k: budget[k] for k in ("steps", "batch_size", "max_seq_len", "lr")})
+    opts["model"] = prev.get(
+        "model_path", None if "(embedded)" in str(prev.get("model")) else prev.get("model")
+    )
+    opts["teacher"], opts["gold_check"] = (
+        prev.get("teacher", opts["teacher"]),
+        prev.get("gold_check", "reject"),
+    )
+    return {**prev, "training": rows}
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -590,6 +691,7 @@ def table(result: dict) -> str:
             "paired (McNemar, flexible, same questions): "
             + "; ".join(
                 f"{t['a']} vs {t['b']}: {t['only_a']}/{t['only_b']} p={t['p']}"
+                + (f" (detectable {100 * t['mdd80']:.1f} pts)" if t.get("mdd80") else "")
                 for t in result["paired_tests"]
             ),
             "",
@@ -604,6 +706,8 @@ def write_report(out: Path, result: dict, ev: dict) -> Path:
     p, b = result["pipeline"], result["budget"]
 
     def md(rows: list[dict], cols: list[str] | None = None) -> list[str]:
+        if not rows:
+            return ["(none: no pair of these models evaluated)"]
         cols = cols or list(rows[0])
         lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         return lines + [
@@ -626,6 +730,8 @@ def write_report(out: Path, result: dict, ev: dict) -> Path:
         "- **fair-paper**: the paper's method (`examples/paper.toml`): paper prompts, the gold as a "
         "hint in the review prompt, no gold check, texts as written; paired batches (a rationale "
         "batch and a mistake batch per step), alpha 0.5; tested with its own (paper) solve prompt.",
+        "- **fair-paired**: fair's samples and alpha, trained with the paper's paired batches instead "
+        "of one mixed batch (the batching alone differs).",
         "",
         "Every arm sees the same number of rationale examples per step (`batch_size`): fair-paper "
         "adds a mistake batch, fair a mixed batch of twice the size.",
@@ -655,7 +761,10 @@ def write_report(out: Path, result: dict, ev: dict) -> Path:
         *md(_accuracy_rows(result)),
         "",
         "Paired test on the same questions (exact McNemar, flexible grading): `only_a` questions "
-        "only the first model got right, `only_b` only the second.",
+        "only the first model got right, `only_b` only the second; `mdd80` the smallest accuracy "
+        "difference these questions detect with 80 % power at the observed discordance, "
+        "`n_for_observed` the questions needed to detect the observed difference (normal "
+        "approximation).",
         "",
         *md(result["paired_tests"]),
         "",

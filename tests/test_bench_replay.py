@@ -72,7 +72,7 @@ def test_recipes_train_on_different_sample_sets(bench):
     def samples(name: str) -> list[dict]:
         return list(iter_raw(out / "recipes" / name, "samples"))
 
-    fair, single, no_mistake, paper = (samples(n) for n in replay_svamp.RECIPES)
+    fair, single, no_mistake, paper, paired = (samples(n) for n in replay_svamp.RECIPES)
     committee = list(iter_raw(out / "run", "samples"))
     # (a) FAIR: the committee run's samples exactly, both tasks
     assert {s["id"] for s in fair} == {s["id"] for s in committee}
@@ -95,6 +95,11 @@ def test_recipes_train_on_different_sample_sets(bench):
     mistake_prompts = [s["messages"][-1]["content"] for s in paper if s["task"] == "mistake"]
     assert mistake_prompts and all("Hint: The correct answer should be" in m for m in mistake_prompts)
     assert rows["fair-paper"]["batching"] == "paired" and rows["fair"]["batching"] == "mixed"
+    # (e) fair's data and alpha with paired batches: only the batching differs
+    assert [s["id"] for s in paired] == [s["id"] for s in fair]
+    assert (
+        rows["fair-paired"]["batching"] == "paired" and rows["fair-paired"]["alpha"] == rows["fair"]["alpha"]
+    )
 
     assert rows["fair"]["mistake"] > 0 and rows["single-teacher"]["mistake"] == 0
     assert rows["fair-no-mistake"]["mistake"] == 0
@@ -153,3 +158,57 @@ def test_held_out_excludes_every_training_question(tmp_path):
     assert len(pool) == 1000 - 387
     assert replay_svamp.held_out(data, train, 40, 0) == replay_svamp.held_out(data, train, 40, 0)
     assert len(replay_svamp.held_out(data, train, 40, 1)) == 40
+
+
+def test_power_of_the_paired_test():
+    # Connor's normal approximation: 50 discordant of 613, difference 10 -> about 2,400 questions
+    assert replay_svamp.power(30, 20, 613) == {"mdd80": 0.0323, "n_for_observed": 2404}
+    assert replay_svamp.power(10, 10, 613)["n_for_observed"] is None  # no difference to detect
+    assert replay_svamp.power(0, 0, 613) == {"mdd80": None, "n_for_observed": None}
+    # more questions resolve smaller differences
+    assert replay_svamp.power(60, 40, 1226)["mdd80"] < replay_svamp.power(30, 20, 613)["mdd80"]
+
+
+def test_from_reuses_the_adapters_and_evaluates_more_questions(bench, tmp_path):
+    result, out, data = bench
+    args = parse(
+        "--tiny", "--problems", "10", "--eval-n", "8", "--eval-models", "base,fair",
+        "--from", str(out), "--data-dir", str(data), "--out", str(tmp_path), "--device", "cpu",
+    )  # fmt: skip
+    again = replay_svamp.run(args)
+    assert again["reused"] == str(out) and again["eval_questions"] == 8
+    assert not (tmp_path / "train").exists() and not (tmp_path / "run").exists()  # nothing retrained
+    assert again["training"] == result["training"] and again["pipeline"] == result["pipeline"]
+    assert [r["model"] for r in again["accuracy"]] == ["base", "fair"]
+    assert [(t["a"], t["b"]) for t in again["paired_tests"]] == [("fair", "base")]
+    assert json.loads((tmp_path / "result.json").read_text())["eval_questions"] == 8
+
+
+def test_from_trains_only_the_recipes_the_source_lacks(bench, tmp_path):
+    result, out, data = bench
+    older = json.loads((out / "result.json").read_text())
+    older["training"] = [r for r in older["training"] if r["recipe"] != "fair-paired"]
+    del older["adapters"]["fair-paired"]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "result.json").write_text(json.dumps(older))
+    args = parse(
+        "--tiny", "--problems", "10", "--eval-n", "5", "--eval-models", "base,fair-paired",
+        "--from", str(tmp_path / "src"), "--data-dir", str(data), "--out", str(tmp_path / "o"),
+        "--device", "cpu",
+    )  # fmt: skip
+    again = replay_svamp.run(args)
+    assert sorted(p.name for p in (tmp_path / "o" / "train").iterdir()) == ["fair-paired"]
+    rows = {r["recipe"]: r for r in again["training"]}
+    assert list(rows) == list(replay_svamp.RECIPES) and rows["fair-paired"]["steps"] == 3
+    assert rows["fair"] == next(r for r in result["training"] if r["recipe"] == "fair")  # reused as is
+
+
+def test_from_a_folder_without_a_finished_run_is_one_line(tmp_path):
+    data = data_dir()
+    if data is None or not all((data / f).is_file() for f in replay_svamp.RELEASE_FILES):
+        missing_data("FAIR release data absent: set FAIR_DATA_DIR or provide ../shared/datasets")
+    args = parse("--tiny", "--from", str(tmp_path), "--data-dir", str(data), "--out", str(tmp_path / "o"))
+    with pytest.raises(replay_svamp.UsageError, match=r"no finished run's result\.json"):
+        replay_svamp.run(args)
+    with pytest.raises(replay_svamp.UsageError, match="unknown"):
+        replay_svamp.eval_models("base,fiar")
