@@ -3,7 +3,7 @@
 Arms (the simulator in its own process, each ``fair generate`` in a child whose CPU time and
 peak RSS come from ``os.wait4``):
 
-- **cost**: the same input online and in batch mode, OpenAI and Anthropic wires: records equal,
+- **cost**: the same input online and in batch mode, OpenAI, Anthropic and Gemini wires: records equal,
   cost ratio batch/online (target <= 0.51).
 - **cpu/rss**: N lines (50k; 5k with ``--quick``) online at concurrency 256 vs one batch of N:
   client CPU per record (target batch <= 0.5x online) and peak RSS with N requests waiting in a
@@ -94,7 +94,7 @@ def _generate(sim: _Sim, provider: str, inp: Path, out: Path, *extra: str, kill_
         "engine.cli",
         "generate",
         "--endpoint",
-        sim.url + "/v1",
+        sim.url + ("/v1beta" if provider == "gemini" else "/v1"),
         "--model",
         "echo",
         "--provider",
@@ -142,16 +142,19 @@ def _texts(out: Path) -> dict[str, list[str]]:
 BATCH = ["--mode", "batch", "--batch-linger", "0.2", "--batch-poll", "0.1"]
 
 
+WIRES = ("openai", "anthropic", "gemini")
+
+
 def run(opts: argparse.Namespace) -> dict[str, Any]:
     n = opts.lines or (5_000 if opts.quick else 50_000)
     tmp = Path(tempfile.mkdtemp(prefix="fair-bench-batch-"))
     sim = _Sim(opts.port, "fast")
     result: dict[str, Any] = {"lines": n}
     try:
-        # cost, both wires
+        # cost, every wire
         inp = _input(tmp / "cost.jsonl", 500)
         cost_rows = []
-        for provider in ("openai", "anthropic"):
+        for provider in WIRES:
             sim.reset()
             on = _generate(sim, provider, inp, tmp / f"on-{provider}", "--concurrency", "64")
             b = _generate(sim, provider, inp, tmp / f"b-{provider}", *BATCH)
@@ -206,12 +209,14 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         ]
         result["cpu_ratio"] = round(b["cpu_s"] / on["cpu_s"], 3) if on["cpu_s"] else None
         result["rss_ratio"] = round(b["rss_mib"] / on["rss_mib"], 3) if on["rss_mib"] else None
+        # what a waiting line costs beyond an online one (the slot, its record's token...)
+        result["rss_over_online_bytes_per_line"] = round((b["rss_mib"] - on["rss_mib"]) * 2**20 / n)
         result["big_batch_billed"] = billed
 
         # kills: SIGKILL after submit, then a rerun
         inp = _input(tmp / "kill.jsonl", 2_000)
         kills = []
-        for provider in ("openai", "anthropic"):
+        for provider in WIRES:
             sim.reset({"start_s": 1.5})
             out = tmp / f"kill-{provider}"
             first = _generate(
@@ -256,7 +261,7 @@ async def _fair_rounds(tmp: Path) -> list[dict[str, Any]]:
     from engine.sim.server import load_problems
 
     probs = load_problems("builtin")
-    teachers = {"t-a": ("openai", 0.9, 0.3), "t-b": ("anthropic", 0.7, 0.0), "t-c": ("openai", 0.8, -0.8)}
+    teachers = {"t-a": ("openai", 0.9, 0.3), "t-b": ("anthropic", 0.7, 0.0), "t-c": ("gemini", 0.8, -0.8)}
     models = {
         k: ModelProfile(content="reasoning", skill=s, leniency=le) for k, (_, s, le) in teachers.items()
     }
@@ -266,7 +271,9 @@ async def _fair_rounds(tmp: Path) -> list[dict[str, Any]]:
         for early in (True, False):
             eps = {
                 k: {
-                    "base_url": sim.base_url,
+                    "base_url": sim.base_url.removesuffix("/v1") + "/v1beta"
+                    if p == "gemini"
+                    else sim.base_url,
                     "model": k,
                     "provider": p,
                     "mode": "batch",
@@ -314,7 +321,8 @@ def table(result: dict[str, Any]) -> str:
         f"fair bench batch ({result['lines']} lines in the cpu/rss arm)",
         "cost:\n" + format_table(result["cost"]),
         "cpu/rss:\n" + format_table(result["cpu_rss"]),
-        f"cpu ratio batch/online {result['cpu_ratio']}, rss ratio {result['rss_ratio']}",
+        f"cpu ratio batch/online {result['cpu_ratio']}, rss ratio {result['rss_ratio']} "
+        f"({result['rss_over_online_bytes_per_line']} B a waiting line beyond online)",
         "kills (SIGKILL after submit, then rerun):\n" + format_table(result["kills"]),
         "FAIR, teachers in batch mode:\n" + format_table(result["fair_rounds"]),
         "targets: " + ", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in result["targets"].items()),

@@ -247,7 +247,10 @@ def test_config_file(tmp_path, name):
 
 
 CONFIG_TOGETHER = {  # values that are bad only together: one validation step names them
-    "batch-on-gemini": ({"provider": "gemini", "mode": "batch"}, "batch"),
+    "batch-over-anthropic-limit": (
+        {"provider": "anthropic", "mode": "batch", "batch": {"max_items": 200_000}},
+        "anthropic's limit 100000",
+    ),
     "batch-over-openai-limit": ({"mode": "batch", "batch": {"max_items": 60_000}}, "batch.max_items"),
     "student-adapter-not-a-folder": ({}, "student.adapter"),
 }
@@ -837,7 +840,10 @@ FLAG_CASES = {
     "seed-beyond-64-bit": ([*GEN, "--seed", str(10**20)], "--seed"),
     "endpoint-port-99999": (gen_argv(endpoint="http://127.0.0.1:99999/v1"), "--endpoint"),
     "price-in-negative": ([*GEN, "--price-in", "-1"], "--price-in"),
-    "batch-on-gemini": ([*GEN, "--mode", "batch", "--provider", "gemini"], "batch"),
+    "batch-over-anthropic-limit": (
+        [*GEN, "--mode", "batch", "--provider", "anthropic", "--batch-max-items", "200000"],
+        "batch.max_items",
+    ),
     "batch-over-the-limit": ([*GEN, "--mode", "batch", "--batch-max-items", "900000"], "batch.max_items"),
     "batch-poll-zero": ([*GEN, "--mode", "batch", "--batch-poll", "0"], "--batch-poll"),
     "workers-without-ray": ([*GEN, "--workers", "2"], "--workers"),

@@ -370,7 +370,7 @@ def test_toml_batch_fields_are_checked_naming_the_endpoint_and_field(tmp_path):
         ('mode = "batcj"', "endpoints.gpt-sim: Invalid enum value 'batcj' - at `mode`"),
         ('mode = "batch"\nbatch = {linger_s = 0}', "at `batch.linger_s`"),
         ('provider = "anthropic"\nmode = "batch"\nbatch = {max_items = 200000}', "anthropic's limit 100000"),
-        ('provider = "gemini"\nmode = "batch"', "not available for provider 'gemini'"),
+        ('provider = "gemini"\nmode = "batch"\nbatch = {max_bytes = 300000000}', "at `batch.max_bytes`"),
     ]:
         path = tmp_path / "c.toml"
         path.write_text(base.replace('model = "gpt-sim"', f'model = "gpt-sim"\n{extra}'))
@@ -569,3 +569,94 @@ async def test_when_the_first_of_identical_calls_is_cancelled_the_second_takes_i
         # the second caller took the submitted item over: one batch, one item billed
         assert sim.stats["batches_created"] == 1 and sim.stats["batch_items_billed"] == 1
     assert first.cancelled() and not done.cached and done.text and again.cached
+
+
+# -- compact waiting requests (engine.request.batch.slots) ---------------------------------------
+
+
+def test_slots_table_agrees_with_a_dict_through_adds_takes_and_reuse():
+    """Fan-out parts share their digest; the table grows past its first size; backward-shift
+    deletion keeps every remaining id findable; freed slots are reused."""
+    import random
+
+    from engine.request.batch.slots import OPEN, Slots, pack
+
+    rng = random.Random(5)
+    slots, model = Slots(), {}  # cid -> (slot, token)
+    heads = [f"{rng.getrandbits(160):040x}" for _ in range(120)]  # up to 480 ids: a table near half full
+    for step in range(30_000):
+        cid = f"fd{rng.choice(heads)}" + rng.choice(["", "-0", "-1", "-12"])
+        key = pack(cid)
+        assert key is not None
+        if cid in model and rng.random() < 0.6:
+            slot, token = model.pop(cid)
+            slots.batch[slot] = 1  # in a batch: taking it frees the slot
+            assert slots.take(slot) == [(f"w{cid}", token)]
+        elif cid not in model:
+            assert slots.find(key) == -1
+            model[cid] = (slots.add(key, f"w{cid}", step, pos=step, size=len(cid)), step)
+        assert len(slots) == len(model)
+    for cid, (slot, token) in model.items():
+        assert slots.find(pack(cid)) == slot and slots.callers(slot) == [(f"w{cid}", token)]  # type: ignore[arg-type]
+        assert slots.batch[slot] == OPEN
+    assert len(slots.waiter) <= 480  # freed slots were reused
+    assert sorted(slots.waiting()) == sorted(slot for slot, _ in model.values())
+
+
+def test_slots_deletion_in_a_cluster_that_wraps_around_the_table_keeps_the_rest_findable():
+    import itertools
+
+    from engine.request.batch.slots import Slots
+
+    counter = itertools.count()
+
+    def key_at(home: int) -> bytes:  # a key whose probe starts at table index ``home``
+        while hash(key := next(counter).to_bytes(24, "big")) & 1023 != home:
+            pass
+        return key
+
+    keys = [key_at(1022), key_at(1022), key_at(1022), key_at(1023), key_at(0)]  # 1022, 1023, 0, 1, 2
+    slots = Slots()
+    for k in keys:
+        slots.add(k, "w", 0, pos=0, size=1)
+    for first in range(len(keys)):
+        slots.batch[first] = 1
+        slots.take(first)
+        assert [slots.find(k) for k in keys] == [-1] * (first + 1) + list(range(first + 1, len(keys)))
+
+
+def test_custom_ids_pack_round_trip_and_foreign_ids_are_not_ours():
+    from engine.request.batch.slots import CidList, pack, unpack
+
+    ids = [f"fd{i:040x}" for i in range(5)] + [f"fd{'ab' * 20}-0", f"fd{'cd' * 20}-123456789"]
+    blob = b"".join(pack(c) for c in ids)  # type: ignore[misc]
+    got = CidList(blob)
+    assert list(got) == ids and got[-1] == ids[-1] and got[1:3] == ids[1:3] and len(got) == 7
+    assert orjson.loads(got.json()) == ids and unpack(pack(ids[5])) == ids[5]  # type: ignore[arg-type]
+    for foreign in (
+        "o1",
+        "fd" + "AB" * 20,
+        "fd" + "ab" * 19,
+        f"fd{'ab' * 20}-1234567890",
+        f"fd{'ab' * 20}-x",
+    ):
+        assert pack(foreign) is None, foreign
+
+
+async def test_batch_generate_counts_each_line_once_through_a_second_round_and_shared_items(tmp_path):
+    """30 lines asking 10 questions, 60% of the first batch expiring: every line is requested,
+    sent, answered and completed once (stats, trace), with the batch that answered it."""
+    inp = _dup_input(tmp_path / "in.jsonl", 30, 10)
+    out = tmp_path / "out"
+    async with SimServer("default") as sim:
+        sim.batch.faults = msgspec.convert({"expire_at": 0.4, "batches": 1}, type(sim.batch.faults))
+        summary = await generate(inp, out, endpoint(sim, "openai"), progress=False, max_tokens=50)
+        assert sim.stats["batches_created"] == 2 and sim.stats["batch_items_billed"] == 10
+    assert summary["ok"] == 30 and summary["batch"]["shared"] == 20 and summary["batch"]["requeued"] == 6
+    stats = read_manifest(out)["endpoints"]["default"]
+    assert stats["requests"] == stats["calls"] == stats["ok"] == 30
+    assert stats["in_flight"] == 0 and stats["errors"] == 0
+    trace = [orjson.loads(x) for p in (out / "trace").iterdir() for x in p.read_bytes().splitlines()]
+    assert len(trace) == 30 and len({t["batch"] for t in trace}) == 2
+    got = records(out)
+    assert all(got[f"d{i}"]["texts"] == got[f"d{i % 10}"]["texts"] for i in range(30))

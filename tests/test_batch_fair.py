@@ -1,4 +1,4 @@
-"""The FAIR job with its teachers on provider Batch APIs (OpenAI and Anthropic wires) and the
+"""The FAIR job with its teachers on provider Batch APIs (OpenAI, Anthropic, Gemini wires) and the
 student online: the same records as an all-online run, the teachers at half the cost."""
 
 from __future__ import annotations
@@ -10,7 +10,11 @@ from engine.fair.report import render_markdown, summarize
 from engine.rundir.store import iter_raw, iter_records, read_manifest
 from engine.sim import start_sim
 
-WIRES = {"t-good": "openai", "t-mid": "anthropic", "t-harsh": "openai"}
+WIRES = {"t-good": "openai", "t-mid": "anthropic", "t-harsh": "gemini"}
+
+
+def _base(sim, wire: str) -> str:
+    return sim.base_url.removesuffix("/v1") + "/v1beta" if wire == "gemini" else sim.base_url
 
 
 def _view(run_dir) -> dict:
@@ -27,14 +31,14 @@ async def test_teachers_in_batch_mode_give_the_online_records_at_half_the_teache
     async with start_sim(profile(), problems=probs) as sim:
         online = config(sim.base_url, endpoints={})
         for name, wire in WIRES.items():
-            online.endpoints[name].provider = wire
+            online.endpoints[name].provider, online.endpoints[name].base_url = wire, _base(sim, wire)
         await run(online, tmp_path / "online", probs)
         sim.stats.reset()
 
         batch = config(sim.base_url)
         for name, wire in WIRES.items():
             ep = batch.endpoints[name]
-            ep.provider, ep.mode = wire, "batch"
+            ep.provider, ep.mode, ep.base_url = wire, "batch", _base(sim, wire)
             ep.batch.linger_s, ep.batch.poll_s = 0.05, 0.05
         summary = await run(batch, tmp_path / "batch", probs)
         stats = dict(sim.stats)
@@ -74,5 +78,6 @@ async def test_teachers_in_batch_mode_give_the_online_records_at_half_the_teache
     assert "## Dollars per accepted sample" in md and "$ rationale" in md
     # each paid teacher line of the trace names the batch that answered it; the student's none
     trace = [t for t in iter_raw(tmp_path / "batch", "trace") if not t["cache_hit"]]
-    assert all(t["batch"].startswith(("batch_", "msgbatch_")) for t in trace if t["endpoint"] in TEACHERS)
+    ids = ("batch_", "msgbatch_", "gsim")  # OpenAI, Anthropic, Gemini (the simulator's names)
+    assert all(t["batch"].startswith(ids) for t in trace if t["endpoint"] in TEACHERS)
     assert not any("batch" in t for t in trace if t["endpoint"] == "student")

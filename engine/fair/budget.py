@@ -112,7 +112,7 @@ def project(cfg: RunConfig, run_dir: Path, total: int, pilot: int, wall_s: float
             continue
         p_in, p_out = t.get("prompt_tokens", 0), t.get("completion_tokens", 0)
         online = (p_in * ep.price_in + p_out * ep.price_out) / 1e6
-        factor = ep.batch.price_factor if ep.provider in ("openai", "anthropic") else 1.0
+        factor = ep.batch.price_factor if ep.provider in ("openai", "anthropic", "gemini") else 1.0
         for e in (per[t["endpoint"]], by_stage[t.get("stage") or "other"]):
             e["calls"] += 1
             e["prompt_tokens"] += p_in

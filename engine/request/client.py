@@ -42,7 +42,7 @@ from engine.request.admission import Admission
 from engine.request.cache import ResponseCache, cache_key
 from engine.request.events import Call, Events, Observer
 from engine.request.executor import BATCH_HEADER, Executor, HttpExecutor, SendError
-from engine.request.providers import Provider, error_message, make_provider, redact
+from engine.request.providers import Provider, error_message, make_provider, redact, refused_credentials
 from engine.request.retry import BACKOFF_BASE_S, BACKOFF_MAX_S, RetryPolicy, Transient, retrying
 from engine.request.stats import EndpointStats, StatsObserver
 from engine.request.trace import Trace, TraceObserver
@@ -368,7 +368,7 @@ class Engine:
     def _refusal(self, lane: Lane, status: int, raw: bytes) -> Exception:
         """The error for a non-2xx, non-429 reply."""
         message = error_message(raw, lane.key)
-        if status in (401, 403):
+        if refused_credentials(status, raw):
             return AuthError(
                 f"endpoint {lane.name!r} ({lane.provider.url}) refused the credentials "
                 f"(HTTP {status}: {message}); check {lane.cfg.api_key_env or 'the API key'}"

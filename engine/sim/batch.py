@@ -1,5 +1,7 @@
-"""The simulator's batch routes (OpenAI files + batches, Anthropic message batches) and Anthropic's
-online ``/v1/messages``, so each provider has an online and a batch twin on one server.
+"""The simulator's batch routes (OpenAI files + batches, Anthropic message batches, Gemini batch
+mode under ``/v1beta``) and Anthropic's online ``/v1/messages`` and Gemini's online
+``/v1beta/models/M:generateContent``, so each provider has an online and a batch twin on one server
+(a Gemini endpoint's base URL is ``{sim.url}/v1beta``).
 
 Items are answered through the same content path as online chat calls (``SimServer._choices``),
 so a batch item and an online call with the same body get the same text and token counts. Batch
@@ -14,10 +16,18 @@ Faults (``BatchFaults``; set them on ``SimServer.batch.faults`` in-process or wi
 cancel after that share), ``p_item_5xx`` (partial item failures), ``lose_create`` (the next N
 creates make the batch but answer 500), ``truncate_results`` (the next N result downloads are
 cut short). A batch whose input has a bad line fails validation (OpenAI: status ``failed`` with
-``errors.data[].line``).
+``errors.data[].line``; Gemini: ``BATCH_STATE_FAILED`` with an Operation ``error`` {code 3, message
+naming the line}, the simulator's own wording: Google documents no shape for it).
 
-Shapes follow https://platform.openai.com/docs/api-reference/batch and
-https://docs.anthropic.com/en/api/creating-message-batches (see each handler).
+Gemini: the Files API's resumable upload (``POST /upload/v1beta/files`` start -> ``X-Goog-Upload-URL``
+-> ``upload, finalize``), ``POST /v1beta/models/M:batchGenerateContent`` with
+``input_config.file_name``, ``GET /v1beta/batches[/ID]``, ``POST /v1beta/batches/ID:cancel``, and
+``GET /download/v1beta/files/F:download?alt=media`` (lines ``{"key", "response" | "error"}``; items
+an expiry or a cancel stopped have no line). Credentials: ``x-goog-api-key``.
+
+Shapes follow https://platform.openai.com/docs/api-reference/batch,
+https://docs.anthropic.com/en/api/creating-message-batches and https://ai.google.dev/api/batch-mode
+(see each handler).
 """
 
 from __future__ import annotations
@@ -42,6 +52,10 @@ OPENAI_MAX_ITEMS = 50_000
 OPENAI_MAX_BYTES = 200 * 1024**2
 ANTHROPIC_MAX_ITEMS = 100_000
 ANTHROPIC_MAX_BYTES = 256 * 1024**2
+GEMINI_MAX_BYTES = 2 * 1024**3
+_GEMINI_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1beta."
+_GEMINI_STATE = {"": "SUCCEEDED", "expired": "EXPIRED", "canceled": "CANCELLED"}
+_GEMINI_FINISH = {"stop": "STOP", "length": "MAX_TOKENS"}
 _CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _STOP = {"stop": "end_turn", "length": "max_tokens"}
 
@@ -78,7 +92,7 @@ class _Batch:
     )
 
     def __init__(self, kind: str, bid: str, items: list[tuple[str, dict]], meta: dict):
-        self.kind = kind  # "openai" | "anthropic"
+        self.kind = kind  # "openai" | "anthropic" | "gemini"
         self.id = bid
         self.items = items  # (custom_id, chat body in OpenAI shape)
         self.meta = meta
@@ -98,6 +112,7 @@ class BatchSim:
         self.server = server
         self.faults = BatchFaults()
         self.files: dict[str, bytes] = {}
+        self.uploads: dict[str, str] = {}  # Gemini resumable upload id -> the file's display name
         self.batches: dict[str, _Batch] = {}
         self._serial = 0
 
@@ -110,6 +125,8 @@ class BatchSim:
     def answer(self, body: dict) -> tuple[int, dict]:
         """One chat body (OpenAI shape) through the online content path: (status, payload)."""
         srv = self.server
+        if "_sim_invalid" in body:  # a Gemini request the simulator could not read
+            return 400, {"error": {"message": body["_sim_invalid"], "type": "invalid_request_error"}}
         try:
             req = parse_chat_request(body)
         except RequestInvalid as exc:
@@ -182,10 +199,14 @@ class BatchSim:
     def _set_running(self, b: _Batch) -> None:
         if b.kind == "openai":
             b.obj.update(status="in_progress", in_progress_at=int(time.time()))
+        elif b.kind == "gemini":
+            b.obj["metadata"].update(state="BATCH_STATE_RUNNING", updateTime=_iso(time.time()))
 
     def _set_ended(self, b: _Batch, stop_as: str) -> None:
         outcomes = [o for _, o, _ in b.results]
-        if b.kind == "openai":
+        if b.kind == "gemini":
+            self._set_ended_gemini(b, stop_as)
+        elif b.kind == "openai":
             ok = sum(o == "ok" for o in outcomes)
             status = {"expired": "expired", "canceled": "cancelled"}.get(stop_as, "completed")
             out = b"".join(self._openai_line(b, i, r) for i, r in enumerate(b.results) if r[1] == "ok")
@@ -213,6 +234,30 @@ class BatchSim:
                 ended_at=_iso(b.ended or time.time()),
                 results_url=f"{self.server.base_url}/messages/batches/{b.id}/results",
             )
+
+    def _set_ended_gemini(self, b: _Batch, stop_as: str) -> None:
+        """The Operation of an ended batch: its state, counts and ``responsesFile`` (the lines of
+        the items processed, newest first: the order is not kept)."""
+        lines = [_gemini_line(r) for r in reversed(b.results) if r[1] not in ("expired", "canceled")]
+        ok = sum(o == "ok" for _, o, _ in b.results)
+        meta = b.obj["metadata"]
+        meta.update(
+            state=f"BATCH_STATE_{_GEMINI_STATE[stop_as]}",
+            updateTime=_iso(time.time()),
+            endTime=_iso(b.ended or time.time()),
+            batchStats={
+                "requestCount": str(len(b.items)),
+                "successfulRequestCount": str(ok),
+                "failedRequestCount": str(len(lines) - ok),
+                "pendingRequestCount": "0",
+            },
+        )
+        b.obj["done"] = True
+        if lines:
+            fid = "files/batch-" + self._next("sim")
+            self.files[fid] = b"".join(lines)
+            meta["output"] = {"responsesFile": fid}
+            b.obj["response"] = {"@type": _GEMINI_TYPE + "GenerateContentBatchOutput", "responsesFile": fid}
 
     def _store_file(self, data: bytes, purpose: str) -> str:
         fid = self._next("file-sim")
@@ -535,15 +580,18 @@ class BatchSim:
             return refused
         return _json(await self._page(request, "anthropic", "after_id", lambda b: b.obj, {}))
 
-    async def _page(self, request: web.Request, kind: str, cursor: str, view, extra: dict) -> dict:
+    async def _page(
+        self, request: web.Request, kind: str, cursor: str, view, extra: dict, query=None
+    ) -> dict:
         if self.faults.slow_list_s > 0:
             await asyncio.sleep(self.faults.slow_list_s)
+        query = request.query if query is None else query
         try:
-            limit = max(1, min(100, int(request.query.get("limit", "20"))))
+            limit = max(1, min(100, int(query.get("limit", "20"))))
         except ValueError:
             limit = 20
         rows = [b for b in reversed(self.batches.values()) if b.kind == kind]
-        after = request.query.get(cursor)
+        after = query.get(cursor)
         if after:
             ids = [b.id for b in rows]
             rows = rows[ids.index(after) + 1 :] if after in ids else []
@@ -555,6 +603,184 @@ class BatchSim:
             "first_id": page[0].id if page else None,
             "last_id": page[-1].id if page else None,
         }
+
+    # -- Gemini routes ------------------------------------------------------------------------
+
+    def _gemini_refused(self, request: web.Request) -> web.Response | None:
+        """Google's answers: no key is 403 PERMISSION_DENIED; a wrong one is a 400 whose details
+        carry the reason ``API_KEY_INVALID``."""
+        key, given = self.server.profile.api_key, request.headers.get("x-goog-api-key")
+        if key is None or given == key:
+            return None
+        if given is None:
+            return _gemini_error(403, "Method doesn't allow unregistered callers.", "PERMISSION_DENIED")
+        info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                "domain": "googleapis.com"}  # fmt: skip
+        return _gemini_error(
+            400, "API key not valid. Please pass a valid API key.", "INVALID_ARGUMENT", [info]
+        )
+
+    async def gemini_model(self, request: web.Request) -> web.Response:
+        """``POST /v1beta/models/M:generateContent`` (online) or ``M:batchGenerateContent``."""
+        if (refused := self._gemini_refused(request)) is not None:
+            return refused
+        model, _, verb = request.match_info["call"].rpartition(":")
+        if verb == "batchGenerateContent":
+            return await self._create_gemini(request, model)
+        if verb != "generateContent":
+            return _gemini_error(404, f"no method {verb!r}", "NOT_FOUND")
+        self.server.stats["requests"] += 1
+        try:
+            body = from_gemini(orjson.loads(await request.read()), model)
+        except (orjson.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            return _gemini_error(400, f"Invalid JSON payload: {exc}", "INVALID_ARGUMENT")
+        delay = self.server._latency_s(self.server._default.profile) if self.server._default else 0.0
+        if delay > 0:
+            await asyncio.sleep(delay)
+        status, payload = self.answer(body)
+        if status != 200:
+            return _gemini_error(status, payload["error"]["message"], "INVALID_ARGUMENT")
+        self.server.stats["ok"] += 1
+        return _json(to_gemini(payload))
+
+    async def upload_gemini(self, request: web.Request) -> web.Response:
+        """``POST /upload/v1beta/files``, resumable: ``start`` answers ``X-Goog-Upload-URL``; a
+        post there with ``upload, finalize`` (offset 0, the whole file) -> ``{"file": {...}}``."""
+        if (refused := self._gemini_refused(request)) is not None:
+            return refused
+        command = request.headers.get("X-Goog-Upload-Command", "").replace(" ", "")
+        if command == "start" and request.headers.get("X-Goog-Upload-Protocol") == "resumable":
+            try:
+                name = orjson.loads(await request.read() or b"{}").get("file", {}).get("display_name", "")
+            except (orjson.JSONDecodeError, AttributeError):
+                return _gemini_error(400, "Invalid JSON payload received.", "INVALID_ARGUMENT")
+            uid = self._next("up")
+            self.uploads[uid] = str(name)
+            url = f"{self.server.url}/upload/v1beta/files?upload_id={uid}&upload_protocol=resumable"
+            return web.Response(
+                body=b"", headers={"X-Goog-Upload-URL": url, "X-Goog-Upload-Status": "active"}
+            )
+        name = self.uploads.pop(request.query.get("upload_id", ""), None)
+        if name is None or command != "upload,finalize" or request.headers.get("X-Goog-Upload-Offset") != "0":
+            return _gemini_error(
+                400, "start a resumable upload, then upload and finalize it", "INVALID_ARGUMENT"
+            )
+        data = await request.read()
+        if len(data) > GEMINI_MAX_BYTES:
+            return _gemini_error(400, "file is larger than 2 GB", "INVALID_ARGUMENT")
+        fid = "files/" + self._next("sim")
+        self.files[fid] = data
+        meta = {
+            "name": fid,
+            "displayName": name,
+            "mimeType": "application/jsonl",
+            "sizeBytes": str(len(data)),
+        }
+        return _json({"file": {**meta, "createTime": _iso(time.time()), "state": "ACTIVE"}})
+
+    async def download_gemini(self, request: web.Request) -> web.Response:
+        """``GET /download/v1beta/files/F:download?alt=media``: the raw JSONL."""
+        if (refused := self._gemini_refused(request)) is not None:
+            return refused
+        name, _, verb = request.match_info["call"].rpartition(":")
+        data = self.files.get(f"files/{name}")
+        if verb != "download" or request.query.get("alt") != "media" or data is None:
+            return _gemini_error(404, "Requested entity was not found.", "NOT_FOUND")
+        return web.Response(body=self._cut(data), content_type="application/jsonl")
+
+    async def _create_gemini(self, request: web.Request, model: str) -> web.Response:
+        """``{"batch": {"display_name", "input_config": {"file_name"}}}`` -> an Operation."""
+        try:
+            batch = orjson.loads(await request.read())["batch"]
+            name = batch.get("display_name", batch.get("displayName"))
+            cfg = batch.get("input_config", batch.get("inputConfig"))
+            fid = cfg.get("file_name", cfg.get("fileName"))
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return _gemini_error(400, "batch.display_name and batch.input_config.file_name are required",
+                                 "INVALID_ARGUMENT")  # fmt: skip
+        if not isinstance(name, str) or not name:
+            return _gemini_error(400, "batch.display_name is required", "INVALID_ARGUMENT")
+        data = self.files.get(fid) if isinstance(fid, str) else None
+        if data is None:
+            return _gemini_error(404, f"File {fid} was not found.", "NOT_FOUND")
+        items, error, seen = [], None, set()
+        for lineno, raw in enumerate(data.splitlines(), 1):
+            try:
+                line = orjson.loads(raw)
+                key, req = line["key"], line["request"]
+                ok = isinstance(key, str) and bool(key) and isinstance(req, dict)
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                ok = False
+            if not ok or key in seen:
+                why = f"key {key} repeated" if ok else "not a {key, request} object"
+                error = error or {"code": 3, "message": f"Invalid request at line {lineno}: {why}"}
+                continue
+            seen.add(key)
+            try:
+                items.append((key, from_gemini(req, model)))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                items.append((key, {"_sim_invalid": f"Invalid request: {exc}"}))
+        b = _Batch("gemini", self._next("gsim"), items, {"display_name": name})
+        now = _iso(b.created)
+        b.obj = {
+            "name": f"batches/{b.id}",
+            "metadata": {
+                "@type": _GEMINI_TYPE + "GenerateContentBatch",
+                "model": f"models/{model}",
+                "displayName": name,
+                "inputConfig": {"fileName": fid},
+                "createTime": now,
+                "updateTime": now,
+                "batchStats": {"requestCount": str(len(items)), "pendingRequestCount": str(len(items))},
+                "state": "BATCH_STATE_PENDING",
+                "name": f"batches/{b.id}",
+            },
+            "done": False,
+        }
+        if error is not None:
+            self.batches[b.id] = b
+            self.server.stats["batches_created"] += 1
+            b.ended = time.time()
+            b.obj["metadata"].update(state="BATCH_STATE_FAILED", endTime=_iso(b.ended))
+            b.obj.update(done=True, error=error)
+        else:
+            self._start(b)
+        if self._lost():
+            return _gemini_error(500, "Internal error encountered.", "INTERNAL")
+        return _json(b.obj)
+
+    def _gemini_named(self, request: web.Request) -> _Batch | web.Response:
+        if (refused := self._gemini_refused(request)) is not None:
+            return refused
+        b = self.batches.get(request.match_info["bid"].rpartition(":")[0] or request.match_info["bid"])
+        if b is not None and b.kind == "gemini":
+            return b
+        return _gemini_error(404, "Requested entity was not found.", "NOT_FOUND")
+
+    async def get_gemini(self, request: web.Request) -> web.Response:
+        if isinstance(b := self._gemini_named(request), web.Response):
+            return b
+        return _json(b.obj)
+
+    async def cancel_gemini(self, request: web.Request) -> web.Response:
+        """``POST /v1beta/batches/ID:cancel`` -> ``{}``."""
+        if not request.match_info["bid"].endswith(":cancel"):
+            return _gemini_error(404, "no such method", "NOT_FOUND")
+        if isinstance(b := self._gemini_named(request), web.Response):
+            return b
+        self._cancel(b)
+        return _json({})
+
+    async def list_gemini(self, request: web.Request) -> web.Response:
+        """``GET /v1beta/batches?pageSize=&pageToken=`` -> ``{"operations", "nextPageToken"}``."""
+        if (refused := self._gemini_refused(request)) is not None:
+            return refused
+        query = {"limit": request.query.get("pageSize", "20"), "after": request.query.get("pageToken", "")}
+        page = await self._page(request, "gemini", "after", lambda b: b.obj, {}, query)
+        out: dict[str, Any] = {"operations": page["data"]}
+        if page["has_more"]:
+            out["nextPageToken"] = page["last_id"]
+        return _json(out)
 
     async def set_faults(self, request: web.Request) -> web.Response:
         """``POST /sim/batch-faults`` {start_s, expire_at, ...}: replace the batch faults."""
@@ -586,6 +812,65 @@ def from_anthropic(params: dict) -> dict:
     return body
 
 
+def from_gemini(req: dict, model: str) -> dict:
+    """A Gemini GenerateContentRequest -> the OpenAI chat body the content path reads."""
+    if not isinstance(req, dict) or not isinstance(req.get("contents"), list) or not req["contents"]:
+        raise ValueError("contents: must be a non-empty list")
+
+    def text(content: dict) -> str:
+        return "".join(p.get("text", "") for p in content["parts"] if isinstance(p, dict))
+
+    messages = [
+        {"role": "assistant" if c.get("role") == "model" else "user", "content": text(c)}
+        for c in req["contents"]
+    ]
+    system = req.get("systemInstruction", req.get("system_instruction"))
+    if system:
+        messages = [{"role": "system", "content": text(system)}, *messages]
+    body: dict[str, Any] = {"model": model, "messages": messages}
+    cfg = req.get("generationConfig") or {}
+    for theirs, ours in (("temperature", "temperature"), ("maxOutputTokens", "max_tokens"),
+                         ("topP", "top_p"), ("candidateCount", "n"), ("seed", "seed"),
+                         ("stopSequences", "stop")):  # fmt: skip
+        if cfg.get(theirs) is not None:
+            body[ours] = cfg[theirs]
+    return body
+
+
+def to_gemini(payload: dict) -> dict:
+    """An OpenAI chat completion payload -> a Gemini GenerateContentResponse."""
+    u = payload["usage"]
+    return {
+        "candidates": [
+            {
+                "content": {"role": "model", "parts": [{"text": c["message"]["content"]}]},
+                "finishReason": _GEMINI_FINISH.get(c["finish_reason"], "STOP"),
+                "index": c["index"],
+            }
+            for c in payload["choices"]
+        ],
+        "usageMetadata": {
+            "promptTokenCount": u["prompt_tokens"],
+            "candidatesTokenCount": u["completion_tokens"],
+            "totalTokenCount": u["total_tokens"],
+        },
+        "modelVersion": payload.get("model") or "",
+        "responseId": payload["id"].replace("chatcmpl-", ""),
+    }
+
+
+def _gemini_line(r: tuple[str, str, Any]) -> bytes:
+    """One output line: ``{"key", "response"}`` or ``{"key", "error": <google.rpc.Status>}``."""
+    key, outcome, payload = r
+    if outcome == "ok":
+        return orjson.dumps({"key": key, "response": to_gemini(payload)}) + b"\n"
+    if outcome == "5xx":
+        error = {"code": 13, "message": "Internal error encountered."}
+    else:  # a refused item: INVALID_ARGUMENT (NOT_FOUND for an unknown model)
+        error = {"code": 5 if outcome == "404" else 3, "message": payload["error"]["message"]}
+    return orjson.dumps({"key": key, "error": error}) + b"\n"
+
+
 def to_anthropic(payload: dict, model: str) -> dict:
     """An OpenAI chat completion payload -> an Anthropic Message."""
     c = payload["choices"][0]
@@ -614,6 +899,13 @@ def _anthropic_error(status: int, message: str, kind: str = "invalid_request_err
     return _json({"type": "error", "error": {"type": kind, "message": message}}, status)
 
 
+def _gemini_error(status: int, message: str, grpc_status: str, details: list | None = None) -> web.Response:
+    error: dict[str, Any] = {"code": status, "message": message, "status": grpc_status}
+    if details:
+        error["details"] = details
+    return _json({"error": error}, status)
+
+
 def mount(server: SimServer, app: web.Application) -> BatchSim:
     """Add the batch routes (and Anthropic's online ``/v1/messages``) to the simulator's app."""
     sim = server.batch if isinstance(getattr(server, "batch", None), BatchSim) else BatchSim(server)
@@ -631,5 +923,11 @@ def mount(server: SimServer, app: web.Application) -> BatchSim:
     r.add_get("/v1/messages/batches/{bid}", sim.get_anthropic)
     r.add_get("/v1/messages/batches/{bid}/results", sim.results_anthropic)
     r.add_post("/v1/messages/batches/{bid}/cancel", sim.cancel_anthropic)
+    r.add_post("/v1beta/models/{call}", sim.gemini_model)
+    r.add_post("/upload/v1beta/files", sim.upload_gemini)
+    r.add_get("/download/v1beta/files/{call}", sim.download_gemini)
+    r.add_get("/v1beta/batches", sim.list_gemini)
+    r.add_get("/v1beta/batches/{bid}", sim.get_gemini)
+    r.add_post("/v1beta/batches/{bid}", sim.cancel_gemini)
     r.add_post("/sim/batch-faults", sim.set_faults)
     return sim

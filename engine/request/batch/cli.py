@@ -35,6 +35,7 @@ def list_batches(run_dir: str) -> list[BatchInfo]:
 
 
 def _pick(j: Journal, ident: str) -> BatchInfo:
+    ident = ident.removeprefix("batches/")  # Gemini's resource name: batches/ID
     for b in j.batches.values():
         if ident in (b.local, b.id):
             return b
@@ -45,13 +46,19 @@ async def _cancel(infos: list[BatchInfo], j: Journal) -> list[str]:
     import os
 
     from engine.request.batch.anthropic import AnthropicBatchWire
+    from engine.request.batch.gemini import GeminiBatchWire
     from engine.request.batch.openai import OpenAIBatchWire
     from engine.request.providers import make_provider
 
+    wires = {"openai": OpenAIBatchWire, "anthropic": AnthropicBatchWire, "gemini": GeminiBatchWire}
     done = []
     for b in infos:
         if not b.id or not b.base_url:
             continue
+        if b.provider not in wires:
+            raise UsageError(
+                f"{j.path}: batch {b.local} has an unknown provider {one_line(b.provider, 40)!r}"
+            )
         key = os.environ.get(b.key_env) if b.key_env else None
         if b.key_env and not key:
             raise ConfigError(f"environment variable {b.key_env} (the key of endpoint {b.lane!r}) is not set")
@@ -62,9 +69,8 @@ async def _cancel(infos: list[BatchInfo], j: Journal) -> list[str]:
         )
         headers.pop("Content-Type", None)
         async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as s:
-            kind = OpenAIBatchWire if b.provider == "openai" else AnthropicBatchWire
             try:
-                remote = await kind(s, b.base_url, key, b.lane).cancel(b.id)
+                remote = await wires[b.provider](s, b.base_url, key, b.lane).cancel(b.id)
             except ControlError as exc:
                 print(f"fair batches: {b.id}: {exc}", file=sys.stderr)
                 continue
@@ -86,10 +92,11 @@ def cli_main(args: Any) -> int:
                 "fair batches attach RUN_DIR LOCAL BATCH_ID: give the local id and the provider's"
             )
         b = _pick(j, args.ids[0])
-        if b.id and b.id != args.ids[1]:
+        bid = args.ids[1].removeprefix("batches/")  # Gemini's resource name: batches/ID
+        if b.id and b.id != bid:
             raise UsageError(f"batch {b.local} is already {b.state} as {b.id}")
-        j.write("submitted", b.local, id=args.ids[1])
-        print(f"fair batches: {b.local} attached to {args.ids[1]}; run the same command again to collect it")
+        j.write("submitted", b.local, id=bid)
+        print(f"fair batches: {b.local} attached to {bid}; run the same command again to collect it")
         return 0
     running = [b for b in j.batches.values() if b.state == "submitted" and not b.canceled]
     for b in j.batches.values():

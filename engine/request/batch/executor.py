@@ -8,9 +8,11 @@ or at ``max_items`` / ``max_bytes``; at most ``max_open`` batches are at the pro
 (while they are full, the open batch keeps growing). A queued body waits on disk, in the lane's
 spool (an unlinked temporary file); the upload is written from it to ``batches/<local>.input``
 and streamed, and results stream to disk and are read back line by line, so a 50k-request batch
-is never in memory whole. Batch lanes take ``Unmetered`` admission:
-the online rpm/tpm and concurrency caps do not apply (providers meter batches apart, and a slot
-per waiting item would cap the batch size).
+is never in memory whole. A waiting request is a slot in compact arrays (~100 bytes,
+``engine.request.batch.slots``); its caller is a future (``send``) or a token that the streaming
+caller's one callback gets back (``enqueue``: ``fair generate --mode batch``). Batch lanes take
+``Unmetered`` admission: the online rpm/tpm and concurrency caps do not apply (providers meter
+batches apart, and a slot per waiting item would cap the batch size).
 
 Item outcomes: a reply (200) or a refusal (4xx, e.g. an invalid request) is returned as is; an
 expired, canceled or 5xx item, or one missing from the results, goes into a later batch, at
@@ -38,8 +40,9 @@ import re
 import sys
 import tempfile
 import time
+from array import array
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +53,7 @@ from engine.errors import AbortRun, FairError
 from engine.request.batch.anthropic import AnthropicBatchWire
 from engine.request.batch.journal import Journal
 from engine.request.batch.openai import OpenAIBatchWire
+from engine.request.batch.slots import KEY, OPEN, CidList, Slots, pack
 from engine.request.batch.wire import (
     TRANSIENT,
     ControlError,
@@ -71,6 +75,7 @@ CREATE_TRIES = 5
 DOWNLOAD_TRIES = 6
 HAND_OUT = 1000  # answers handed out between two yields to the event loop
 _enc = msgspec.json.Encoder()
+Sink = Callable[[int, Reply | BaseException], None]  # a streaming caller's (token, outcome) callback
 
 
 class BatchAmbiguous(FairError):
@@ -105,22 +110,12 @@ def custom_id(lane: Lane, body: bytes, key: str | None = None) -> str:
     ``^[a-zA-Z0-9_-]{1,64}$``; without a key, of a blake2b of the endpoint identity and the body."""
     if key is not None:
         head, _, part = key.partition("-")
-        if re.fullmatch(r"[0-9a-f]{40,}", head) and (part == "" or part.isdigit()):
+        if re.fullmatch(r"[0-9a-f]{40,}", head) and re.fullmatch(r"[0-9]{0,9}", part):
             return f"fd{head[:40]}-{part}" if part else f"fd{head[:40]}"
     cfg = lane.cfg
     h = hashlib.blake2b(f"{cfg.provider}\0{cfg.base_url.rstrip('/')}\0{cfg.model}\0".encode(), digest_size=20)
     h.update(body)
     return "fd" + h.hexdigest()
-
-
-class _Item:
-    """One request waiting in a batch. Its body is on disk, in the lane's spool, once queued."""
-
-    __slots__ = ("body", "cid", "future", "pos", "rounds", "size")
-
-    def __init__(self, cid: str, body: bytes, future: asyncio.Future):
-        self.cid, self.body, self.future, self.rounds = cid, body, future, 0
-        self.size, self.pos = len(body), -1  # pos: offset in the spool, once written there
 
 
 class _Lane:
@@ -136,14 +131,14 @@ class _Lane:
         self.session = session
         self.max_items = min(self.cfg.max_items, wire.max_items)
         self.max_bytes = min(self.cfg.max_bytes, wire.max_bytes)
-        self.open: list[_Item] = []
+        self.items = Slots()  # the requests waiting, each a slot (its body in ``spool``)
+        self.open = array("q")  # the slots in the open batch
         self.open_bytes = 0
         self.last_add = 0.0
         self.timer: asyncio.Task | None = None
         self.flush_pending = False
-        self.slots = asyncio.Semaphore(self.cfg.max_open)
-        self.waiting: dict[str, _Item] = {}  # custom_id -> the item a caller awaits
-        self.attached: dict[str, str] = {}  # custom_id -> local id of a re-attached running batch
+        self.at_provider = asyncio.Semaphore(self.cfg.max_open)
+        self.attached: dict[str, int] = {}  # custom_id -> serial of a re-attached running batch
 
 
 class _Row(msgspec.Struct):
@@ -189,8 +184,10 @@ class BatchExecutor:
                 headers={k: v for k, v in headers.items() if k.lower() != "content-type"},
                 timeout=aiohttp.ClientTimeout(total=lane.cfg.timeout_s),
             )
-            kind = OpenAIBatchWire if lane.cfg.provider == "openai" else AnthropicBatchWire
-            wire = kind(session, lane.cfg.base_url, lane.key, name)
+            from engine.request.batch.gemini import GeminiBatchWire
+
+            wires = {"openai": OpenAIBatchWire, "anthropic": AnthropicBatchWire, "gemini": GeminiBatchWire}
+            wire = wires[lane.cfg.provider](session, lane.cfg.base_url, lane.key, name, lane.cfg.model)
             self._lanes[name] = _Lane(lane, wire, session, self.run_dir)
         for stale in (*self.journal.folder.glob("*.input"), *self.journal.folder.glob("*.results.tmp")):
             stale.unlink(missing_ok=True)  # an upload or a results file a killed run left half-done
@@ -246,10 +243,8 @@ class BatchExecutor:
         if self._error is None:
             self._error = exc
         for st in self._lanes.values():
-            for item in st.waiting.values():
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            st.waiting.clear()
+            for slot in list(st.items.waiting()):
+                _deliver(st.items.take(slot), exc)
 
     # -- the seam -----------------------------------------------------------------------------
 
@@ -258,76 +253,52 @@ class BatchExecutor:
             return await self.online.send(lane, body, key)
         # a cancelled caller's item stays waiting: a later send of it adopts the item (no second
         # one), or its answer is kept for one (``_known``)
-        return await self._item(lane, body, key).future
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._add(lane, body, key, future, -1)
+        return await future
 
-    def enqueue(self, lane: Lane, body: bytes, key: str | None = None) -> asyncio.Future:
-        """``send`` without a coroutine: the future of ``(status, raw, headers)`` (for streaming
-        callers such as ``fair generate --mode batch``, which hold no task per waiting item)."""
-        return self._item(lane, body, key).future
+    def enqueue(self, lane: Lane, body: bytes, key: str | None, sink: Sink, token: int) -> None:
+        """``send`` without a coroutine or a future, for streaming callers such as ``fair generate
+        --mode batch``: ``sink(token, outcome)`` is called once with ``(status, raw, headers)`` or
+        the exception, from the event loop; it must not raise. A waiting request costs a slot."""
+        self._add(lane, body, key, sink, token)
 
-    def _item(self, lane: Lane, body: bytes, key: str | None) -> _Item:
+    def _add(self, lane: Lane, body: bytes, key: str | None, waiter: Any, token: int) -> None:
         st = self._lanes[lane.name]
-        future = asyncio.get_running_loop().create_future()
         cid = custom_id(lane, body, key)
-        item = _Item(cid, body, future)
-        if self._error is not None:
-            future.set_exception(self._error)
-        elif (known := self._known.get(cid)) is not None:  # an earlier run's batch answered it
-            future.set_result(known)
-        elif (first := st.waiting.get(cid)) is not None:  # the same request waits: one item
-            if first.future.done():  # its caller went away: this one takes the item over
-                first.future = future
-                return first
-            self._follow(st, first, item)
-        else:
-            self._wait(st, item)
-        return item
-
-    def _wait(self, st: _Lane, item: _Item) -> None:
-        st.waiting[item.cid] = item
-        if item.cid not in st.attached:
-            self._enqueue(st, item)
-
-    def _follow(self, st: _Lane, first: _Item, item: _Item) -> None:
-        """``item`` gets ``first``'s answer; if ``first``'s caller goes away, ``item`` waits itself."""
-
-        def copy(fut: asyncio.Future) -> None:
-            if item.future.done():
-                return
-            if fut.cancelled():
-                if (other := st.waiting.get(item.cid)) is not None:
-                    if other.future.done():
-                        other.future = item.future  # take the item over
-                    else:
-                        self._follow(st, other, item)
-                elif item.cid in self._known:
-                    item.future.set_result(self._known[item.cid])
-                else:
-                    self._wait(st, item)
-            elif (exc := fut.exception()) is not None:
-                item.future.set_exception(exc)
+        outcome = self._error if self._error is not None else self._known.get(cid)
+        if outcome is not None:  # a failed run, or an earlier run's batch answered it
+            if isinstance(waiter, asyncio.Future):
+                _deliver(((waiter, token),), outcome)
             else:
-                item.future.set_result(fut.result())
-
-        self.stats["shared"] += 1
-        first.future.add_done_callback(copy)
+                asyncio.get_running_loop().call_soon(waiter, token, outcome)
+            return
+        packed = pack(cid)
+        assert packed is not None, cid
+        items = st.items
+        if (slot := items.find(packed)) >= 0:  # the same request waits: one item
+            if items.join(slot, waiter, token):  # (or its caller went away: this one takes it over)
+                self.stats["shared"] += 1
+            return
+        st.spool.write(body)  # a waiting request keeps only its slot in memory
+        slot = items.add(packed, waiter, token, st.spool_end, len(body))
+        st.spool_end += len(body)
+        if (serial := st.attached.get(cid)) is not None:  # a re-attached batch of an earlier run has it
+            items.batch[slot] = serial
+        else:
+            self._enqueue(st, slot)
 
     # -- grouping -----------------------------------------------------------------------------
 
     @staticmethod
-    def _body(st: _Lane, item: _Item) -> bytes:
-        if item.body is not None:
-            return item.body
+    def _body(st: _Lane, slot: int) -> bytes:
         st.spool.flush()
-        return os.pread(st.spool.fileno(), item.size, item.pos)
+        return os.pread(st.spool.fileno(), st.items.size[slot], st.items.pos[slot])
 
-    def _enqueue(self, st: _Lane, item: _Item) -> None:
-        if item.body is not None:  # spool it: a waiting request keeps a few small fields in memory
-            st.spool.write(item.body)
-            item.pos, item.body = st.spool_end, None
-            st.spool_end += item.size
-        st.open.append(item)
-        st.open_bytes += item.size + 120
+    def _enqueue(self, st: _Lane, slot: int) -> None:
+        st.items.batch[slot] = OPEN
+        st.open.append(slot)
+        st.open_bytes += st.items.size[slot] + 120
         st.last_add = time.monotonic()
         if len(st.open) >= st.max_items or st.open_bytes >= st.max_bytes:
             self._want_flush(st)
@@ -349,13 +320,13 @@ class BatchExecutor:
             self._spawn(self._flush(st))
 
     async def _flush(self, st: _Lane) -> None:
-        await st.slots.acquire()  # while max_open batches run, the open one keeps growing
+        await st.at_provider.acquire()  # while max_open batches run, the open one keeps growing
         st.flush_pending = False
-        k, size = 0, 0
-        while k < len(st.open) and k < st.max_items and size + st.open[k].size + 120 <= st.max_bytes:
-            size += st.open[k].size + 120
+        k, size, sizes = 0, 0, st.items.size
+        while k < len(st.open) and k < st.max_items and size + sizes[st.open[k]] + 120 <= st.max_bytes:
+            size += sizes[st.open[k]] + 120
             k += 1
-        items = st.open[:k]
+        taken = st.open[:k]
         del st.open[:k]
         st.open_bytes -= size
         if st.open:
@@ -364,23 +335,32 @@ class BatchExecutor:
             elif st.timer is None:
                 st.timer = self._spawn(self._linger(st))
         try:
-            live = [i for i in items if not i.future.done()]
-            for i in items:  # answered or cancelled before it went out: not sent
-                if i.future.done() and st.waiting.get(i.cid) is i:
-                    del st.waiting[i.cid]
-            del items
+            live = array("q")
+            for slot in taken:
+                if st.items.live(slot):
+                    live.append(slot)
+                else:  # answered or cancelled before it went out: not sent
+                    st.items.unlink(slot)
+                    st.items.free(slot)
+            del taken
             if live:
-                await self._submit(st, live)  # it empties ``live`` once the batch is created
+                await self._submit(st, live)  # it empties ``live`` once the upload is written
         finally:
-            st.slots.release()
+            st.at_provider.release()
 
     # -- one batch ----------------------------------------------------------------------------
 
-    async def _submit(self, st: _Lane, items: list[_Item]) -> None:
+    async def _submit(self, st: _Lane, live: array) -> None:
         assert self.journal is not None
         name = st.lane.name
-        local = f"fb-{int(time.time() * 1000):x}-{os.getpid()}-{next(self._serial)}"
-        ids = [i.cid for i in items]
+        serial = next(self._serial)
+        local = f"fb-{int(time.time() * 1000):x}-{os.getpid()}-{serial}"
+        items = st.items
+        blob = bytearray()
+        for slot in live:
+            blob += items.keys[slot * KEY : (slot + 1) * KEY]
+            items.batch[slot] = serial
+        ids = CidList(blob)
         cfg = st.lane.cfg
         key_env = cfg.api_key_env or ""
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", key_env) or redact(key_env) != key_env:
@@ -388,29 +368,33 @@ class BatchExecutor:
         self.journal.write(
             "open", local, lane=name, provider=cfg.provider, base_url=cfg.base_url, key_env=key_env
         )
+        size = sum(items.size[slot] for slot in live)
+        # the ids go out as raw JSON, and the journal keeps the packed ids, not 50k strings
         info = self.journal.write(
-            "creating", local, lane=name, n=len(items), bytes=sum(i.size for i in items), ids=ids
+            "creating", local, lane=name, n=len(ids), bytes=size, ids=msgspec.Raw(ids.json())
         )
+        info.ids = ids  # type: ignore[assignment]  # a Sequence[str], as the journal reads it
         self._creating.add(local)
         upload = self.journal.folder / f"{local}.input"
         try:
             with open(upload, "wb") as f:  # the upload, streamed from disk
-                st.wire.write_input(((i.cid, self._body(st, i)) for i in items), f)
-            remote = await self._create(st, local, info.t_create, upload, items)
+                st.wire.write_input(
+                    ((cid, self._body(st, slot)) for cid, slot in zip(ids, live, strict=True)), f
+                )
+            del live[:]  # from here on, the batch is its ids: answers find their slot by custom id
+            remote = await self._create(st, local, info.t_create, upload, ids, serial)
         finally:
             self._creating.discard(local)
             upload.unlink(missing_ok=True)
-        n = len(items)
-        items.clear()  # from here on, ``st.waiting`` holds what is still asked for
         if remote is None:
             return
         self.journal.write("submitted", local, id=remote.id)
         self.stats["batches_created"] += 1
-        self.stats["items_submitted"] += n
-        await self._watch(st, local, remote.id, ids)
+        self.stats["items_submitted"] += len(ids)
+        await self._watch(st, local, remote.id, ids, serial)
 
     async def _create(
-        self, st: _Lane, local: str, t_create: float, upload: Path, items: list[_Item]
+        self, st: _Lane, local: str, t_create: float, upload: Path, ids: CidList, serial: int
     ) -> Remote | None:
         """Create the batch; a lost reply is looked up before trying again. None: the items
         have been answered (refused) or handed back to the engine to retry."""
@@ -423,7 +407,7 @@ class BatchExecutor:
                 return await st.wire.create(upload, local)
             except Lost as exc:
                 last = str(exc)
-                found = await self._find(st, local, t_create, len(items), live=True)
+                found = await self._find(st, local, t_create, len(ids), live=True)
                 if found is not None:
                     self.stats["creates_recovered"] += 1
                     return found
@@ -432,16 +416,16 @@ class BatchExecutor:
             except Refused as exc:
                 self.journal.write("ended", local, status="refused")
                 body = _enc.encode({"error": {"message": error_message(exc.body, st.lane.key)}})
-                for item in items:
-                    self._resolve(st, item.cid, exc.status, body, "")
+                for cid in ids:
+                    self._resolve(st, cid, exc.status, body, "")
                 return None
         self.journal.write("ended", local, status="not_created")
         from engine.request.executor import SendError
 
-        for item in items:  # the engine's retry boundary decides what comes next
-            st.waiting.pop(item.cid, None)
-            if not item.future.done():
-                item.future.set_exception(SendError(f"could not create a batch: {last}"))
+        error = SendError(f"could not create a batch: {last}")
+        for key in ids.packed():  # the engine's retry boundary decides what comes next
+            if (slot := st.items.find(key)) >= 0 and st.items.batch[slot] == serial:
+                _deliver(st.items.take(slot), error)
         return None
 
     async def _find(self, st: _Lane, local: str, t_create: float, n: int, live: bool) -> Remote | None:
@@ -471,7 +455,7 @@ class BatchExecutor:
             )
         return found[0] if found else None
 
-    async def _may_hold(self, st: _Lane, remote: Remote, ids: list[str]) -> bool:
+    async def _may_hold(self, st: _Lane, remote: Remote, ids: Sequence[str]) -> bool:
         """False when ``remote`` has ended and its results are for other custom ids."""
         if not remote.ended or not ids:
             return True
@@ -483,7 +467,7 @@ class BatchExecutor:
             return True
         return got == set(ids)
 
-    async def _watch(self, st: _Lane, local: str, bid: str, ids: list[str]) -> None:
+    async def _watch(self, st: _Lane, local: str, bid: str, ids: Sequence[str], serial: int) -> None:
         """Poll until the batch ends, save its results, hand them out."""
         assert self.journal is not None
         self._running[local] = bid
@@ -498,10 +482,10 @@ class BatchExecutor:
         path = await self._download(st, remote, ids, local)
         self.journal.write("ended", local, id=bid, status=remote.status, results=path.name)
         del self._running[local]
-        await self._hand_out(st, path, ids, bid)
+        await self._hand_out(st, path, ids, bid, serial)
         self.journal.write("ingested", local)
 
-    async def _download(self, st: _Lane, remote: Remote, ids: list[str], local: str) -> Path:
+    async def _download(self, st: _Lane, remote: Remote, ids: Sequence[str], local: str) -> Path:
         """The results, read to their end and saved; downloading again is free, paying again is
         not: when they stay unreadable the run stops, and a rerun re-attaches and tries again."""
         last = ""
@@ -517,7 +501,7 @@ class BatchExecutor:
             "run the same command again later to download them (nothing is paid twice)"
         )
 
-    async def _save(self, st: _Lane, remote: Remote, ids: list[str], local: str) -> Path:
+    async def _save(self, st: _Lane, remote: Remote, ids: Sequence[str], local: str) -> Path:
         """Download the results to a scratch file and write their outcomes, line by line, to
         ``batches/<local>.results.jsonl`` (fsynced, renamed into place): never all in memory."""
         assert self.journal is not None
@@ -540,67 +524,70 @@ class BatchExecutor:
                     r = _row.decode(line)
                     yield r.c, r.s, b"" if bytes(r.b) == b"null" else bytes(r.b)
 
-    async def _hand_out(self, st: _Lane, path: Path, ids: list[str], bid: str) -> None:
-        """Answer the waiting items from the saved results, letting their callers run every
-        ``HAND_OUT`` items (so answers do not pile up in memory)."""
-        seen = set()
+    async def _hand_out(self, st: _Lane, path: Path, ids: Sequence[str], bid: str, serial: int) -> None:
+        """Answer the waiting items of batch ``serial`` from its saved results, letting other tasks
+        run every ``HAND_OUT`` items; what the batch did not answer goes round again."""
+        items = st.items
         for n, (cid, status, raw) in enumerate(self._rows(path), 1):
             if n % HAND_OUT == 0:
                 await asyncio.sleep(0)
-            seen.add(cid)
-            st.attached.pop(cid, None)
-            if status == TRANSIENT:
-                if (item := st.waiting.get(cid)) is not None:
-                    self._again(st, item)
-                continue
-            self._resolve(st, cid, status, raw, bid)
-        for cid in ids:  # asked for, but not in the results
-            st.attached.pop(cid, None)
-            if cid not in seen and (item := st.waiting.get(cid)) is not None:
-                self._again(st, item)
+            if st.attached:
+                st.attached.pop(cid, None)
+            if status != TRANSIENT:
+                self._resolve(st, cid, status, raw, bid)
+            elif (slot := _find(items, cid)) >= 0 and items.batch[slot] == serial:
+                self._again(st, slot)
+        if st.attached:
+            for cid in ids:
+                st.attached.pop(cid, None)
+        keys = ids.packed() if isinstance(ids, CidList) else filter(None, map(pack, ids))
+        for key in keys:  # asked for, but not in the results
+            if (slot := items.find(key)) >= 0 and items.batch[slot] == serial:
+                self._again(st, slot)
 
     def _resolve(self, st: _Lane, cid: str, status: int, raw: bytes, bid: str) -> None:
         if status >= 300:  # the server's words only, any key masked: it may be saved and shown
             raw = _enc.encode({"error": {"message": error_message(raw, st.lane.key)}})
         reply = (status, raw, {BATCH_HEADER: bid} if bid else {})
-        item = st.waiting.pop(cid, None)
-        if item is not None and not item.future.done():
-            item.future.set_result(reply)
-        else:
-            self._known[cid] = reply
+        slot = _find(st.items, cid)
+        if slot >= 0 and st.items.live(slot):
+            _deliver(st.items.take(slot), reply)
+            return
+        if slot >= 0:
+            st.items.take(slot)
+        self._known[cid] = reply  # for a later send of it
 
-    def _again(self, st: _Lane, item: _Item) -> None:
+    def _again(self, st: _Lane, slot: int) -> None:
         """An item the batch did not answer: a later batch, or the fallback."""
-        if item.future.done():  # its caller went away: nothing to pay for
-            st.waiting.pop(item.cid, None)
+        items = st.items
+        if not items.live(slot):  # its caller went away: nothing to pay for
+            items.take(slot)
             return
-        item.rounds += 1
-        if item.rounds < st.cfg.max_rounds:
+        items.rounds[slot] += 1
+        if items.rounds[slot] < st.cfg.max_rounds:
             self.stats["requeued"] += 1
-            self._enqueue(st, item)
+            self._enqueue(st, slot)
             return
-        st.waiting.pop(item.cid, None)
         self.stats["gave_up"] += 1
+        rounds = items.rounds[slot]
+        body = self._body(st, slot) if st.cfg.fallback == "online" else b""
+        callers = items.take(slot)
         if st.cfg.fallback == "online":
             self.stats["fallback_online"] += 1
-            self._spawn(self._online(st, item))
+            self._spawn(self._online(st, body, callers))
             return
         msg = (
-            f"batch item not answered in {item.rounds} batch round(s) (expired, canceled or server "
+            f"batch item not answered in {rounds} batch round(s) (expired, canceled or server "
             f"errors; batch.max_rounds = {st.cfg.max_rounds}, batch.fallback = none)"
         )
-        if not item.future.done():
-            item.future.set_result((422, _enc.encode({"error": {"message": msg}}), {}))
+        _deliver(callers, (422, _enc.encode({"error": {"message": msg}}), {}))
 
-    async def _online(self, st: _Lane, item: _Item) -> None:
+    async def _online(self, st: _Lane, body: bytes, callers: list[tuple[Any, int]]) -> None:
         try:
-            reply = await self.online.send(st.lane, self._body(st, item))
+            reply: Reply | BaseException = await self.online.send(st.lane, body)
         except Exception as exc:  # SendError: the engine retries it (as a new batch item)
-            if not item.future.done():
-                item.future.set_exception(exc)
-        else:
-            if not item.future.done():
-                item.future.set_result(reply)
+            reply = exc
+        _deliver(callers, reply)
 
     # -- resume -------------------------------------------------------------------------------
 
@@ -619,10 +606,11 @@ class BatchExecutor:
                 info = self.journal.write("submitted", info.local, id=found.id)
                 self.stats["creates_recovered"] += 1
             if info.state == "submitted":
+                serial = next(self._serial)
                 for cid in info.ids:
-                    st.attached[cid] = info.local
+                    st.attached[cid] = serial
                 self.stats["reattached"] += 1
-                self._spawn(self._watch(st, info.local, info.id, info.ids))
+                self._spawn(self._watch(st, info.local, info.id, info.ids, serial))
             elif info.state in ("ended", "ingested") and info.id:
                 rows = self._load(info.results) if info.results else None
                 if rows is None:  # ended but its results were never saved: download again
@@ -650,3 +638,23 @@ class BatchExecutor:
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             return None
         return [(r.c, r.s, b"" if bytes(r.b) == b"null" else bytes(r.b)) for r in rows]
+
+
+def _find(items: Slots, cid: str) -> int:
+    """The slot waiting for ``cid``, or -1 (also for an id we never make: not ours)."""
+    packed = pack(cid)
+    return -1 if packed is None else items.find(packed)
+
+
+def _deliver(callers: Iterable[tuple[Any, int]], outcome: Reply | BaseException) -> None:
+    """Hand ``outcome`` to each caller still waiting: a future, or a streaming caller's sink."""
+    for waiter, token in callers:
+        if isinstance(waiter, asyncio.Future):
+            if waiter.done():
+                continue
+            if isinstance(outcome, BaseException):
+                waiter.set_exception(outcome)
+            else:
+                waiter.set_result(outcome)
+        elif waiter is not None:
+            waiter(token, outcome)

@@ -1,22 +1,25 @@
 """``fair generate --mode batch``: input lines stream into batches with no coroutine per line.
 
 Each line not yet written becomes a request; a cache hit is written at once; a miss is encoded by
-the provider and handed to ``BatchExecutor.enqueue``, whose future carries a callback that decodes
-the reply, prices it (× ``price_factor``, through the lane), caches it, emits the request events
-(stats, trace, progress) and writes the record. At most ``batch.max_items × batch.max_open``
-requests wait at once; memory per waiting request is a few small objects (its body waits in the
-executor's spool file on disk).
+the provider and handed to ``BatchExecutor.enqueue`` with a token. When its batch ends, the
+feed's one sink gets ``(token, outcome)``: it decodes the reply, prices it (× ``price_factor``,
+through the lane), caches it, emits the request events (stats, trace, progress) and writes the
+record. At most ``batch.max_items × batch.max_open`` requests wait at once. A waiting line
+costs no object of its own: its record id, start time and cache key sit in the parallel
+containers of ``_Lines`` (the request itself is a slot in the executor, its body on disk).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from array import array
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import AbortRun, ReplyError, RequestError
 from engine.request.cache import cache_key
 from engine.request.events import Call
-from engine.request.executor import BATCH_HEADER
+from engine.request.executor import BATCH_HEADER, Reply
 from engine.request.providers import error_message, redact
 from engine.rundir.schema import Response
 from engine.types import ChatRequest
@@ -24,21 +27,59 @@ from engine.types import ChatRequest
 if TYPE_CHECKING:
     from engine.request.client import Engine
 
+KEY_BYTES = 32  # a cache key (sha256)
+
+
+class _Lines:
+    """The lines waiting in batches, by token: record ids, start times, cache keys (when caching)."""
+
+    def __init__(self, keyed: bool):
+        self.ids: list[str | None] = []
+        self.started = array("d")
+        self.keys = bytearray() if keyed else None
+        self._free = array("i")
+
+    def add(self, record_id: str, key: bytes) -> int:
+        now = time.monotonic()
+        if self._free:
+            token = self._free.pop()
+            self.ids[token], self.started[token] = record_id, now
+            if self.keys is not None:
+                self.keys[token * KEY_BYTES : (token + 1) * KEY_BYTES] = key
+        else:
+            token = len(self.ids)
+            self.ids.append(record_id)
+            self.started.append(now)
+            if self.keys is not None:
+                self.keys += key
+        return token
+
+    def pop(self, token: int) -> tuple[str, float, bytes | None]:
+        """The line's record id, start time and cache key; its token is free again."""
+        record_id, self.ids[token] = self.ids[token], None
+        self._free.append(token)
+        key = None if self.keys is None else bytes(self.keys[token * KEY_BYTES : (token + 1) * KEY_BYTES])
+        assert record_id is not None
+        return record_id, self.started[token], key
+
 
 async def feed(engine: Engine, endpoint: str, work: Any, store: Any, bar: Any, kind: str, **req: Any) -> None:
     """Stream ``work``'s lines through the batch executor of ``endpoint``; returns when every
-    record is written. Raises the ``AbortRun`` a control call met (refused credentials...)."""
+    record is written. Raises the ``AbortRun`` a control call met (refused credentials...), or
+    the error writing a record met (a full disk...)."""
     from engine.generate import MAX_REPORTED_BAD_LINES
 
     lane = engine.lanes[endpoint]
-    executor = engine.executor
+    enqueue = engine.executor.enqueue  # type: ignore[attr-defined]  # a BatchExecutor's
     events, cache = engine.events, engine.cache
+    model = lane.cfg.model
     window = lane.cfg.batch.max_items * lane.cfg.batch.max_open
     room, idle = asyncio.Event(), asyncio.Event()
     room.set()
     idle.set()
     pending = 0
     aborted: list[BaseException] = []
+    lines = _Lines(keyed=cache is not None)
 
     def write(record_id: str, record: Response, error: str | None) -> None:
         if error is None:
@@ -50,25 +91,15 @@ async def feed(engine: Engine, endpoint: str, work: Any, store: Any, bar: Any, k
         store.write(kind, record)
         bar.done += 1
 
-    def finish(call: _Waiting, fut: asyncio.Future) -> None:
-        nonlocal pending
-        record_id, key = call.record_id, call.key
-        pending -= 1
-        if pending < window:
-            room.set()
-        if pending == 0:
-            idle.set()
-        if fut.cancelled():
-            return
+    def answer(call: Call, record_id: str, key: bytes | None, outcome: Reply | BaseException) -> None:
         error: Exception | None = None
-        exc = fut.exception()
-        if exc is not None:
-            if isinstance(exc, AbortRun):
-                aborted.append(exc)
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, AbortRun):
+                aborted.append(outcome)
                 return
-            error = RequestError(redact(f"endpoint {endpoint!r}: {exc}", lane.key), endpoint=endpoint)
+            error = RequestError(redact(f"endpoint {endpoint!r}: {outcome}", lane.key), endpoint=endpoint)
         else:
-            status, raw, headers = fut.result()
+            status, raw, headers = outcome
             call.status, call.batch = status, headers.get(BATCH_HEADER)
             if status < 300:
                 try:
@@ -94,14 +125,29 @@ async def feed(engine: Engine, endpoint: str, work: Any, store: Any, bar: Any, k
             hook(call, done)
         write(record_id, _record(record_id, done), None)
 
+    def sink(token: int, outcome: Reply | BaseException) -> None:
+        """The executor's callback for every line of this feed (it must not raise)."""
+        nonlocal pending
+        record_id, started, key = lines.pop(token)
+        pending -= 1
+        if pending < window:
+            room.set()
+        if pending == 0:
+            idle.set()
+        call = Call(endpoint, model)
+        call.started, call.attempts = started, 1
+        try:
+            answer(call, record_id, key, outcome)
+        except Exception as exc:  # writing the record failed (disk full...): stop the run
+            aborted.append(exc)
+
     while not aborted and (item := work.next()) is not None:
         record_id, messages = item
         request = ChatRequest(messages=messages, **req)
-        call = _Waiting(endpoint, lane.cfg.model)
-        call.record_id, call.key, call.finish = record_id, None, finish
+        call = Call(endpoint, model)
         for hook in events.requested:
             hook(call)
-        key = cache_key(lane.cfg.provider, lane.cfg.base_url, lane.cfg.model, request)
+        key = cache_key(lane.cfg.provider, lane.cfg.base_url, model, request)
         if cache is not None and (hit := cache.get(key)) is not None:
             hit.cached, hit.cost_usd, hit.latency_s, hit.attempts = True, 0.0, 0.0, 0
             call.status = 200
@@ -112,26 +158,16 @@ async def feed(engine: Engine, endpoint: str, work: Any, store: Any, bar: Any, k
         call.attempts = 1
         for hook in events.sent:
             hook(call)
-        fut = executor.enqueue(lane, lane.provider.encode(request), key.hex())  # type: ignore[attr-defined]
+        token = lines.add(record_id, key)
         pending += 1
         idle.clear()
-        call.key = key if cache is not None else None  # kept only to cache the answer
-        fut.add_done_callback(call)  # one small object per waiting line: no task, no closure
+        enqueue(lane, lane.provider.encode(request), key.hex(), sink, token)
         if pending >= window:
             room.clear()
             await room.wait()
     await idle.wait()
     if aborted:
         raise aborted[0]
-
-
-class _Waiting(Call):
-    """A call waiting in a batch, and the callback its future runs when the batch ends."""
-
-    __slots__ = ("finish", "key", "record_id")
-
-    def __call__(self, fut: asyncio.Future) -> None:
-        self.finish(self, fut)
 
 
 def _record(record_id: str, done: Any) -> Response:

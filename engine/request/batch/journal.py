@@ -133,7 +133,7 @@ class Journal:
         if self._fd is None:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.write(self._fd, _encoder.encode(entry) + b"\n")
+        os.writev(self._fd, (_encoder.encode(entry), b"\n"))  # (a line of 50k custom ids: no copy)
         os.fsync(self._fd)
         self._apply(entry)
         return self.batches[local]

@@ -26,7 +26,7 @@ import aiohttp
 import msgspec
 
 from engine.errors import AuthError, one_line
-from engine.request.providers import error_message, redact
+from engine.request.providers import error_message, redact, refused_credentials
 
 # Outcome of one item: status 200 (raw = the provider's online reply body), 4xx (raw = an error
 # body; the record fails with the server's message) or 0 (transient: expired, canceled, 5xx,
@@ -123,8 +123,8 @@ def _no_reply(method: str, url: str, exc: BaseException, key: str | None) -> Con
 
 
 def _answer(status: int, raw: bytes, url: str, key: str | None, lane: str) -> tuple[int, bytes]:
-    """``(status, raw)``, or ``AuthError`` for 401/403."""
-    if status in (401, 403):
+    """``(status, raw)``, or ``AuthError`` for 401/403 (and Gemini's 400 ``API_KEY_INVALID``)."""
+    if refused_credentials(status, raw):
         raise AuthError(
             f"endpoint {lane!r} ({url}) refused the credentials (HTTP {status}: {error_message(raw, key)})"
         )
@@ -186,8 +186,11 @@ class BatchWire:
         super().__init_subclass__(**kw)
         cls.batch_decoder, cls.list_decoder = msgspec.json.Decoder(batch), msgspec.json.Decoder(Page[batch])
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, key: str | None, lane: str):
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, key: str | None, lane: str, model: str = ""
+    ):
         self.session, self.base, self.key, self.lane = session, base_url.rstrip("/"), key, lane
+        self.model = model  # the endpoint's model (Gemini names it in the create URL)
 
     async def _json(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
         kw = {"data": _enc.encode(body), "headers": {"Content-Type": "application/json"}} if body else {}
@@ -196,16 +199,17 @@ class BatchWire:
     def _decoded(self, raw: bytes) -> Remote:
         return self.remote(decode(self.batch_decoder, raw, self.noun))
 
-    async def _create(self, **kw: Any) -> Remote:
-        """``POST {batches}`` with ``kw`` (the request body): the new batch. ``Lost`` when no reply
-        came or a 5xx/429 did (the batch may exist); ``Refused`` for another 4xx."""
+    async def _create(self, path: str = "", **kw: Any) -> Remote:
+        """``POST {batches}`` (or ``path``) with ``kw`` (the request body): the new batch. ``Lost``
+        when no reply came or a 5xx/429 did (the batch may exist); ``Refused`` for another 4xx."""
+        path = path or self.batches
         try:
-            url = self.base + self.batches
+            url = self.base + path
             status, raw = await call(self.session, "POST", url, self.key, self.lane, **kw)
         except ControlError as exc:  # no reply: the batch may exist
             raise Lost(str(exc)) from None
         if status >= 300:
-            msg = f"POST {self.batches}: HTTP {status}: {error_message(raw, self.key)}"
+            msg = f"POST {path}: HTTP {status}: {error_message(raw, self.key)}"
             if status >= 500 or status == 429:
                 raise Lost(msg, status)
             raise Refused(msg, status, raw)

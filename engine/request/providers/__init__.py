@@ -165,6 +165,11 @@ _error_decoder = msgspec.json.Decoder(_ErrorBody)
 _MAX_MESSAGE = 300
 
 
+def refused_credentials(status: int, body: bytes) -> bool:
+    """401/403, or Google's 400 ``API_KEY_INVALID`` (how Gemini answers a wrong key)."""
+    return status in (401, 403) or (status == 400 and b'"API_KEY_INVALID"' in body[:8192])
+
+
 def error_message(body: bytes, api_key: str | None = None) -> str:
     """The server's own words for an error response, short and with any key masked."""
     text = ""
