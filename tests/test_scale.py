@@ -528,3 +528,140 @@ def test_generate_on_ray_shows_the_shared_progress(cluster: str, tmp_path: Path)
     assert [line for line in err.splitlines() if line.startswith("responses ")][-1].startswith(
         "responses 200/200 | 0.0/s"
     ), err
+
+
+# -- the limiter's protocol, without a cluster (LimiterState is the actor's plain class) ----------
+
+
+def test_limiter_buckets_start_empty_however_long_they_waited() -> None:
+    """Configured buckets are empty at the first request even when the limiter was built long
+    before it: the refill since then must not go at once (the first 10 s window at 3,000 rpm
+    carried 1.10x the limit when only the level at the last refill was emptied)."""
+    from engine.request.admission import Admission
+    from engine.scale.limiter import start_empty
+
+    idle, emptied = Admission(64, 600, None), Admission(64, 600, None)  # 10 requests a second
+    for admission in (idle, emptied):
+        admission.requests.updated -= 30  # built 30 s before the first request
+    start_empty(emptied)
+    now = time.monotonic()
+    assert idle.requests.reserve(1.0, now) == 0.0  # a full bucket: a second's worth at once
+    assert emptied.requests.reserve(1.0, now) > 0.05  # the first request waits for its refill
+
+
+def test_a_request_dropped_before_its_acquire_arrives_takes_no_lease() -> None:
+    """A proxy drops requests it served itself with a lent lease in its release message, which
+    Ray may run before the acquire that queued them: the limiter remembers the drop, and the late
+    request takes no lease (one granted to it would wait for a round trip that never comes)."""
+    import asyncio
+
+    from engine.scale.limiter import LimiterState
+
+    async def scenario() -> None:
+        lim = LimiterState({"ep": (2, None, None)})
+        lim.release([], None, ("w1", "ep", [5]))  # the drop overtook its acquire
+        granted, _, _ = await lim.acquire("w1", "ep", [(5, 0.0)])
+        assert granted == [] and not lim.waiting[("w1", "ep")]
+        granted, _, _ = await lim.acquire("w0", "ep", [(0, 0.0), (1, 0.0)])
+        assert len(granted) == 2  # both leases were still free
+        lim.release([], None, ("w0", "ep", [0]))  # a drop of a request already granted...
+        assert not lim.early.get(("w0", "ep"))  # ...leaves nothing behind
+
+    asyncio.run(scenario())
+
+
+def test_the_end_of_lending_answers_every_held_round_trip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 429 ends lending: every worker's held round trip is answered at once with ``lend_s`` 0,
+    not when its hold runs out, so no worker goes on reusing leases meanwhile."""
+    import asyncio
+
+    from engine.scale import limiter
+
+    monkeypatch.setattr(limiter, "HOLD_S", 60.0)
+
+    async def scenario() -> None:
+        lim = limiter.LimiterState({"ep": (1, None, None)})
+        (grant,), _, lend = await lim.acquire("w0", "ep", [(0, 0.0)])
+        assert lend == 0.0  # cold: not lent
+        lim.release([(grant[1], 200, None, None)])  # the first answer: only the cap in force
+        (grant,), _, lend = await lim.acquire("w0", "ep", [(1, 0.0)])
+        assert lend > 0
+        held = asyncio.ensure_future(lim.acquire("w1", "ep", [(0, 0.0)]))  # the cap is 1: it waits
+        await asyncio.sleep(0.05)
+        assert not held.done()
+        lim.release([(grant[1], 429, {"retry-after": "5"}, None)])
+        granted, _, lend = await asyncio.wait_for(held, 10)
+        assert granted == [] and lend == 0.0  # told at once; the pause keeps the lease back
+
+    asyncio.run(scenario())
+
+
+def test_fair_run_on_ray_budget_cap_holds_across_workers_then_resumes(cluster: str, tmp_path: Path) -> None:
+    """`run.max_cost_usd` with --ray: one ledger for every worker. A cap at 30 % of the full
+    bill stops the run (exit 3, manifest `budget`) near the cap; run again with a higher cap, it
+    finishes with the records of an uncapped run and nothing paid twice."""
+    from test_pipeline import CONFIG_TOML, TEACHERS, problems, profile
+
+    from engine.sim import SimThread
+
+    probs = problems(48)
+    data = tmp_path / "problems.jsonl"
+    rows = ({"id": p.id, "question": p.question, "answer": p.answer} for p in probs)
+    data.write_bytes(b"".join(orjson.dumps(row) + b"\n" for row in rows))
+    kinds = ("attempts", "rationales", "feedback", "reviews", "samples", "failures", "problems")
+
+    def job(base_url: str, name: str, cap: float | None = None) -> str:
+        eps = "".join(
+            f'[endpoints.{n}]\nbase_url = "{base_url}"\nmodel = "{n}"\nprice_in = 1.0\nprice_out = 2.0\n'
+            for n in [*TEACHERS, "student"]
+        )
+        run = "max_in_flight = 2" + (f"\nmax_cost_usd = {cap}" if cap is not None else "")
+        path = tmp_path / f"{name}.toml"
+        path.write_text(CONFIG_TOML.format(data=data, endpoints=eps).replace("max_in_flight = 8", run))
+        return str(path)
+
+    def run(config: str, out: Path) -> tuple[int, str]:
+        return fair("run", config, "--run-dir", str(out), "--no-progress", "--ray", cluster,
+                    "--workers", "2", "--block-size", "8")  # fmt: skip
+
+    def records(out: Path) -> dict[str, list]:
+        return {k: sorted((_drop(r, "calls") for r in iter_raw(out, k)), key=lambda r: r["id"])
+                for k in kinds}  # fmt: skip
+
+    with SimThread(profile(), probs) as sim:
+        code, err = run(job(sim.base_url, "full"), tmp_path / "full")
+        assert code == 0, err
+        full = read_manifest(tmp_path / "full")["budget"]["spent_usd"]
+        paid_full = sim.stats["requests"]
+        sim.stats.reset()
+
+        out = tmp_path / "capped"
+        code, err = run(job(sim.base_url, "capped", 0.3 * full), out)
+        assert code == 3 and "run.max_cost_usd" in err and "reached" in err, err
+        manifest = read_manifest(out)
+        assert manifest["status"] == "budget" and manifest["counts"]["problems"] < len(probs)
+        spent = manifest["budget"]["spent_usd"]
+        window = 8 * 2 * full / len(probs)  # 2 workers x 2 blocks x 2 problems in flight, ~2x the mean
+        assert 0.3 * full - window <= spent <= 0.3 * full + window, (spent, full)
+
+        code, err = run(job(sim.base_url, "raised", 10 * full), out)
+        assert code == 0, err
+        paid = sim.stats["requests"]
+    assert records(out) == records(tmp_path / "full")
+    assert paid_full - 5 <= paid <= paid_full  # nothing paid twice (a block's cache may even save some)
+    assert 0.98 * full <= read_manifest(out)["budget"]["spent_usd"] <= full * (1 + 1e-6)
+
+
+def test_the_ledger_admits_problems_of_every_worker_under_one_cap() -> None:
+    """The single-process rule over all block attempts: at most PROBE problems until one has
+    finished, then spent + committed + one more problem within the cap; the stop is for all."""
+    from engine.fair.budget import PROBE
+    from engine.scale.budget import Ledger
+
+    ledger = Ledger(1.0, None)
+    verdicts = [ledger.reserve(w, 0.0, 0)[0] for w in ("a", "b") * PROBE]
+    assert verdicts == ["go"] * PROBE + ["wait"] * PROBE  # the probe is global, not per worker
+    assert ledger.reserve("a", 0.2, 2) == ("go", 0.2)  # 2 done at 0.1: room for more
+    verdict, total = ledger.reserve("b", 0.7, 1)  # b's problems turned out dear
+    assert verdict == "stop" and total == pytest.approx(0.9)  # 0.9 spent + committed in flight > the cap
+    assert ledger.reserve("a", 0.2, 3)[0] == "stop"  # and a stops too, though it spent little

@@ -61,9 +61,11 @@ class Job:
         executor: Executor | None = None,
         admissions: Mapping[str, Admitter] | None = None,
         part: Path | None = None,
+        budget: Budget | None = None,
     ):
         """``executor`` and ``admissions`` replace the engine's defaults (HTTP, local admission
-        per endpoint): a shared limiter or a Batch API plugs in here, the stages unchanged.
+        per endpoint): a shared limiter or a Batch API plugs in here, the stages unchanged;
+        ``budget`` the ``run.max_cost_usd`` check (a cluster-wide ledger: ``engine.scale``).
         ``part``: this job is one block of a bigger run (``engine.scale``): its manifest goes to
         ``part``, it sees only shards of writers starting with ``writer``'s block, keeps its
         cache in ``cache/<block>.sqlite`` and leaves config.toml and report.md to the driver."""
@@ -83,6 +85,7 @@ class Job:
         self.finished = 0  # problems finished in this run
         self.metrics_port = metrics_port
         self.seams = {"executor": executor, "admissions": admissions}
+        self.budget = budget
         if executor is None and any(ep.mode == "batch" for ep in cfg.endpoints.values()):
             from engine.request.batch.executor import BatchExecutor, Unmetered  # mode = "batch" endpoints
 
@@ -222,7 +225,7 @@ class Job:
         self, problems: Iterable[Problem] | AsyncIterable[Problem], total: int | None = None
     ) -> dict:
         """Run every problem not finished yet; ``problems`` is consumed as it goes."""
-        budget = Budget(self.cfg.run.max_cost_usd, spent_before(self.run_dir))  # engine.fair.budget
+        budget = self.budget or Budget(self.cfg.run.max_cost_usd, spent_before(self.run_dir))  # fair.budget
         self.store.open(KINDS)
         if self.part is None:
             (self.run_dir / "config.toml").write_bytes(dump_config(self.cfg))

@@ -50,8 +50,18 @@ COMPLETE = frozenset({"done", "done_with_failures"})
 class Driver:
     """Ray, the limiter and the worker pool of one scaled run."""
 
-    def __init__(self, run_dir: Path, address: str, workers: int, limits: dict, endpoints: list[str]):
+    def __init__(
+        self,
+        run_dir: Path,
+        address: str,
+        workers: int,
+        limits: dict,
+        endpoints: list[str],
+        cap_usd: float | None = None,
+    ):
         self.run_dir = Path(run_dir)
+        self.cap_usd = cap_usd  # run.max_cost_usd: a ledger in the limiter (engine.scale.budget)
+        self.budget_stopped = False  # a block stopped at the cap: no new blocks
         self.address = check_address(address)
         self.n = workers
         self.limits = limits
@@ -89,7 +99,8 @@ class Driver:
         from engine.scale.limiter import Limiter
 
         self.pid_dir.mkdir(parents=True, exist_ok=True)
-        self.limiter = Limiter.remote(self.limits, str(self.pid_dir))
+        budget = (self.cap_usd, str(self.run_dir)) if self.cap_usd is not None else None
+        self.limiter = Limiter.remote(self.limits, str(self.pid_dir), budget)
         for _ in range(self.n):
             self._spawn()
         ray.get([w.pid.remote() for w in self.pool] + [self.limiter.pid.remote()])
@@ -175,6 +186,11 @@ class Driver:
                 if status == "config_error":
                     raise _Stop(ConfigError(f"block {block.id}: {res['error']}"), [*results, res])
                 if status == "fenced":
+                    continue
+                if status == "budget":  # the cap: the blocks in flight finish, no new one starts
+                    self.budget_stopped = True
+                    pending.clear()
+                    results.append(res)
                     continue
                 self.deaths.pop(block.id, None)
                 results.append(res)
@@ -439,6 +455,7 @@ def run(args: Any, cfg: Any, run_dir: Path) -> int:
     """``fair run CONFIG --ray``: the FAIR pipeline over blocks of problems."""
     from engine.config import dump_config
     from engine.fair import datasets, splits
+    from engine.fair.budget import BudgetReached
     from engine.fair.pipeline import KINDS, _BadLines, _more_bad
     from engine.fair.report import write_report
     from engine.scale.plan import RUN_BLOCK, ProblemBlocks, run_plan, settle
@@ -448,8 +465,6 @@ def run(args: Any, cfg: Any, run_dir: Path) -> int:
         raise ConfigError(
             'endpoints with mode = "batch" are not supported with --ray (a Batch API needs no cluster)'
         )
-    if cfg.run.max_cost_usd is not None:
-        raise ConfigError("run.max_cost_usd is not supported with --ray yet (each block would spend it)")
     bad = _BadLines()  # the first pass (ids only, for the plan) reports bad lines; the second is quiet
 
     def ids() -> Iterator[str]:
@@ -472,7 +487,8 @@ def run(args: Any, cfg: Any, run_dir: Path) -> int:
 
     (run_dir / "config.toml").write_bytes(dump_config(cfg))
     limits = {n: (ep.concurrency, ep.rpm, ep.tpm) for n, ep in cfg.endpoints.items()}
-    driver = Driver(run_dir, args.ray, args.workers or 2, limits, list(cfg.endpoints))
+    cap = cfg.run.max_cost_usd
+    driver = Driver(run_dir, args.ray, args.workers or 2, limits, list(cfg.endpoints), cap)
     status, results, stop = "interrupted", [], None
     t_run = 0.0
     try:
@@ -483,7 +499,7 @@ def run(args: Any, cfg: Any, run_dir: Path) -> int:
                 todo, lambda a, b, e: a.run.remote(str(run_dir), cfg, b.id, e, feed.get(b)), done
             )
         failed = [p for r in results for p in r["failed_problems"]]
-        status = "done_with_failures" if failed else "done"
+        status = "budget" if driver.budget_stopped else "done_with_failures" if failed else "done"
     except _Stop as exc:
         stop, results = exc.error, exc.results
         status = "aborted" if isinstance(exc.error, AbortRun) else "interrupted"
@@ -493,14 +509,21 @@ def run(args: Any, cfg: Any, run_dir: Path) -> int:
         seal_all(run_dir, KINDS)
         store = RunStore(run_dir).open(KINDS)
         endpoints = _attempt_endpoints(run_dir)
+        spent = sum(float(e.get("cost_usd") or 0.0) for e in endpoints.values())  # every attempt, every run
         store.close(status, {
             "problems_total": plan.items, "endpoints": endpoints,
             **splits.manifest_fields(cfg.dataset, store.ids("problems")),
+            "budget": {"cap_usd": cap, "spent_usd": round(spent, 6)},
             "ray": _ray_fields(driver, plan, len(todo), run_s),
         })  # fmt: skip
         write_report(run_dir)
     if stop is not None:
         raise stop
+    if driver.budget_stopped:
+        raise BudgetReached(
+            f"run.max_cost_usd = {cap:g} reached (${spent:.4f} spent in {run_dir}); raise it and run "
+            "again to go on (nothing is paid twice)"
+        )
     print(f"run directory: {run_dir}", file=sys.stderr)
     failed = [p for r in results for p in r["failed_problems"]]
     if failed:

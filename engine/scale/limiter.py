@@ -7,22 +7,37 @@ and header learning is the single-process code on one clock. ``AdmissionProxy`` 
 is given (``Engine(admissions=...)``). It batches:
 
 * acquires: calls waiting locally go to the limiter together, one round trip in flight per
-  worker and endpoint; the limiter answers as soon as any of them is granted (or after
-  ``HOLD_S``, so requests that queued meanwhile get in line), and keeps the rest waiting in
-  its queue for the next round trip;
+  worker and endpoint; the limiter answers with every lease it can give them as soon as one
+  is granted (``LINGER_S`` more for the rest of a batch), when the endpoint's lending opens or
+  closes, or after ``HOLD_S``; the rest wait in its queue for the next round trip;
 * releases: gathered for ``FLUSH_S`` and sent as one fire-and-forget message, apart from
-  acquires (a release must never wait behind an acquire that it would unblock);
+  acquires (a release must never wait behind an acquire that it would unblock); the same
+  message carries what is not urgent (gathered up to ``DROP_S``): the requests the worker
+  served itself with a lent lease, which the limiter drops from its queue (one whose acquire
+  is still on the way, Ray may run them out of order, is dropped when it comes), and tallies;
 * slot lending: while an endpoint's ``Admission`` has nothing but its concurrency cap in force
   (warm, no RPM/TPM bucket, no server mirror, no pause), every reply says so, and the worker's
   leases are *lent* for ``LEND_S`` from their grant: a call that ends 2xx without rate-limit
-  headers hands its lease straight to the worker's next waiting call, with no round trip. The
-  lease stays a real lease of the limiter's semaphore, so the global cap is exact (a worker
-  holds at most the leases it was granted); when its term is over, or nothing waits locally, or
-  an outcome is not plain 2xx (which also stops the worker's lending until the limiter says
-  open again), it goes back with its outcome as usual. A worker with calls waiting hears from
-  the limiter at least every ``HOLD_S``, so a 429 elsewhere ends its lending that fast. The
-  outcomes absorbed by lending are counted back (``tally``) so the AIMD's accepted rate stays
-  the single-process one.
+  headers passes its lease on with no round trip, first to the task that ended it if that task
+  asks for its next call in the same step (as the generate loop does: it goes on without ever
+  waiting, as a single process does with its own semaphore), else to the worker's oldest
+  waiting call. The lease stays a real lease of the limiter's semaphore, so the global cap is
+  exact (a worker holds at most the leases it was granted); when its term is over, or nothing
+  waits locally, or an outcome is not plain 2xx (which also stops the worker's lending until
+  the limiter says open again), it goes back with its outcome as usual. An outcome that ends
+  lending (a 429, limit headers) answers every worker's held round trip at once, so the others
+  stop within one message. The outcomes absorbed by lending are counted back (``tally``) so
+  the AIMD's accepted rate stays the single-process one.
+
+Measured on the 300 ms arm of ``fair bench scale`` (2 workers, 256 global), the calls were not
+held back by one acquire in flight: leases in use stayed at 250-256 of 256 after the start. Ray
+was slower (0.89-0.95x) because each call cost the workers about twice a single process's CPU
+on cores shared with the simulator, whose answers then came later (~480 remote calls a run, now
+~130-200; a new connection pool per block), because two hand-offs that never wait in one process
+went through a future and a loop turn each, and because a block's first round trip waited for
+its 512 tasks' first steps (``worker.START_BATCH``). Drops used to ride on the next acquire and
+were lost when a worker had nothing left to ask: their requests were granted later and their
+leases never came back (up to 248 of 256 once acquires were held longer).
 
 A worker that dies holds leases: the driver calls ``forget(worker)``, which releases them (as
 answered: the server may have counted them) and drops its waiting acquires. If the limiter
@@ -46,28 +61,36 @@ from typing import Any
 import ray
 
 from engine.request.admission import Admission, Lease
+from engine.scale.budget import Ledger
 
-HOLD_S = 0.1  # longest a limiter round trip waits with nothing granted
+HOLD_S = 1.0  # longest a limiter round trip waits with nothing granted (lending news answers at once)
 LINGER_S = 0.005  # after a first grant, how long a round trip waits for more (bigger batches)
 FLUSH_S = 0.003  # releases are gathered this long into one message
+DROP_S = 0.02  # ...and drops (requests served here) and tallies, which are not urgent, this long
 RETRY_S = 0.2  # pause before a proxy retries a limiter that is restarting
-TALLY_EVERY = 128  # absorbed outcomes are told at least this often (else with the next release)
+TALLY_EVERY = 256  # absorbed outcomes are told at least this often (else with the next release)
 LEND_S = 5.0  # how long a lent lease may be reused by its worker without asking (open endpoints)
 
 Limits = dict[str, tuple[int, float | None, float | None]]  # endpoint -> (concurrency, rpm, tpm)
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
-class Limiter:
-    """Every endpoint's ``Admission``, once for the whole cluster."""
+class LimiterState:
+    """Every endpoint's ``Admission``, once for the whole cluster (``Limiter`` is this as a Ray
+    actor; the class itself is plain, so its protocol is testable without a cluster)."""
 
-    def __init__(self, limits: Limits, pid_dir: str | None = None):
+    def __init__(
+        self, limits: Limits, pid_dir: str | None = None, budget: tuple[float, str | None] | None = None
+    ):
+        """``budget``: (``run.max_cost_usd``, the run directory) for the run's ``Ledger``."""
         self.admissions = {name: Admission(*lim) for name, lim in limits.items()}
+        self.ledger = Ledger(budget[0], Path(budget[1]) if budget[1] else None) if budget else None
         self.idle = set(self.admissions)  # endpoints not asked for yet (buckets emptied at first ask)
         self.leases: dict[int, tuple[str, str, Lease]] = {}  # lease id -> (worker, endpoint, lease)
         self.waiting: dict[tuple[str, str], dict[int, asyncio.Task[Lease]]] = {}
         self.ready: dict[tuple[str, str], dict[int, asyncio.Task[Lease]]] = {}  # done, not yet handed out
         self.wake: dict[tuple[str, str], asyncio.Event] = {}
+        self.early: dict[tuple[str, str], set[int]] = {}  # dropped before their acquire came
+        self.newest: dict[tuple[str, str], int] = {}  # the highest request id seen
         # lease ids unique across restarts, so an old incarnation's lease is never mistaken
         self._ids = itertools.count(random.getrandbits(40) << 20)
         if pid_dir:
@@ -75,12 +98,12 @@ class Limiter:
             (Path(pid_dir) / "limiter").write_text(f"{os.getpid()}\n")
 
     async def acquire(
-        self, worker: str, endpoint: str, new: list[tuple[int, float]], cancel: list[int] | None = None
+        self, worker: str, endpoint: str, new: list[tuple[int, float]]
     ) -> tuple[list[tuple[int, int]], float | None, float]:
-        """Queue ``new`` (request id, est tokens) and drop ``cancel`` (requests the worker served
-        itself); return the granted (request id, lease id) pairs once any of this worker's waiting
-        requests is granted, the endpoint's target rpm, and for how long the grants are lent
-        (0: not lent, give each back when its call ends)."""
+        """Queue ``new`` (request id, est tokens); return the granted (request id, lease id) pairs
+        once any of this worker's waiting requests is granted (or lending ends, or ``HOLD_S``
+        passed), the endpoint's target rpm, and for how long the grants are lent (0: not lent,
+        give each back when its call ends)."""
         admission = self.admissions[endpoint]
         if endpoint in self.idle:
             self.idle.discard(endpoint)
@@ -89,19 +112,16 @@ class Limiter:
         waiting = self.waiting.setdefault(key, {})
         ready = self.ready.setdefault(key, {})
         wake = self.wake.setdefault(key, asyncio.Event())
-        for req in cancel or ():
-            task = waiting.pop(req, None)
-            ready.pop(req, None)
-            if task is None:
-                continue
-            if task.done() and not task.cancelled() and task.exception() is None:
-                admission.release(task.result(), 0)
-            else:
-                task.cancel()
+        early = self.early.get(key)
+        if new:  # a proxy's acquires come one after the other, their request ids rising
+            self.newest[key] = new[-1][0]
         for req, est in new:
+            if early and req in early:  # dropped before it arrived (calls may run out of order)
+                early.discard(req)
+                continue
             task = asyncio.ensure_future(admission.acquire(est))
             waiting[req] = task
-            task.add_done_callback(lambda t, req=req: (ready.__setitem__(req, t), wake.set()))
+            task.add_done_callback(lambda t, req=req: self._granted(key, req, t))
         if waiting and not ready:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(HOLD_S):
@@ -111,27 +131,66 @@ class Limiter:
         granted = []
         for req, task in list(ready.items()):
             del ready[req]
-            if waiting.pop(req, None) is None or task.cancelled() or task.exception() is not None:
+            if waiting.pop(req, None) is None or task.exception() is not None:
                 continue
             lease_id = next(self._ids)
             self.leases[lease_id] = (worker, endpoint, task.result())
             granted.append((req, lease_id))
         return granted, admission.effective_rpm(), LEND_S if admission.ungated else 0.0
 
+    def _granted(self, key: tuple[str, str], req: int, task: asyncio.Task[Lease]) -> None:
+        """A waiting request got its lease: ready for the worker's round trip (not when it was
+        dropped meanwhile: a cancelled request must not wake a held round trip)."""
+        if not task.cancelled() and req in self.waiting.get(key, ()):
+            self.ready[key][req] = task
+            self.wake[key].set()
+
+    def _drop(self, key: tuple[str, str], reqs: list[int]) -> None:
+        """Forget requests the worker served itself, with a lent lease; one granted meanwhile
+        goes back unused."""
+        waiting, ready = self.waiting.get(key, {}), self.ready.get(key, {})
+        admission = self.admissions[key[1]]
+        for req in reqs:
+            task = waiting.pop(req, None)
+            ready.pop(req, None)
+            if task is None:
+                if req > self.newest.get(key, -1):  # its acquire is still on the way: ignore it then
+                    self.early.setdefault(key, set()).add(req)
+                continue
+            if task.done() and not task.cancelled() and task.exception() is None:
+                admission.release(task.result(), 0)
+            else:
+                task.cancel()
+
     def release(
         self,
         done: list[tuple[int, int, dict[str, str] | None, float | None]],
         tally: dict[str, int] | None = None,
+        dropped: tuple[str, str, list[int]] | None = None,
     ) -> None:
         """Give leases back with their outcome (``Admission.release``); unknown ids are ignored.
-        ``tally``: per endpoint, the plain 2xx outcomes absorbed by lent leases meanwhile."""
+        ``tally``: per endpoint, the plain 2xx outcomes absorbed by lent leases meanwhile;
+        ``dropped``: (worker, endpoint, request ids) the worker served itself (see ``_drop``)."""
+        if dropped is not None:
+            self._drop((dropped[0], dropped[1]), dropped[2])
         for endpoint, n in (tally or {}).items():
             if endpoint in self.admissions:
                 self.admissions[endpoint].absorb(n)
         for lease_id, status, headers, used in done:
             item = self.leases.pop(lease_id, None)
             if item is not None:
-                self.admissions[item[1]].release(item[2], status, headers, used)
+                admission = self.admissions[item[1]]
+                lending = admission.ungated
+                admission.release(item[2], status, headers, used)
+                if lending != admission.ungated:
+                    self._tell_all(item[1])
+
+    def _tell_all(self, endpoint: str) -> None:
+        """Lending ended (or began): answer every worker's held round trip now, so no worker
+        keeps reusing leases (or giving back leases it could reuse) until its hold times out."""
+        for (_, ep), wake in self.wake.items():
+            if ep == endpoint:
+                wake.set()
 
     def forget(self, worker: str) -> int:
         """A dead worker: release its leases and drop its waiting acquires; returns how many."""
@@ -154,6 +213,16 @@ class Limiter:
                     task.cancel()
         return n
 
+    def reserve(self, writer: str, spent: float, finished: int) -> tuple[str, float]:
+        """``Ledger.reserve``: may this block attempt start one more problem under the cap?"""
+        assert self.ledger is not None, "no run.max_cost_usd"
+        return self.ledger.reserve(writer, spent, finished)
+
+    def report(self, writer: str, spent: float, finished: int) -> None:
+        """A block attempt's final totals (``Ledger.report``)."""
+        if self.ledger is not None:
+            self.ledger.report(writer, spent, finished)
+
     def held(self) -> dict[str, int]:
         """Leases held per worker (for tests and operators)."""
         out: dict[str, int] = {}
@@ -165,14 +234,21 @@ class Limiter:
         return os.getpid()
 
 
+Limiter = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(LimiterState)
+
+
 def start_empty(admission: Admission) -> None:
     """Configured RPM/TPM buckets start empty at the first request, not full: a full bucket
     lets one second's worth go at once on top of the steady rate (the first 10 s window at 3,000
     rpm carried 1.09x the limit), and a limiter Ray restarted does not know what its predecessor
-    just let through. (Emptied at the first ask, not when built: the workers start meanwhile.)"""
+    just let through. (Emptied at the first ask, not when built: the workers start meanwhile;
+    and by ``hold(now, now)``, which refills to now before it empties: emptying what was left at
+    the last refill, as this did before, let the refill since the limiter was built, a full
+    bucket, go at the first request.)"""
+    now = time.monotonic()
     for bucket in (admission.requests, admission.tokens):
         if bucket is not None:
-            bucket.adjust(-bucket.level)
+            bucket.hold(now, now)
 
 
 class AdmissionProxy:
@@ -185,15 +261,16 @@ class AdmissionProxy:
         self._ids = itertools.count()
         self._queued: dict[int, tuple[float, asyncio.Future[int] | None]] = {}  # not yet sent
         self._sent: dict[int, tuple[float, asyncio.Future[int] | None]] = {}  # in the limiter's queue
-        self._cancel: list[int] = []  # sent requests served by a lent lease: drop them at the limiter
+        self._cancel: list[int] = []  # sent requests served by a lent lease: dropped at the limiter
         self._pump: asyncio.Task[None] | None = None
         self._releases: list[tuple[int, int, dict[str, str] | None, float | None]] = []
-        self._flush_soon = False
+        self._flush_timer: asyncio.TimerHandle | None = None
         self._rpm: float | None = None
         self._lend_open = False  # the limiter's last word: the endpoint has only its cap in force
         self._closed = 0.0  # when an outcome here last closed lending
         self._lent: dict[int, float] = {}  # held lease id -> end of its term (time.monotonic)
         self._absorbed = 0  # plain 2xx outcomes absorbed by lent leases, not yet told
+        self._handing: list[tuple[int, int, Mapping[str, str] | None, float | None]] = []  # to reuse
         self.round_trips = 0  # acquire round trips that came back
         self.granted = 0  # leases they brought
         self.release_calls = 0  # release messages sent
@@ -203,6 +280,10 @@ class AdmissionProxy:
         return f"AdmissionProxy({self.worker!r}, {self.endpoint!r})"
 
     async def acquire(self, est_tokens: float = 0.0) -> int:
+        if self._handing and self._lend_open:  # a call here just ended on a lent lease: go on with it
+            lease = self._handing.pop()[0]
+            self._absorb()
+            return lease
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         req = next(self._ids)
         self._queued[req] = (est_tokens, fut)
@@ -220,13 +301,12 @@ class AdmissionProxy:
         """One round trip at a time while anything waits."""
         while self._queued or self._sent:
             new = [(req, est) for req, (est, _) in self._queued.items()]
-            cancel, self._cancel = self._cancel, []
             self._sent.update(self._queued)
             self._queued.clear()
             asked = time.monotonic()
             try:
                 granted, self._rpm, lend_s = await self.limiter.acquire.remote(
-                    self.worker, self.endpoint, new, cancel
+                    self.worker, self.endpoint, new
                 )
             except ray.exceptions.RayError:  # restarting: what it had queued is lost, send again
                 self._queued.update(self._sent)
@@ -265,13 +345,31 @@ class AdmissionProxy:
         if not plain:
             self._lend_open = False  # something to learn: every lease goes back until the limiter says
             self._closed = time.monotonic()
-        elif self._lend_open and self._lent.get(lease, 0.0) > time.monotonic() and self._reuse(lease):
-            self._absorbed += 1
-            self.reused += 1
-            if self._absorbed >= TALLY_EVERY:
-                self._schedule_flush()
+        elif self._lend_open and self._lent.get(lease, 0.0) > time.monotonic():
+            self._handing.append((lease, status, headers, used_tokens))
+            if len(self._handing) == 1:
+                asyncio.get_running_loop().call_soon(self._hand_over)
             return
         self._give_back(lease, status, headers, used_tokens)
+
+    def _hand_over(self) -> None:
+        """Lent leases of calls that just ended go to the calls waiting here, one loop turn
+        later: by then the task that ended a call has asked for its next one (there is no await
+        in between), so it takes the lease it gave up and no request already sent to the
+        limiter has to be dropped there. A lease nobody here waits for goes back."""
+        handing, self._handing = self._handing, []
+        for lease, status, headers, used_tokens in handing:
+            if self._lend_open and self._reuse(lease):
+                self._absorb()
+            else:
+                self._give_back(lease, status, headers, used_tokens)
+
+    def _absorb(self) -> None:
+        """A plain 2xx outcome stays here (its lease went on to the next call): told in bulk."""
+        self._absorbed += 1
+        self.reused += 1
+        if self._absorbed >= TALLY_EVERY:
+            self._schedule_flush(DROP_S)
 
     def _reuse(self, lease: int) -> bool:
         """Hand a lent lease to the oldest call waiting here (not yet sent, else sent: then the
@@ -283,6 +381,7 @@ class AdmissionProxy:
                 del pool[req]
                 if pool is self._sent:
                     self._cancel.append(req)
+                    self._schedule_flush(DROP_S)
                 fut.set_result(lease)
                 return True
         return False
@@ -294,20 +393,26 @@ class AdmissionProxy:
         self._releases.append((lease, status, dict(headers) if headers else None, used_tokens))
         self._schedule_flush()
 
-    def _schedule_flush(self) -> None:
-        if not self._flush_soon:
-            self._flush_soon = True
-            asyncio.get_running_loop().call_later(FLUSH_S, self._flush)
+    def _schedule_flush(self, delay: float = FLUSH_S) -> None:
+        """Send what was gathered within ``delay`` (or sooner, if already due sooner)."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + delay
+        if self._flush_timer is not None:
+            if self._flush_timer.when() <= at:
+                return
+            self._flush_timer.cancel()
+        self._flush_timer = loop.call_at(at, self._flush)
 
     def _flush(self) -> None:
-        self._flush_soon = False
+        self._flush_timer = None
         done, self._releases = self._releases, []
         tally = {self.endpoint: self._absorbed} if self._absorbed else None
-        self._absorbed = 0
-        if done or tally:
+        dropped = (self.worker, self.endpoint, self._cancel) if self._cancel else None
+        self._absorbed, self._cancel = 0, []
+        if done or tally or dropped:
             self.release_calls += 1
-            with contextlib.suppress(ray.exceptions.RayError):
-                self.limiter.release.remote(done, tally)  # a restarting limiter forgot them anyway
+            with contextlib.suppress(ray.exceptions.RayError):  # a restarting limiter forgot them anyway
+                self.limiter.release.remote(done, tally, dropped)
 
     def effective_rpm(self) -> float | None:
         return self._rpm

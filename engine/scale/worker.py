@@ -15,9 +15,11 @@ and the driver stops the run with exit 2. Nothing with a key crosses Ray.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,13 @@ from engine.config import EndpointConfig, RunConfig
 from engine.errors import AbortRun, ConfigError, FairError
 from engine.generate import ENDPOINT, KIND, _summary, _Work, _worker
 from engine.progress import Progress
-from engine.request.client import Engine
+from engine.request.client import Engine, Lane
+from engine.request.executor import HttpExecutor, Reply
 from engine.rundir.schema import Problem
 from engine.rundir.store import RunStore, recover_partial, shard_paths
 from engine.scale.limiter import AdmissionProxy
+
+START_BATCH = 32  # a block starts its tasks this many at a time (the limiter's cold start: 32)
 
 
 class Fenced(FairError):
@@ -106,6 +111,29 @@ class _BlockLines(_Work):
             yield record_id, messages
 
 
+class KeptExecutor:
+    """The worker's one ``HttpExecutor``, opened by its first block and kept for the next ones:
+    their connections are reused (a session per block opened ``concurrency`` new connections
+    per block, at both ends, and a worker may run hundreds of blocks). Blocks close nothing;
+    the sessions end with the worker process."""
+
+    def __init__(self) -> None:
+        self.inner = HttpExecutor()
+        self.opened: set[str] = set()
+
+    async def open(self, lanes: Mapping[str, Lane]) -> None:
+        new = {name: lane for name, lane in lanes.items() if name not in self.opened}
+        if new:
+            await self.inner.open(new)
+            self.opened |= set(new)
+
+    async def send(self, lane: Lane, body: bytes, key: str | None = None) -> Reply:
+        return await self.inner.send(lane, body, key)
+
+    async def close(self) -> None:
+        pass
+
+
 def _node() -> str:
     try:
         return ray.util.get_node_ip_address()
@@ -119,7 +147,9 @@ class BlockWorker:
 
     def __init__(self, name: str, limiter: Any, endpoints: list[str], pid_dir: str):
         self.name = name
+        self.limiter = limiter
         self.proxies = {ep: AdmissionProxy(limiter, name, ep) for ep in endpoints}
+        self.executor = KeptExecutor()
         self.pid_dir = Path(pid_dir)
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         (self.pid_dir / name).write_text(f"{os.getpid()}\n")
@@ -151,14 +181,17 @@ class BlockWorker:
             trace_dir=root / "trace",
             writer=store.writer,
             admissions={ENDPOINT: self.proxies[ENDPOINT]},
+            executor=self.executor,
         )
         bar = Progress(None, enabled=False)
         status, error = "interrupted", None
         started = time.monotonic()
         try:
             async with engine, asyncio.TaskGroup() as tg:
-                for _ in range(max(1, min(endpoint.concurrency, len(lines)))):
+                for i in range(max(1, min(endpoint.concurrency, len(lines)))):
                     tg.create_task(_worker(engine, work, store, bar, **opts))
+                    if i % START_BATCH == START_BATCH - 1:  # let the first asks go to the limiter
+                        await asyncio.sleep(0)
             status = "done_with_failures" if work.failed or work.bad_lines else "done"
         except* ConfigError as eg:
             status, error = "config_error", f"{eg.exceptions[0]} on node {_node()}"
@@ -185,21 +218,28 @@ class BlockWorker:
         self, out: str, cfg: RunConfig, block: str, epoch: int, problems: list[Problem]
     ) -> dict[str, Any]:
         """One attempt at a ``fair run`` block: ``pipeline.Job`` on its problems."""
+        from engine.fair.budget import BudgetReached
         from engine.fair.pipeline import KINDS, Job
+        from engine.scale.budget import SharedBudget
 
         root = Path(out)
         store = FencedStore(root, block, epoch, shard_records=cfg.run.shard_records)
         mark = self._mark(store.writer)
         store.seal_predecessors([*KINDS, "trace"])
+        cap = cfg.run.max_cost_usd
+        budget = SharedBudget(self.limiter, store.writer, cap) if cap is not None else None
         job = Job(
             cfg, root, progress=False, writer=store.writer, part=store.manifest_path,
             admissions={ep: self.proxies[ep] for ep in cfg.endpoints if cfg.endpoints[ep].mode != "batch"},
+            executor=self.executor, budget=budget,
         )  # fmt: skip
         job.store = store  # the same store, fenced
         status, error = "interrupted", None
         try:
             result = await job.run(problems, total=len(problems))
             status = result["status"]
+        except BudgetReached as exc:  # stopped admitting at the cap, in-flight problems finished
+            status, error = "budget", str(exc)
         except ConfigError as exc:
             status, error = "config_error", f"{exc} on node {_node()}"
         except Fenced as exc:
@@ -208,6 +248,9 @@ class BlockWorker:
             status, error = "aborted", str(exc)
         finally:
             mark.unlink(missing_ok=True)
+            if budget is not None and job.ctx is not None:  # its last word to the ledger
+                with contextlib.suppress(ray.exceptions.RayError):
+                    await self.limiter.report.remote(store.writer, budget.mine(job.ctx.engine), job.finished)
         return {
             "status": status, "error": error, "block": block, "epoch": epoch, "worker": self.name,
             "failed_problems": job.failed_problems, "counts": dict(job.ctx.counts) if job.ctx else {},
