@@ -9,6 +9,7 @@ Faults are real: workers, the limiter and the driver are SIGKILLed by the pids t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -149,7 +151,6 @@ def kill_pid_file(path: Path) -> bool:
         (["--ray", "host:99999"], "HOST:PORT"),
         (["--workers", "2"], "--workers needs --ray"),
         (["--block-size", "10"], "--block-size needs --ray"),
-        (["--ray", "--metrics-port", "19790"], "--metrics-port is not supported with --ray"),
         (["--ray", "--mode", "batch"], "--mode batch"),
     ],
 )
@@ -665,3 +666,194 @@ def test_the_ledger_admits_problems_of_every_worker_under_one_cap() -> None:
     verdict, total = ledger.reserve("b", 0.7, 1)  # b's problems turned out dear
     assert verdict == "stop" and total == pytest.approx(0.9)  # 0.9 spent + committed in flight > the cap
     assert ledger.reserve("a", 0.2, 3)[0] == "stop"  # and a stops too, though it spent little
+
+
+# -- --metrics-port with --ray (engine.scale.metrics) --------------------------------------------
+
+
+def _hold_answer(srv: FakeServer, needle: bytes) -> tuple[threading.Event, list[int]]:
+    """The server holds back its answer to the request whose body has ``needle`` until the
+    returned event is set; the list gets an item when that request has come."""
+    gate, came = threading.Event(), []
+    respond = srv._respond
+
+    async def maybe_hold(request, answer):  # type: ignore[no-untyped-def]
+        if needle in await request.read() and not gate.is_set():
+            came.append(1)
+            while not gate.is_set():
+                await asyncio.sleep(0.01)
+        return await respond(request, answer)
+
+    srv._respond = maybe_hold  # type: ignore[method-assign]
+    return gate, came
+
+
+def _scraped_run(tmp_path: Path, name: str, n: int, *extra: str) -> tuple[int, str, list[dict], Path]:
+    """`fair generate` scraped twice: a quarter of the way, and with every answer in but the
+    last line's (held by the server, so the run is still going)."""
+    from test_metrics import scrape
+
+    inp = write_input(tmp_path / "in.jsonl", n)
+    out = tmp_path / name
+    port = _free_port(19400, 19500)
+    scrapes: list[dict] = []
+    with FakeServerThread(latency_s=0.05) as srv:
+        gate, came = _hold_answer(srv, f'question {n - 1}"'.encode())
+
+        def watch() -> bool:
+            written = sum(p.read_bytes().count(b"\n") for p in out.glob("responses/shard-*"))
+            if not scrapes and written >= n // 4:
+                scrapes.append(scrape(port))
+            elif len(scrapes) == 1 and written == n - 1 and came:
+                scrapes.append(scrape(port))
+                gate.set()
+            return False
+
+        code, err = fair(*_args(srv, inp, out, "--rpm", "60000", "--concurrency", "4", "--metrics-port",
+                                str(port), *extra), watch=watch)  # fmt: skip
+        gate.set()
+    return code, err, scrapes, out
+
+
+def test_metrics_port_on_ray_serves_the_cluster_like_one_process(cluster: str, tmp_path: Path) -> None:
+    """`--metrics-port` with `--ray`: the driver serves the cluster's /metrics: the names and
+    labels of a single-process run, the counters summed over the workers (equal to the records
+    written), the in-flight gauge live, the admission rate the limiter's; never going back."""
+    from test_metrics import one
+
+    n = 200
+    code, err, (first, single), _ = _scraped_run(tmp_path, "single", n)
+    assert code == 0, err
+    code, err, (early, held), out = _scraped_run(
+        tmp_path, "ray", n, "--ray", cluster, "--workers", "2", "--block-size", "50"
+    )
+    assert code == 0, err
+    assert texts(out) == expected(n)
+    for scraped in (single, held):  # every answer but the held one is in, and counted once
+        assert one(scraped, "fair_requests_total", endpoint="default", outcome="ok") == n - 1
+        assert one(scraped, "fair_requests_total", endpoint="default", outcome="cached") == 0
+        assert one(scraped, "fair_http_calls_total", endpoint="default") == n
+        assert one(scraped, "fair_in_flight", endpoint="default") == 1
+        assert one(scraped, "fair_request_latency_seconds_count", endpoint="default") == n - 1
+        assert one(scraped, "fair_effective_rpm", endpoint="default") > 0
+        assert one(scraped, "fair_admission_rpm", endpoint="default") == pytest.approx(60000)
+    assert held["fair_tokens_total"] == single["fair_tokens_total"]  # the same answers, summed
+    ours = {name: set(samples) for name, samples in held.items() if not name.startswith("fair_ray_")}
+    assert ours == {name: set(samples) for name, samples in single.items()}  # same names and labels
+    assert one(held, "fair_ray_workers") == 2 and one(held, "fair_ray_stale_workers") == 0
+    assert 0 < one(early, "fair_requests_total", endpoint="default", outcome="ok") < n - 1
+    for name, samples in early.items():  # counters never go backwards
+        if name.endswith(("_total", "_count", "_bucket", "_sum")):
+            for labels, value in samples.items():
+                assert held[name][labels] >= value, (name, labels)
+    assert first  # the single-process run was scraped mid-run too
+
+
+def test_metrics_port_on_ray_busy_port_exit_2_before_ray_starts(tmp_path: Path, capsys) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 3)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["generate", "--endpoint", "http://127.0.0.1:9/v1", "--model", "m", "--input", str(inp),
+                     "--output", str(tmp_path / "out"), "--no-progress", "--ray", "--metrics-port",
+                     str(port)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"--metrics-port {port}" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "blocks" / "pids").exists()  # refused before Ray was started
+
+
+def test_fair_run_on_ray_metrics_port_exports_stages_of_every_worker(cluster: str, tmp_path: Path) -> None:
+    """`fair run --ray --metrics-port`: the stage counters and every endpoint's requests, summed
+    over the workers' blocks, scraped mid-run; they stay within what the run finally paid."""
+    from test_metrics import one, scrape
+    from test_pipeline import _write_job, problems, profile
+
+    from engine.sim import SimThread
+
+    probs = problems(24)
+    out = tmp_path / "ray"
+    port = _free_port(19400, 19500)
+    mid: list[dict] = []
+    written: list[int] = []
+
+    def watch() -> bool:
+        done = sum(p.read_bytes().count(b"\n") for p in out.glob("problems/shard-*"))
+        if not mid and done >= 4:
+            written.append(done)
+            mid.append(scrape(port))
+        return False
+
+    with SimThread(profile(latency_ms=100), probs) as sim:
+        job = _write_job(tmp_path, sim.base_url, probs)
+        args = ["--ray", cluster, "--workers", "2", "--block-size", "6", "--metrics-port", str(port)]
+        code, err = fair("run", str(job), "--run-dir", str(out), "--no-progress", *args, watch=watch)
+        paid = sim.stats["requests"]
+    assert code == 0, err
+    assert mid, "never scraped mid-run"
+    scraped = mid[0]
+    done = one(scraped, "fair_stage_total", stage="problems", outcome="done")
+    assert written[0] <= done < len(probs)
+    assert one(scraped, "fair_stage_total", stage="student", outcome="attempts") >= done
+    endpoints = read_manifest(out)["endpoints"]
+    assert {dict(k)["endpoint"] for k in scraped["fair_http_calls_total"]} == set(endpoints)
+    calls = sum(scraped["fair_http_calls_total"].values())
+    assert 0 < calls <= sum(e["calls"] for e in endpoints.values()) == paid
+
+
+# -- --estimate with --ray (engine.scale.estimate) -----------------------------------------------
+
+
+def test_estimate_on_ray_then_the_full_run_pays_the_pilot_once(cluster: str, tmp_path: Path) -> None:
+    """`fair run --estimate --ray`: the first 8 problems as block attempts (b00000 whole, the
+    first 3 of b00001 as a `pilot` attempt), the projection printed and written; then the full
+    `--ray` run skips b00000, redoes b00001 adopting the pilot's records, and the server is paid
+    once for everything (pilot + rest = an uninterrupted run), with the same records."""
+    from test_pipeline import _write_job, problems, profile
+
+    from engine.sim import SimThread
+
+    probs = problems(20)
+    kinds = ("attempts", "rationales", "feedback", "reviews", "samples", "failures", "problems")
+
+    def run(job: Path, out: Path, *extra: str, ray: bool = True) -> subprocess.CompletedProcess:
+        scale = ["--ray", cluster, "--workers", "2", "--block-size", "5"] if ray else []
+        return subprocess.run(
+            [PY, "-m", "engine.cli", "run", str(job), "--run-dir", str(out), "--no-progress", *scale, *extra],
+            cwd=REPO, capture_output=True, text=True, env={**os.environ, **LOOPBACK}, timeout=240,
+        )  # fmt: skip
+
+    def records(out: Path) -> dict[str, list]:
+        return {k: sorted((_drop(r, "calls") for r in iter_raw(out, k)), key=lambda r: r["id"])
+                for k in kinds}  # fmt: skip
+
+    with SimThread(profile(), probs) as sim:
+        job = _write_job(tmp_path, sim.base_url, probs)
+        plain = run(job, tmp_path / "plain")
+        assert plain.returncode == 0, plain.stderr
+        paid_plain = sim.stats["requests"]
+        sim.stats.reset()
+        out = tmp_path / "est"
+        est = run(job, out, "--estimate", "--pilot", "8")
+        assert est.returncode == 0, est.stderr
+        paid_pilot = sim.stats["requests"]
+        sim.stats.reset()
+        full = run(job, out)
+        assert full.returncode == 0, full.stderr
+        paid_rest = sim.stats["requests"]
+        alone = run(job, tmp_path / "alone", "--estimate", "--pilot", "8", ray=False)
+        assert alone.returncode == 0, alone.stderr
+    assert "estimate for 20 problems from a pilot of 8" in est.stdout, est.stdout
+    estimate = orjson.loads((out / "estimate.json").read_bytes())
+    assert estimate["pilot"] == 8 and estimate["problems"] == 20
+    single = orjson.loads((tmp_path / "alone" / "estimate.json").read_bytes())
+    for key in ("endpoints", "stages", "usd_online", "usd_batch", "acceptance_rate"):
+        assert estimate[key] == single[key], key  # the single-process projection of the same pilot
+    assert est.stdout.splitlines()[:-1] == alone.stdout.splitlines()[:-1]  # (the last has wall time)
+    assert orjson.loads((out / "blocks" / "b00001.e1.json").read_bytes())["status"] == "pilot"
+    assert not list((out / "blocks").glob("b00000.e2*"))  # the whole pilot block was skipped
+    assert (out / "blocks" / "b00001.e2.json").exists()  # the part-piloted one redone, adopting
+    assert 0 < paid_pilot < paid_plain
+    assert paid_pilot + paid_rest <= paid_plain  # nothing paid twice
+    assert records(out) == records(tmp_path / "plain")
+    assert read_manifest(out)["status"] == "done"

@@ -19,7 +19,7 @@ import collections
 import contextlib
 import sys
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sized
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence, Sized
 from pathlib import Path
 
 import msgspec
@@ -38,6 +38,7 @@ from engine.fair.stages.context import StageContext
 from engine.fair.stages.threshold import judge, skips_review
 from engine.progress import Progress
 from engine.request.client import Admitter, Engine
+from engine.request.events import Observer
 from engine.request.executor import Executor
 from engine.request.metrics import serve_engine
 from engine.rundir.schema import Attempt, Failure, Feedback, Problem, ProblemDone, Rationale, Score
@@ -62,10 +63,12 @@ class Job:
         admissions: Mapping[str, Admitter] | None = None,
         part: Path | None = None,
         budget: Budget | None = None,
+        observers: Sequence[Observer] = (),
     ):
         """``executor`` and ``admissions`` replace the engine's defaults (HTTP, local admission
         per endpoint): a shared limiter or a Batch API plugs in here, the stages unchanged;
-        ``budget`` the ``run.max_cost_usd`` check (a cluster-wide ledger: ``engine.scale``).
+        ``budget`` the ``run.max_cost_usd`` check (a cluster-wide ledger: ``engine.scale``);
+        ``observers`` see the engine's request events too (a Ray worker's metrics).
         ``part``: this job is one block of a bigger run (``engine.scale``): its manifest goes to
         ``part``, it sees only shards of writers starting with ``writer``'s block, keeps its
         cache in ``cache/<block>.sqlite`` and leaves config.toml and report.md to the driver."""
@@ -92,6 +95,7 @@ class Job:
             batch = {name: Unmetered() for name, ep in cfg.endpoints.items() if ep.mode == "batch"}
             admissions = {**batch, **(admissions or {})}
             self.seams = {"executor": BatchExecutor(self.run_dir), "admissions": admissions}
+        self.seams["observers"] = tuple(observers)
         self.started = time.monotonic()
 
     # -- one problem ----------------------------------------------------------------------

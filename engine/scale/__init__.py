@@ -4,7 +4,8 @@
 input into *blocks* (``plan``), hand them to N async worker actors (``worker``) that each run the
 ordinary generate loop or ``pipeline.Job`` on their block, and merge the blocks' manifests
 (``driver``). Each endpoint's real ``Admission`` runs once, in a limiter actor (``limiter``), and
-the workers' engines hold a batching proxy of it, so limits are global.
+the workers' engines hold a batching proxy of it, so limits are global. ``--metrics-port``: the
+driver serves the cluster's ``/metrics`` (``metrics``: the workers' numbers, pulled at scrape time).
 
 Run directory additions::
 
@@ -52,9 +53,6 @@ def check_args(args: object) -> None:
                 raise ConfigError(f"{flag} needs --ray (e.g. --ray local {flag} ...)")
         return
     check_address(ray)
-    for flag, attr in (("--metrics-port", "metrics_port"), ("--estimate", "estimate")):
-        if getattr(args, attr, None) not in (None, False):
-            raise ConfigError(f"{flag} is not supported with --ray yet")
     if getattr(args, "mode", None) == "batch":
         raise ConfigError("--mode batch is not supported with --ray (a Batch API needs no cluster)")
 

@@ -38,8 +38,10 @@ import orjson
 
 from engine.errors import AbortRun, ConfigError, FairError, one_line
 from engine.progress import Progress
+from engine.request.metrics import MetricsServer
 from engine.rundir.store import RunStore, atomic_write, recover_partial
 from engine.scale import check_address, import_ray
+from engine.scale.metrics import ClusterMetrics, serve_cluster
 from engine.scale.plan import Block, Plan
 
 PER_WORKER = 2  # blocks in flight per worker
@@ -76,6 +78,7 @@ class Driver:
         self.killed_workers = 0
         self.ray_start_s = 0.0
         self.ray_stop_s = 0.0
+        self.metrics = False  # workers keep request numbers for /metrics (engine.scale.metrics)
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> Driver:
@@ -112,7 +115,7 @@ class Driver:
 
         name = f"w{self.spawned}"
         self.spawned += 1
-        actor = BlockWorker.remote(name, self.limiter, self.endpoints, str(self.pid_dir))
+        actor = BlockWorker.remote(name, self.limiter, self.endpoints, str(self.pid_dir), self.metrics)
         if slot is None:
             self.pool.append(actor)
             self.names.append(name)
@@ -338,6 +341,7 @@ def generate(args: Any, endpoint: Any) -> int:
     t0 = time.monotonic()
     status, results, stop = "interrupted", [], None
     t_run = 0.0
+    metrics = serve_cluster(driver, getattr(args, "metrics_port", None), stages=False)
     try:
         driver.start()
         t_run = time.monotonic()
@@ -361,6 +365,7 @@ def generate(args: Any, endpoint: Any) -> int:
         status = "aborted" if isinstance(exc.error, AbortRun) else "interrupted"
     finally:
         run_s = time.monotonic() - t_run if t_run else 0.0  # start-up and shut-down are apart
+        _close(metrics)
         driver.stop()
         elapsed = time.monotonic() - t0
         seal_all(out, [KIND])
@@ -439,6 +444,13 @@ def _ray_fields(driver: Driver, plan: Plan, todo: int, run_s: float) -> dict[str
     }
 
 
+def _close(metrics: tuple[MetricsServer, ClusterMetrics] | None) -> None:
+    """Stop serving ``/metrics`` (before Ray stops: a scrape must not call into it then)."""
+    if metrics is not None:
+        metrics[1].close()
+        metrics[0].close()
+
+
 def _refuse_single_process(out: Path) -> None:
     """A run directory a single process wrote has no block plan: its shards belong to no block."""
     if (out / "manifest.json").exists() and not (out / "blocks" / "plan.json").exists():
@@ -465,6 +477,10 @@ def run(args: Any, cfg: Any, run_dir: Path) -> int:
         raise ConfigError(
             'endpoints with mode = "batch" are not supported with --ray (a Batch API needs no cluster)'
         )
+    if getattr(args, "estimate", False):  # the pilot as blocks, then the projection
+        from engine.scale.estimate import estimate
+
+        return estimate(args, cfg, run_dir)
     bad = _BadLines()  # the first pass (ids only, for the plan) reports bad lines; the second is quiet
 
     def ids() -> Iterator[str]:
@@ -491,6 +507,7 @@ def run(args: Any, cfg: Any, run_dir: Path) -> int:
     driver = Driver(run_dir, args.ray, args.workers or 2, limits, list(cfg.endpoints), cap)
     status, results, stop = "interrupted", [], None
     t_run = 0.0
+    metrics = serve_cluster(driver, getattr(args, "metrics_port", None), stages=True)
     try:
         driver.start()
         t_run = time.monotonic()
@@ -505,6 +522,7 @@ def run(args: Any, cfg: Any, run_dir: Path) -> int:
         status = "aborted" if isinstance(exc.error, AbortRun) else "interrupted"
     finally:
         run_s = time.monotonic() - t_run if t_run else 0.0  # start-up and shut-down are apart
+        _close(metrics)
         driver.stop()
         seal_all(run_dir, KINDS)
         store = RunStore(run_dir).open(KINDS)

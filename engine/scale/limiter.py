@@ -223,6 +223,14 @@ class LimiterState:
         if self.ledger is not None:
             self.ledger.report(writer, spent, finished)
 
+    def admission_state(self) -> dict[str, dict[str, Any]]:
+        """Per endpoint: the target rate and the leases out (``--metrics-port``: engine.scale.metrics)."""
+        out: dict[str, dict[str, Any]] = {name: {"rpm": a.effective_rpm(), "leases": 0}
+                                          for name, a in self.admissions.items()}  # fmt: skip
+        for _, endpoint, _ in self.leases.values():
+            out[endpoint]["leases"] += 1
+        return out
+
     def held(self) -> dict[str, int]:
         """Leases held per worker (for tests and operators)."""
         out: dict[str, int] = {}

@@ -34,6 +34,7 @@ from engine.request.executor import HttpExecutor, Reply
 from engine.rundir.schema import Problem
 from engine.rundir.store import RunStore, recover_partial, shard_paths
 from engine.scale.limiter import AdmissionProxy
+from engine.scale.metrics import WorkerMetrics
 
 START_BATCH = 32  # a block starts its tasks this many at a time (the limiter's cold start: 32)
 
@@ -53,13 +54,20 @@ def attempt_manifest(run_dir: Path, writer: str) -> Path:
 class FencedStore(RunStore):
     """A ``RunStore`` that refuses to write once its block's fence file was replaced."""
 
-    def __init__(self, root: Path, block: str, epoch: int, **kwargs: Any):
+    def __init__(self, root: Path, block: str, epoch: int, *, pilot: bool = False, **kwargs: Any):
+        """``pilot``: the attempt runs only the first problems of its block (``--estimate``)."""
         writer = f"{block}.e{epoch}"
         super().__init__(
             root, writer=writer, scope=f"{block}.", manifest=attempt_manifest(root, writer), **kwargs
         )
         self.fence = fence_path(root, block)
         self.inode = self.fence.stat().st_ino
+        self.pilot = pilot
+
+    def close(self, status: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A pilot's slice of a block is never the block done: the full run redoes the block
+        under a new epoch, adopting the slice's records (and its cache)."""
+        return super().close("pilot" if self.pilot and status.startswith("done") else status, extra)
 
     def check(self) -> None:
         try:
@@ -145,17 +153,24 @@ def _node() -> str:
 class BlockWorker:
     """Runs blocks; one ``AdmissionProxy`` per endpoint shared by all its blocks."""
 
-    def __init__(self, name: str, limiter: Any, endpoints: list[str], pid_dir: str):
+    def __init__(self, name: str, limiter: Any, endpoints: list[str], pid_dir: str, metrics: bool = False):
+        """``metrics``: keep request numbers over all blocks for the driver's ``/metrics``."""
         self.name = name
         self.limiter = limiter
         self.proxies = {ep: AdmissionProxy(limiter, name, ep) for ep in endpoints}
         self.executor = KeptExecutor()
+        self.metrics = WorkerMetrics(endpoints if metrics else [])  # (--metrics-port)
+        self.observers = self.metrics.observers if metrics else ()
         self.pid_dir = Path(pid_dir)
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         (self.pid_dir / name).write_text(f"{os.getpid()}\n")
 
     def pid(self) -> int:
         return os.getpid()
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """This worker's request numbers, plain (pulled by the driver at scrape time)."""
+        return self.metrics.snapshot({ep: p.effective_rpm() for ep, p in self.proxies.items()})
 
     def _mark(self, writer: str) -> Path:
         """``blocks/pids/<block>.e<epoch>`` holds the pid running that attempt (while it runs)."""
@@ -182,6 +197,7 @@ class BlockWorker:
             writer=store.writer,
             admissions={ENDPOINT: self.proxies[ENDPOINT]},
             executor=self.executor,
+            observers=self.observers,
         )
         bar = Progress(None, enabled=False)
         status, error = "interrupted", None
@@ -215,15 +231,16 @@ class BlockWorker:
         }
 
     async def run(
-        self, out: str, cfg: RunConfig, block: str, epoch: int, problems: list[Problem]
+        self, out: str, cfg: RunConfig, block: str, epoch: int, problems: list[Problem], pilot: bool = False
     ) -> dict[str, Any]:
-        """One attempt at a ``fair run`` block: ``pipeline.Job`` on its problems."""
+        """One attempt at a ``fair run`` block: ``pipeline.Job`` on its problems (``pilot``: only
+        the first of them, for ``--estimate``; the attempt is then stored as ``pilot``, not done)."""
         from engine.fair.budget import BudgetReached
         from engine.fair.pipeline import KINDS, Job
         from engine.scale.budget import SharedBudget
 
         root = Path(out)
-        store = FencedStore(root, block, epoch, shard_records=cfg.run.shard_records)
+        store = FencedStore(root, block, epoch, pilot=pilot, shard_records=cfg.run.shard_records)
         mark = self._mark(store.writer)
         store.seal_predecessors([*KINDS, "trace"])
         cap = cfg.run.max_cost_usd
@@ -231,9 +248,10 @@ class BlockWorker:
         job = Job(
             cfg, root, progress=False, writer=store.writer, part=store.manifest_path,
             admissions={ep: self.proxies[ep] for ep in cfg.endpoints if cfg.endpoints[ep].mode != "batch"},
-            executor=self.executor, budget=budget,
+            executor=self.executor, budget=budget, observers=self.observers,
         )  # fmt: skip
         job.store = store  # the same store, fenced
+        self.metrics.add_job(job.stage_counts)
         status, error = "interrupted", None
         try:
             result = await job.run(problems, total=len(problems))
@@ -248,6 +266,7 @@ class BlockWorker:
             status, error = "aborted", str(exc)
         finally:
             mark.unlink(missing_ok=True)
+            self.metrics.end_job(job.stage_counts)
             if budget is not None and job.ctx is not None:  # its last word to the ledger
                 with contextlib.suppress(ray.exceptions.RayError):
                     await self.limiter.report.remote(store.writer, budget.mine(job.ctx.engine), job.finished)
