@@ -7,11 +7,18 @@ Tests that need ``../shared/datasets`` skip with the reason when it is absent, u
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A shell without job control starts a background command (`.ci/run &`) with SIGINT ignored, and
+# an ignored signal stays ignored across exec: every `fair` child the Ctrl-C tests start would
+# shrug their SIGINT off. A handler here resets it to the default in every child.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def data_dir() -> Path | None:
