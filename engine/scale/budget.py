@@ -6,7 +6,8 @@ On Ray the terms are global: the ``Ledger`` (kept in the limiter actor, one per 
 every block attempt (writer) has spent and finished, and grants problems one at a time, so two
 workers never both take the last room under the cap. ``SharedBudget`` is what a worker's
 ``pipeline.Job`` is given instead of its own ``Budget`` (``Job(budget=...)``): its ``admit`` asks
-the ledger (one round trip per problem, which takes seconds) and says no until it has answered.
+the ledger (one actor round trip per problem, about a millisecond) and says no until it has
+answered.
 
 At the cap the ledger's answer is ``stop`` for every worker from then on: each block stops
 admitting, finishes what is in flight and ends with status ``budget``; the driver hands out no new
