@@ -17,6 +17,9 @@ A profile is a TOML file (named ones live in ``engine/sim/profiles/``)::
     skill = 0.85                       # rate of right final answers
     leniency = 0.3                     # reviewer bias: + gives higher scores, - harsher
 
+    thinking = true                    # a reasoning model: bills thinking tokens, returns reasoning
+    sampling = false                   # refuses temperature/top_p (400 naming the parameter)
+
     [models.gpt-sim.faults]
     p_5xx = 0.01                       # each a per-request probability
     bursts = [{kind = "5xx", every_s = 20, duration_s = 2}]
@@ -111,6 +114,19 @@ class ModelProfile(_Struct):
     # replay content: whose recorded text this model serves ("gpt" | "gemini" | "mistral")
     replay_author: str | None = None
     echo_chars: int = 48  # echo content: this many characters of the last message
+    # what the model accepts, as its provider checks it (an unknown or refused parameter is a 400
+    # naming it, in that provider's error shape; see engine.sim.strict)
+    sampling: bool = True  # False: refuses temperature/top_p/top_k (OpenAI: any but the default 1)
+    refuses: list[str] = []  # more parameters this model refuses (an OpenAI reasoning model: max_tokens)
+    accepts: list[str] = []  # extra OpenAI-wire parameters taken (a vLLM-like server: top_k, ...)
+    # a reasoning model: thinks before it answers and bills the thinking as output tokens
+    thinking: bool = False
+    thinking_tokens: int = 96  # per choice at medium effort (capped by a budget the request sets)
+    # OpenAI wire: the message field carrying the reasoning text ("": none, as OpenAI's own API;
+    # "reasoning_content" or "reasoning": a vLLM-like server serving an open reasoning model)
+    reasoning_field: Literal["", "reasoning_content", "reasoning"] = ""
+    prompt_cache: bool = False  # repeated message prefixes are billed as cached input tokens
+    cache_min_tokens: int = 0  # a prefix shorter than this is never cached (OpenAI: 1024)
 
 
 class SimProfile(_Struct):
