@@ -23,6 +23,7 @@ BENCHMARKS = {
     "replay-svamp": "benchmarks.replay_svamp",
     "batch": "benchmarks.batch",
     "scale": "benchmarks.scale",
+    "rundir": "benchmarks.rundir",
 }
 
 

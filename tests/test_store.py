@@ -35,7 +35,7 @@ def test_torn_partial_shard_is_cut_and_sealed_on_reopen(tmp_path):
     with open(partial, "ab") as f:
         f.write(b'{"id": "p3/failure/stu')
     again = RunStore(tmp_path).open(["failures"])
-    assert again.ids("failures") == {f"p{i}/failure/student" for i in range(3)}
+    assert set(again.ids("failures")) == {f"p{i}/failure/student" for i in range(3)}
     assert again.write("failures", _failure(3))
     assert not again.write("failures", _failure(1))
     again.close("done")

@@ -26,6 +26,7 @@ name and renamed when complete. Engine side: no torch.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -36,8 +37,10 @@ from typing import Any
 import orjson
 
 from engine.errors import ConfigError
+from engine.jsonfile import read_json_object
 from engine.rundir.schema import Sample
 from engine.rundir.store import iter_records
+from engine.rundir.targets import reasoning_mode, with_targets
 
 FORMATS = ("trl", "sharegpt", "llamafactory", "axolotl")
 TASKS = ("rationale", "mistake")
@@ -132,8 +135,9 @@ class _Writer:
 
 
 def _samples(run_dir: Path) -> Iterator[Sample]:
+    """The run's samples once each, their targets as ``[samples] reasoning`` says (targets.py)."""
     seen: set[str] = set()
-    for s in iter_records(run_dir, "samples", Sample):
+    for s in with_targets(iter_records(run_dir, "samples", Sample), reasoning_mode(run_dir)):
         if s.id not in seen:  # several writers may share a run directory
             seen.add(s.id)
             yield s
@@ -189,6 +193,8 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> dict
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {str(run_dir)!r} does not exist")
     out_dir = Path(out) if out else run_dir / "export" / fmt
+    info_path = out_dir / "dataset_info.json"  # LLaMA-Factory's registry: ours are added to it
+    info = read_json_object(info_path) if fmt == "llamafactory" and info_path.exists() else {}
     out_dir.mkdir(parents=True, exist_ok=True)
 
     paths = {split: out_dir / file_name(fmt, split) for split in SPLITS}
@@ -205,8 +211,6 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> dict
     counts = {paths[s].name: writers[s].count for s in SPLITS}
 
     if fmt == "llamafactory":
-        info_path = out_dir / "dataset_info.json"
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
         info.update(dataset_info({f"fair_{s}": paths[s].name for s in SPLITS}))
         info_path.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
         counts[info_path.name] = len(SPLITS)
@@ -216,7 +220,7 @@ def export(run_dir: str | Path, fmt: str, out: str | Path | None = None) -> dict
     return {"format": fmt, "out": str(out_dir), "files": counts, "samples": writers["all"].count}
 
 
-def cli_main(args) -> int:
+def cli_main(args: argparse.Namespace) -> int:
     result = export(args.run_dir, args.format, args.out)
     for name, count in result["files"].items():
         print(f"  {Path(result['out']) / name}  ({count})", file=sys.stderr)

@@ -22,78 +22,27 @@ an uninterrupted one. Run it while nothing writes to the directory.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import orjson
 
 from engine.errors import DamagedRunError, UsageError
+from engine.rundir.reader import check_line, open_shard, read_json, record_decoder, sha256, shard_lines
 from engine.rundir.schema import KINDS
 from engine.rundir.store import RunStore, atomic_write, read_manifest, shard_paths
+from engine.rundir.verify import DONE, first_damage, listed_shards
 
 QUARANTINE = "quarantine"
 _PROBLEM_ID = re.compile(rb'"problem_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _ID_PREFIX = re.compile(rb'^\s*\{\s*"id"\s*:\s*"([^"\\/]+)/')
-
-
-def check_line(line: bytes, decoder: msgspec.json.Decoder | None) -> str | None:
-    """Why a shard line is unreadable, or None when it is fine. ``decoder``: the folder's record
-    type (None for folders such as ``trace`` that hold plain JSON objects)."""
-    if not line.endswith(b"\n"):
-        return "torn line (no newline at the end)"
-    try:
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        return f"not JSON: {exc}"
-    if not isinstance(value, dict):
-        return "not a JSON object"
-    if decoder is None:
-        return None
-    if not isinstance(value.get("id"), str):
-        return "no string `id`"
-    try:
-        decoder.decode(line)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
-        return f"not a valid record: {exc}"
-    return None
-
-
-def first_damage(run_dir: str | Path) -> DamagedRunError | None:
-    """The first unreadable line of a run directory's record shards (what ``repair`` would
-    quarantine), as the error to raise, or None. A torn last line of a ``.partial`` shard is
-    not damage: the writer cuts it on resume."""
-    root = Path(run_dir)
-    for kind in sorted(p.name for p in root.iterdir() if p.is_dir() and p.name in KINDS):
-        decoder = msgspec.json.Decoder(KINDS[kind])
-        for path in shard_paths(root, kind):
-            with open(path, "rb") as f:
-                for n, line in enumerate(f, 1):
-                    if not line.endswith(b"\n") and path.name.endswith(".partial"):
-                        break
-                    if (why := check_line(line, decoder)) is not None:
-                        return DamagedRunError(f"{path}:{n}", f"unreadable line: {why[:120]}", str(root))
-    return _missing_shard(root)
-
-
-def _missing_shard(root: Path) -> DamagedRunError | None:
-    """A shard the manifest lists that is gone (deleted, or moved by hand): its records are lost,
-    and a resume would not redo them, so say so instead of reporting smaller counts."""
-    manifest = read_manifest(root)
-    shards = manifest.get("shards") if isinstance(manifest, dict) else None
-    for entry in shards if isinstance(shards, list) else []:
-        rel = entry.get("path") if isinstance(entry, dict) else None
-        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
-            continue
-        if not (root / rel).exists() and not (root / f"{rel}.partial").exists():
-            return DamagedRunError(
-                str(root / "manifest.json"), f"it lists {rel}, which is missing", str(root)
-            )
-    return None
 
 
 def repair(run_dir: str | Path) -> dict[str, Any]:
@@ -104,20 +53,16 @@ def repair(run_dir: str | Path) -> dict[str, Any]:
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and shard_paths(root, p.name))
     if not folders and not (root / "manifest.json").exists():
         raise UsageError(f"{root}: not a run directory (no shards, no manifest.json)")
+    _set_aside_manifest(root)
+    changed = changed_shards(root)
     moved: list[dict[str, Any]] = []
     for kind in folders:
-        decoder = msgspec.json.Decoder(KINDS[kind]) if kind in KINDS else None
+        decoder = record_decoder(kind)
         for path in shard_paths(root, kind):
-            moved += _repair_shard(root, kind, path, lambda line, d=decoder: check_line(line, d))
-    redo: dict[str, str] = {}  # problem id -> why it must be redone
-    unknown = 0
-    for e in moved:
-        if e["kind"] in ("problems", "responses", "trace") or e["kind"] not in KINDS:
-            continue
-        if (pid := e.pop("problem")) is None:
-            unknown += 1
-        else:
-            redo.setdefault(pid, f"redo: its {e['kind']} record ({e['file']}:{e['line']}) was unreadable")
+            moved += _repair_shard(root, kind, path, partial(check_line, decoder=decoder))
+    redo, unknown = _redo_for(moved)
+    for pid, why in short_problems(root).items():
+        redo.setdefault(pid, why)
     if redo:
         for path in shard_paths(root, "problems"):
             moved += _repair_shard(root, "problems", path, lambda line: _redo(line, redo))
@@ -131,9 +76,103 @@ def repair(run_dir: str | Path) -> dict[str, Any]:
         "quarantined_lines": len(moved) + int((extra.get("repaired") or {}).get("quarantined_lines", 0)),
     }
     manifest = store.write_manifest(str(old.get("status") or "interrupted"), extra)
+    reopened = reopen_blocks(root)
     for e in moved:
         e.pop("problem", None)
-    return {"run_dir": str(root), "quarantined": moved, "counts": manifest["counts"], "unknown": unknown}
+    return {
+        "run_dir": str(root),
+        "quarantined": moved,
+        "counts": manifest["counts"],
+        "unknown": unknown,
+        "redo": sorted(redo),
+        "blocks_reopened": reopened,
+        "changed": changed,
+    }
+
+
+def changed_shards(root: Path) -> list[str]:
+    """Shards the manifests list that are gone or differ from their recorded sha256."""
+    out: dict[str, None] = {}
+    for _, rel, want in listed_shards(root, read_manifest(root)):
+        path = root / rel
+        if not path.is_file() or sha256(path) != want:
+            out[rel] = None
+    return list(out)
+
+
+def _set_aside_manifest(root: Path) -> None:
+    """A newer schema is refused (exit 2), never rewritten as this version; an unreadable
+    ``manifest.json`` moves to ``quarantine/`` (it is recomputed from the shards)."""
+    try:
+        read_manifest(root)
+    except DamagedRunError:
+        (root / QUARANTINE).mkdir(exist_ok=True)
+        os.replace(root / "manifest.json", root / QUARANTINE / "manifest.json")
+
+
+def _redo_for(moved: list[dict[str, Any]]) -> tuple[dict[str, str], int]:
+    """Problems whose quarantined records must be made again, and how many lines had no problem."""
+    redo: dict[str, str] = {}  # problem id -> why it must be redone
+    unknown = 0
+    for e in moved:
+        if e["kind"] in ("problems", "responses", "trace") or e["kind"] not in KINDS:
+            continue
+        if (pid := e.pop("problem")) is None:
+            unknown += 1
+        else:
+            redo.setdefault(pid, f"redo: its {e['kind']} record ({e['file']}:{e['line']}) was unreadable")
+    return redo, unknown
+
+
+_COUNTED = {"attempts": "attempts", "rationales": "rationales", "feedback": "feedback", "samples": "samples"}
+
+
+def short_problems(root: Path) -> dict[str, str]:
+    """FAIR runs: problems whose completion marker counts more records than the shards hold (a
+    line deleted, a shard emptied): their marker must go so a resume makes the missing records
+    (adopting the rest; the calls come from the response cache)."""
+    if not shard_paths(root, "problems"):
+        return {}
+    have: collections.Counter[tuple[str, str]] = collections.Counter()
+    for kind in _COUNTED:
+        for path in shard_paths(root, kind):
+            for _, line in shard_lines(root, path):
+                pid = orjson.loads(line).get("problem_id")
+                have[kind, pid] += 1
+    short: dict[str, str] = {}
+    for path in shard_paths(root, "problems"):
+        for _, line in shard_lines(root, path):
+            done = orjson.loads(line)
+            for kind, field in _COUNTED.items():
+                want = done.get(field) or 0
+                if isinstance(want, int) and have[kind, done["id"]] < want:
+                    short[done["id"]] = (
+                        f"redo: {have[kind, done['id']]} of its {want} {kind} records are left"
+                    )
+                    break
+    return short
+
+
+def reopen_blocks(root: Path) -> list[str]:
+    """Ray runs: a done block attempt whose shards changed (repaired, emptied, deleted) is marked
+    ``repaired`` with the shards as they are now, so the next run redoes the block (adopting its
+    records) instead of skipping it. Returns the attempt manifests rewritten."""
+    out = []
+    for path in sorted((root / "blocks").glob("b*.e*.json")):
+        block = read_json(root, path)
+        if block is None or block.get("status") not in DONE:
+            continue
+        entries = [e for e in block.get("shards") or [] if isinstance(e, dict)]
+        current = [
+            {**e, "sha256": sha256(root / e["path"]), "bytes": (root / e["path"]).stat().st_size}
+            for e in entries
+            if isinstance(e.get("path"), str) and (root / e["path"]).is_file()
+        ]
+        if current != entries:
+            block.update(status="repaired", shards=current)
+            atomic_write(path, orjson.dumps(block, option=orjson.OPT_INDENT_2))
+            out.append(path.name)
+    return out
 
 
 def _redo(line: bytes, redo: dict[str, str]) -> str | None:
@@ -155,9 +194,11 @@ def _problem_of(line: bytes) -> str | None:
         return None
 
 
-def _repair_shard(root: Path, kind: str, path: Path, why_moved) -> list[dict[str, Any]]:
+def _repair_shard(
+    root: Path, kind: str, path: Path, why_moved: Callable[[bytes], str | None]
+) -> list[dict[str, Any]]:
     """Move the lines of ``path`` for which ``why_moved(line)`` gives a reason to quarantine."""
-    with open(path, "rb") as f:
+    with open_shard(path) as f:
         lines = list(f)  # split on b"\n" only, as the store reads them (line numbers agree)
     keep: list[bytes] = []
     bad: list[tuple[int, bytes, str]] = []
@@ -212,6 +253,14 @@ def cli_main(args: Any) -> int:
             f"fair repair: {result['unknown']} of them too damaged to tell their problem: "
             "their records stay missing after a resume",
             file=sys.stderr,
+        )
+    for rel in result["changed"][:20]:
+        print(f"fair repair: {rel}: changed since it was recorded; kept as it is now", file=sys.stderr)
+    if result["redo"]:
+        print(f"fair repair: {len(result['redo'])} problems will be redone on resume", file=sys.stderr)
+    for name in result["blocks_reopened"]:
+        print(
+            f"fair repair: blocks/{name}: its shards changed; the block is redone on resume", file=sys.stderr
         )
     counts = ", ".join(f"{k} {v}" for k, v in result["counts"].items())
     print(

@@ -68,6 +68,7 @@ class Rationale(Record, kw_only=True):
     accepted: bool = False
     status: str = ""  # "accepted" | "rejected_gold" | "rejected_review" | "no_reviews"
     prompt_version: str = ""
+    reasoning: str | None = None  # the teacher's reasoning trace, apart from the text graded and reviewed
 
 
 class Feedback(Record, kw_only=True):
@@ -79,6 +80,7 @@ class Feedback(Record, kw_only=True):
     text: str
     prompt_version: str = ""
     error_type: str | None = None  # the teacher's tag (engine.fair.errortypes), "unknown" if unparseable
+    reasoning: str | None = None  # the teacher's reasoning trace, apart from the text reviewed
 
 
 class Review(Record, kw_only=True):
@@ -89,6 +91,7 @@ class Review(Record, kw_only=True):
     text: str
     score: int | None
     prompt_version: str = ""
+    reasoning: str | None = None  # the reviewer's reasoning trace (the score is read from text only)
 
 
 class Sample(Record, kw_only=True):
@@ -104,6 +107,14 @@ class Sample(Record, kw_only=True):
     prompt_version: str = ""
     answer_line_added: bool = False  # "The answer is X." appended (samples.answer_line)
     error_type: str | None = None  # mistake samples: the majority of the teachers' tags
+    reasoning: str | None = None  # the teacher's reasoning trace behind ``response``, when it gave one
+
+    def target(self, reasoning: str = "drop") -> str:
+        """The training target: ``response``, after the reasoning as a ``<think>`` block when
+        ``reasoning`` is ``"think"`` (``[samples] reasoning``) and the teacher gave one."""
+        if reasoning == "think" and self.reasoning:
+            return f"<think>\n{self.reasoning.strip()}\n</think>\n\n{self.response}"
+        return self.response
 
 
 class Failure(Record, kw_only=True):
@@ -132,8 +143,30 @@ class Response(Record, kw_only=True):
     texts: list[str] = []
     finish_reasons: list[str | None] = []
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # reasoning tokens included (billed as output)
     error: str | None = None
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    reasonings: list[str | None] = []  # per text: the model's reasoning trace (None: none given)
+
+
+class TraceLine(msgspec.Struct, kw_only=True):
+    """What readers rely on in a ``trace/`` line (``engine.request.trace.TraceEvent`` writes it);
+    a line that does not fit is damage, like a bad record."""
+
+    endpoint: str
+    model: str = ""
+    latency_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost_usd: float = 0.0
+    attempts: int = 1
+    http_429: int = 0
+    cache_hit: bool = False
+    stage: str | None = None
 
 
 KINDS: dict[str, type[Record]] = {
