@@ -7,7 +7,8 @@ FairError
 │                        `fair repair RUN_DIR`                            (exit 2)
 ├── InputError           bad dataset/input line: names file:line         (record skipped)
 ├── RequestError         one request failed for good (400/404, retries exhausted, bad reply)
-│   └── ReplyError       the server answered, but the body is unusable (malformed, empty)
+│   ├── ReplyError       the server answered, but the body is unusable (malformed, empty)
+│   └── Blocked          the provider refused the prompt itself (a safety block): not retried
 └── AbortRun             the run must stop                               (exit 3)
     ├── AuthError        401/403 from an endpoint
     └── BreakerTripped   sustained error rate
@@ -54,6 +55,11 @@ class RequestError(FairError):
 
 class ReplyError(RequestError):
     """The server answered but the body cannot be used (malformed JSON, no choices...)."""
+
+
+class Blocked(RequestError):
+    """The provider blocked the prompt (Gemini ``promptFeedback.blockReason``): sending it again
+    would be blocked again, so the record fails at once, saying why."""
 
 
 class AbortRun(FairError):

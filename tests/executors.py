@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 
-from engine.request.executor import Reply, SendError
+from engine.request.executor import Reply, SendError, Target
 
 
 class UrllibExecutor:
@@ -20,34 +20,30 @@ class UrllibExecutor:
         self.peak = 0
         self._lock = threading.Lock()
 
-    async def open(self, lanes: Mapping) -> None:
-        for name, lane in lanes.items():
-            self.headers[name] = {
-                **lane.provider.headers(lane.key),
-                **lane.cfg.headers,
-                "Content-Type": "application/json",
-            }
+    async def open(self, targets: Mapping[str, Target]) -> None:
+        for name, target in targets.items():
+            self.headers[name] = {**target.headers, "Content-Type": "application/json"}
 
-    async def send(self, lane, body: bytes, key: str | None = None) -> Reply:
+    async def send(self, target: Target, body: bytes, key: str | None = None) -> Reply:
         with self._lock:
             self.sent += 1
             self.in_flight += 1
             self.peak = max(self.peak, self.in_flight)
         try:
-            return await asyncio.to_thread(self._post, lane, body)
+            return await asyncio.to_thread(self._post, target, body)
         finally:
             with self._lock:
                 self.in_flight -= 1
 
-    def _post(self, lane, body: bytes) -> Reply:
-        req = urllib.request.Request(lane.provider.url, data=body, headers=self.headers[lane.name])
+    def _post(self, target: Target, body: bytes) -> Reply:
+        req = urllib.request.Request(target.url, data=body, headers=self.headers[target.endpoint])
         try:
-            with urllib.request.urlopen(req, timeout=lane.cfg.timeout_s) as resp:
+            with urllib.request.urlopen(req, timeout=target.timeout_s) as resp:
                 return resp.status, resp.read(), {k.lower(): v for k, v in resp.headers.items()}
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read(), {k.lower(): v for k, v in exc.headers.items()}
         except TimeoutError:
-            raise SendError(f"no reply within {lane.cfg.timeout_s:g}s", timeout=True) from None
+            raise SendError(f"no reply within {target.timeout_s:g}s", timeout=True) from None
         except (urllib.error.URLError, ConnectionError) as exc:
             raise SendError(f"{type(exc).__name__}: {exc}") from None
 

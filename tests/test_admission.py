@@ -10,8 +10,10 @@ from fakeserver import FakeServer
 
 import engine.request.client as client_mod
 from engine.config import EndpointConfig
-from engine.request.admission import Admission, LimitMirror, TokenBucket
+from engine.request.admission import Admission
+from engine.request.buckets import TokenBucket
 from engine.request.client import Engine
+from engine.request.mirror import LimitMirror
 from engine.types import ChatRequest, user
 
 
@@ -200,13 +202,13 @@ async def test_a_burst_of_429s_cuts_the_rate_once():
     leases = [await adm.acquire() for _ in range(10)]
     for lease in leases[:4]:
         adm.release(lease, 200, {})
-    adm._last_cut -= 2.0  # as if these 4 successes took 2 s: 2/s accepted
+    adm.pacer.last_cut -= 2.0  # as if these 4 successes took 2 s: 2/s accepted
     for lease in leases[4:]:
         adm.release(lease, 429, {"retry-after-ms": "1"})
     assert adm.epoch == 1  # six 429s from calls admitted before the cut: one cut
     assert adm.rate == pytest.approx(2 * 0.97, rel=0.05)
     first = adm.rate
-    adm._last_cut -= 2.0
+    adm.pacer.last_cut -= 2.0
     await asyncio.sleep(0.01)
     ok = await adm.acquire()
     adm.release(ok, 200, {})  # admitted after the cut and accepted: the pace is what is refused
@@ -217,15 +219,13 @@ async def test_a_burst_of_429s_cuts_the_rate_once():
 
 async def test_a_refusal_of_everything_probes_instead_of_cutting():
     """After a cut, calls sent at the new rate are all refused (a window or quota is spent):
-    the rate is kept, one probe goes per Retry-After (doubling, up to PROBE_MAX_S) and the
-    first probe that passes ramps the pace back up, doubling every RAMP_STEP_S."""
-    import engine.request.admission as adm_mod
-
+    the rate is kept, one probe goes per Retry-After (doubling, up to Tunables.probe_max_s) and the
+    first probe that passes ramps the pace back up, doubling every Tunables.ramp_step_s."""
     adm = Admission(16)
     leases = [await adm.acquire() for _ in range(8)]
     for lease in leases[:4]:
         adm.release(lease, 200, {})
-    adm._last_cut -= 2.0
+    adm.pacer.last_cut -= 2.0
     for lease in leases[4:]:
         adm.release(lease, 429, {"retry-after-ms": "50"})
     rate = adm.rate
@@ -240,7 +240,7 @@ async def test_a_refusal_of_everything_probes_instead_of_cutting():
     for _ in range(8):
         lease = await adm.acquire()
         adm.release(lease, 429, {"retry-after-ms": "50"})
-    assert adm._probe_s == adm_mod.PROBE_MAX_S  # capped: a long refusal is probed every 2 s
+    assert adm.pacer.probe_s == adm.tune.probe_max_s  # capped: a long refusal is probed every 2 s
     assert adm.rate == rate
 
 
@@ -248,7 +248,7 @@ async def test_queued_calls_are_not_stuck_behind_a_slow_pace():
     """Places in the request bucket are tickets, not times: thirty calls queued while the pace
     was 1/s go at once when it rises to 1,000/s (a reservation made at 1/s would wait 30 s)."""
     adm = Admission(64, rpm=60)  # 1/s, burst 1
-    adm.pace = 1.0
+    adm.pacer.pace = 1.0
     done: list[float] = []
 
     async def call() -> None:
@@ -259,8 +259,8 @@ async def test_queued_calls_are_not_stuck_behind_a_slow_pace():
     tasks = [asyncio.create_task(call()) for _ in range(30)]
     await asyncio.sleep(0.3)
     assert len(done) == 1  # the burst of one; 29 queued at 1/s
-    adm.ceiling = None
-    adm._set_rate(1000.0, time.monotonic())
+    adm.pacer.ceiling = None
+    adm.pacer.set_rate(1000.0, time.monotonic())
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=5.0)
     assert len(done) == 30
 

@@ -292,7 +292,7 @@ async def test_two_batches_matching_a_lost_anthropic_create_stop_with_exit_1(tmp
         assert rc == 0, err
         sim.batch.faults = msgspec.convert({}, type(sim.batch.faults))
         other = sim.batch.batches["msgbatch_sim000002"]
-        sim.batch._cancel(other)
+        sim.batch.cancel(other)
         rc, _, err = await fair(*cli_args(sim, "anthropic", inp, out))
         assert rc == 0, err
         assert sim.stats["batches_created"] == 2 and len(records(out)) == 10

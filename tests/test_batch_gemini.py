@@ -294,7 +294,9 @@ async def test_refused_credentials_exit_3_and_no_key_in_the_run_dir(tmp_path):
         rc, _, err = await fair(*bad, env={"SIMKEY": "AIzaSyWrongKey999999999999"})
         assert rc == 3 and "refused the credentials (HTTP 400: API key not valid" in err, err
         assert "WrongKey" not in err and "Traceback" not in err
-        online = cli_args(sim, inp, tmp_path / "bad-online", "--api-key-env", "SIMKEY", "--mode", "online")
+        args = cli_args(sim, inp, tmp_path / "bad-online", "--api-key-env", "SIMKEY")
+        at = args.index("--mode")  # "--mode batch --batch-linger X --batch-poll Y": batch mode only
+        online = [*args[:at], "--mode", "online", *args[at + 6 :]]
         rc, _, err = await fair(*online, env={"SIMKEY": "AIzaSyWrongKey999999999999"})
         assert rc == 3 and "refused the credentials (HTTP 400" in err, err  # online: the same abort
         rc, _, err = await fair(*cli_args(sim, inp, tmp_path / "none"))

@@ -13,8 +13,9 @@ import time
 from fakeserver import FakeServer
 
 from engine.config import EndpointConfig
-from engine.request.cache import KeyPrefixes, ResponseCache, cache_key
+from engine.request.cache import ResponseCache, cache_key
 from engine.request.client import Engine
+from engine.rundir.idset import HashSet64, key_hash
 from engine.types import ChatRequest, Choice, Completion, Message, Usage, user
 
 
@@ -66,16 +67,17 @@ def test_key_is_canonical_and_covers_what_determines_the_answer():
     assert len(keys) == len(variants) and key not in keys
 
 
-def test_key_prefixes_know_every_added_key_through_growth():
+def test_key_hashes_know_every_added_key_through_growth_in_under_16_bytes_a_key():
     keys = [hashlib.sha256(b"k%d" % i).digest() for i in range(5000)]
-    known = KeyPrefixes(keys[:100])
+    known = HashSet64.build((key_hash(k) for k in keys[:100]), 100)
     for k in keys[100:]:
-        known.add(k)
-    known.add(keys[0])  # again: no duplicate slot
-    assert all(k in known for k in keys)
+        known.add(key_hash(k))
+    assert not known.add(key_hash(keys[0]))  # again: no duplicate
+    assert len(known) == 5000 and all(key_hash(k) in known for k in keys)
     others = [hashlib.sha256(b"x%d" % i).digest() for i in range(5000)]
-    assert sum(k in known for k in others) == 0  # 64-bit prefixes: a false hit is ~1e-12
-    assert bytes(8) + b"rest" not in known and b"\x00" * 32 not in KeyPrefixes()
+    assert sum(key_hash(k) in known for k in others) == 0  # 64-bit hashes: a false hit is ~1e-12
+    assert HashSet64.from_sorted(known.to_bytes()).to_bytes() == known.to_bytes()
+    assert known.nbytes() <= 16 * len(known)
 
 
 async def test_entries_persist_and_are_visible_before_commit(tmp_path):
@@ -95,9 +97,9 @@ async def test_entries_persist_and_are_visible_before_commit(tmp_path):
 
 
 async def test_buffered_writes_stay_bounded_when_puts_outrun_the_writer(tmp_path):
-    """Puts in a tight loop (faster than SQLite commits): the write buffer never holds more than
-    MAX_BUFFERED entries plus the batch being written (it held every entry, ~450 B each, when the
-    writer fell behind), and every entry is stored in the end."""
+    """Puts in a tight loop (faster than SQLite commits): the entries handed to the writer and not
+    yet committed never exceed MAX_BUFFERED (they held every entry, ~450 B each, when the writer
+    fell behind), and every entry is stored in the end."""
     from engine.request import cache as cache_mod
 
     cache = ResponseCache(tmp_path / "c.sqlite")
@@ -105,12 +107,49 @@ async def test_buffered_writes_stay_bounded_when_puts_outrun_the_writer(tmp_path
     n = 6 * cache_mod.MAX_BUFFERED
     for i in range(n):
         cache.put(hashlib.sha256(b"%d" % i).digest(), done(f"a{i}"))
-        most = max(most, len(cache._pending) + len(cache._writing))
-    assert most <= cache_mod.MAX_BUFFERED + cache_mod.FLUSH_EVERY
+        most = max(most, len(cache._pending))
+    assert most <= cache_mod.MAX_BUFFERED
     await cache.flush()
     cache.close()
     again = ResponseCache(tmp_path / "c.sqlite")
     assert len(again) == n and again.get(hashlib.sha256(b"7").digest()).choices[0].text == "a7"
+    again.close()
+
+
+async def test_an_answer_is_committed_within_50_ms_without_a_flush(tmp_path):
+    """The writer thread commits each answer as it arrives: another connection sees it within
+    ~50 ms with nothing flushed or closed (it waited up to 0.5 s or 256 entries before)."""
+    path = tmp_path / "c.sqlite"
+    cache = ResponseCache(path)
+    other = sqlite3.connect(path)
+    lags = []
+    for i in range(20):
+        key = hashlib.sha256(b"d%d" % i).digest()
+        t0 = time.monotonic()
+        cache.put(key, done(f"d{i}"))
+        while other.execute("SELECT 1 FROM responses WHERE key = ?", (key,)).fetchone() is None:
+            assert time.monotonic() - t0 < 2.0, "never committed"
+            time.sleep(0.001)
+        lags.append(time.monotonic() - t0)
+    other.close()
+    assert sorted(lags)[len(lags) // 2] < 0.05 and cache.commit_lag_s < 0.5
+    cache.close()
+
+
+async def test_one_commit_of_many_rows_keeps_every_entry_and_the_last_value_of_a_key(tmp_path):
+    """The writer inserts a batch many rows per statement (chunks of powers of two): an odd count
+    of entries put in one burst are all stored, and a key put twice keeps its second value."""
+    cache = ResponseCache(tmp_path / "c.sqlite")
+    keys = [hashlib.sha256(b"m%d" % i).digest() for i in range(1000 + 37)]
+    for i, key in enumerate(keys):
+        cache.put(key, done(f"first{i}"))
+    cache.put(keys[5], done("second5"))  # most likely in the same batch as its first value
+    await cache.flush()
+    cache.close()
+    again = ResponseCache(tmp_path / "c.sqlite")
+    assert len(again) == len(keys)
+    assert [again.get(k).choices[0].text for k in keys[4:7]] == ["first4", "second5", "first6"]
+    assert again.get(keys[-1]).choices[0].text == f"first{len(keys) - 1}"
     again.close()
 
 

@@ -31,7 +31,7 @@ def test_openai_body_carries_sampling_n_and_seed():
     assert body == {
         "model": "m-1",
         "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
-        "max_tokens": 9,
+        "max_completion_tokens": 9,  # max_tokens is deprecated
         "temperature": 0.0,
         "n": 3,
         "seed": 7,
@@ -167,7 +167,7 @@ def test_parse_duration_openai_style(text, seconds):
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", None, "soon", "1x", "s1"])
+@pytest.mark.parametrize("text", ["", None, "soon", "1x", "s1", "inf", "infs", "nan", "-5", "1e3", "5s-1s"])
 def test_parse_duration_rejects_garbage(text):
     assert parse_duration(text) is None
 
@@ -203,10 +203,13 @@ def test_error_message_is_one_short_safe_line(body):
 @pytest.mark.parametrize(
     ("headers", "expected"),
     [
-        ({"retry-after": "inf"}, {"retry-after": "600.000"}),
-        ({"retry-after": "-5"}, {"retry-after": "0.000"}),
+        ({"retry-after": "inf"}, {}),  # not a delay: ignored (the engine's backoff), never 600 s
+        ({"retry-after": "-5"}, {}),
         ({"retry-after": "nan"}, {}),
-        ({"retry-after-ms": "1e20"}, {"retry-after-ms": "600000.000"}),
+        ({"retry-after": "1e308"}, {}),
+        ({"retry-after": "9" * 400}, {"retry-after": "600.000"}),  # valid but huge: clamped
+        ({"retry-after-ms": "1e20"}, {}),
+        ({"retry-after-ms": "99999999999999999999"}, {"retry-after-ms": "600000.000"}),
         ({"x-ratelimit-remaining-requests": "0"}, {}),  # a count with no reset and no limit: no rate
         (
             {"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "99999h"},
@@ -216,3 +219,36 @@ def test_error_message_is_one_short_safe_line(body):
 )
 def test_server_durations_are_clamped_and_junk_dropped(headers, expected):
     assert provider("openai").limits(headers) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "verdict", "later"),
+    [
+        (200, b"{}", "OK", False),
+        (429, b"", "ADMISSION", True),
+        (401, b"", "ABORT", False),
+        (403, b"", "ABORT", False),
+        (
+            400,
+            b'{"error": {"details": [{"reason": "API_KEY_INVALID"}]}}',
+            "ABORT",
+            False,
+        ),
+        (400, b'{"error": {"message": "prompt too long"}}', "FAIL", False),
+        (404, b"", "FAIL", False),
+        (408, b"", "RETRY", True),
+        (500, b"", "RETRY", True),
+        (529, b"", "RETRY", True),
+        (599, b"", "RETRY", True),
+    ],
+)
+def test_one_status_table_for_online_batch_and_admission(status, body, verdict, later):
+    """The one table (``providers.status``): what the online engine, the Batch API items and
+    control calls, and admission each make of a status."""
+    from engine.request.admission import Released, released
+    from engine.request.providers.status import Verdict, again_later, classify
+
+    assert classify(status, body) is Verdict[verdict]
+    assert again_later(status) is later  # a batch item / control call: a later batch or poll
+    expected = {"OK": Released.OK, "ADMISSION": Released.THROTTLED}.get(verdict, Released.OTHER)
+    assert released(status) is expected and released(0) is Released.NO_ANSWER

@@ -70,6 +70,8 @@ async def test_key_not_in_exceptions_or_reprs(monkeypatch, provider):
                 await engine.complete("a", ChatRequest(messages=user("q")))
             assert "you sent" in str(err.value) and not leaked(str(err.value))
             assert not leaked(repr(engine)) and not leaked(repr(engine._lanes)) and not leaked(repr(cfg))
+            target = engine.lanes["a"].target  # what the executor is handed: no key shown
+            assert not leaked(repr(target)) and any(leaked(v) for v in target.headers.values())
             assert not leaked(str(engine.snapshot()))
             srv.rule = lambda s: "status:500"
             with pytest.raises(RequestError) as err:

@@ -24,7 +24,8 @@ empty loop on the hot path.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from engine.types import Completion
@@ -38,8 +39,8 @@ class Call:
     """One logical call to one endpoint (its HTTP tries, 429s and retries included)."""
 
     __slots__ = (
-        "attempts", "batch", "endpoint", "est_tokens", "http_429", "model", "stage", "started", "status",
-        "timed_out",
+        "attempts", "batch", "dropped", "endpoint", "est_tokens", "http_429", "model", "stage", "started",
+        "status", "timed_out",
     )  # fmt: skip
 
     def __init__(self, endpoint: str, model: str, est_tokens: float = 0.0, stage: str = ""):
@@ -52,6 +53,7 @@ class Call:
         self.status = 0  # HTTP status of the last try; 0 = no reply
         self.timed_out = False  # the last try hit its deadline
         self.batch: str | None = None  # the provider batch that answered it (a Batch API executor)
+        self.dropped: tuple[str, ...] = ()  # parameters it made the endpoint drop (a 400 named them)
         self.started = time.monotonic()
 
     def __repr__(self) -> str:
@@ -81,16 +83,28 @@ class Observer:
 
 
 class Events:
-    """The observers of one engine, as one tuple of bound methods per event."""
+    """The observers of one engine, as one tuple of bound methods per event (declared below, so
+    a reader and mypy see every hook; ``_build`` fills them from the observers' overrides)."""
 
     __slots__ = ("observers", *EVENTS)
+
+    requested: tuple[Callable[[Call], None], ...]
+    cached: tuple[Callable[[Call, Completion], None], ...]
+    admitted: tuple[Callable[[Call], None], ...]
+    sent: tuple[Callable[[Call], None], ...]
+    answered: tuple[Callable[[Call], None], ...]
+    throttled: tuple[Callable[[Call], None], ...]
+    retried: tuple[Callable[[Call], None], ...]
+    completed: tuple[Callable[[Call, Completion], None], ...]
+    failed: tuple[Callable[[Call, BaseException], None], ...]
 
     def __init__(self, observers: tuple[Observer, ...] = ()):
         self.observers: tuple[Observer, ...] = ()
         for obs in observers:
-            self.add(obs)
-        if not observers:
-            self._build()
+            if not isinstance(obs, Observer):
+                raise TypeError(f"{obs!r} is not an engine.request.events.Observer")
+        self.observers = tuple(observers)
+        self._build()
 
     def add(self, observer: Observer) -> None:
         if not isinstance(observer, Observer):
@@ -103,7 +117,20 @@ class Events:
         self._build()
 
     def _build(self) -> None:
-        for name in EVENTS:
-            base = getattr(Observer, name)
-            hooks = tuple(getattr(o, name) for o in self.observers if getattr(type(o), name) is not base)
-            setattr(self, name, hooks)
+        obs = self.observers
+        self.requested = _hooks(obs, "requested")
+        self.cached = _hooks(obs, "cached")
+        self.admitted = _hooks(obs, "admitted")
+        self.sent = _hooks(obs, "sent")
+        self.answered = _hooks(obs, "answered")
+        self.throttled = _hooks(obs, "throttled")
+        self.retried = _hooks(obs, "retried")
+        self.completed = _hooks(obs, "completed")
+        self.failed = _hooks(obs, "failed")
+
+
+def _hooks(observers: tuple[Observer, ...], name: str) -> tuple[Any, ...]:
+    """The bound ``name`` methods of the observers that override it (an event nobody observes
+    is an empty tuple: one empty loop on the hot path)."""
+    base = getattr(Observer, name)
+    return tuple(getattr(o, name) for o in observers if getattr(type(o), name) is not base)

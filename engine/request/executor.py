@@ -1,10 +1,11 @@
 """Executors: how an encoded request body reaches an endpoint and its reply comes back.
 
 The engine decides *what* to send and *when* (cache, admission, retries); an executor only
-*sends*::
+*sends*, to a ``Target`` (a small frozen value: url, headers, deadline; never the engine's lane
+with its config, admission and key)::
 
-    await executor.open(lanes)                         # once, before the first call
-    status, body, headers = await executor.send(lane, body, key)
+    await executor.open(targets)                       # once, before the first call
+    status, body, headers = await executor.send(target, body, key)
     await executor.close()
 
 ``key`` names the request (the cache key in hex, ``-i`` added for part i of a fan-out): the
@@ -19,15 +20,42 @@ in-memory server plugs in here without touching the engine or the stages.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
 if TYPE_CHECKING:
-    from engine.request.client import Lane
+    from engine.config import BatchConfig
 
 Reply = tuple[int, bytes, Mapping[str, str]]
 BATCH_HEADER = "x-fair-batch"  # reply header an executor sets to the provider batch that answered
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTarget:
+    """What a Batch API executor needs beyond the online target: the endpoint's identity (its
+    ``custom_id`` without a key, the journal) and its ``[endpoints.X.batch]`` settings."""
+
+    provider: str
+    base_url: str
+    model: str
+    key_env: str | None
+    settings: BatchConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one endpoint's requests go. ``headers`` carry the credentials and ``secret`` is the
+    key to mask out of messages: neither is ever shown (``repr``)."""
+
+    endpoint: str
+    url: str
+    headers: Mapping[str, str] = field(repr=False)
+    timeout_s: float
+    concurrency: int
+    secret: str | None = field(default=None, repr=False)
+    batch: BatchTarget | None = None  # set for a ``mode = "batch"`` endpoint
 
 
 class SendError(Exception):
@@ -39,16 +67,16 @@ class SendError(Exception):
 
 
 class Executor(Protocol):
-    async def open(self, lanes: Mapping[str, Lane]) -> None: ...
-    async def send(self, lane: Lane, body: bytes, key: str | None = None) -> Reply: ...
+    async def open(self, targets: Mapping[str, Target]) -> None: ...
+    async def send(self, target: Target, body: bytes, key: str | None = None) -> Reply: ...
     async def close(self) -> None: ...
 
 
 class HttpExecutor:
     """POST over one aiohttp session per endpoint, its auth headers set once on the session.
 
-    Every attempt has a wall-clock deadline (``EndpointConfig.timeout_s``, an aiohttp
-    ``ClientTimeout`` on the session, so it costs nothing per request)."""
+    Every attempt has a wall-clock deadline (``Target.timeout_s``, an aiohttp ``ClientTimeout``
+    on the session, so it costs nothing per request)."""
 
     def __init__(self) -> None:
         self._sessions: dict[str, aiohttp.ClientSession] = {}
@@ -56,26 +84,27 @@ class HttpExecutor:
     def __repr__(self) -> str:
         return f"HttpExecutor(endpoints={list(self._sessions)})"
 
-    async def open(self, lanes: Mapping[str, Lane]) -> None:
-        for name, lane in lanes.items():
-            cfg = lane.cfg
-            connector = aiohttp.TCPConnector(limit=cfg.concurrency + 8, limit_per_host=0, ttl_dns_cache=300)
+    async def open(self, targets: Mapping[str, Target]) -> None:
+        for name, target in targets.items():
+            connector = aiohttp.TCPConnector(
+                limit=target.concurrency + 8, limit_per_host=0, ttl_dns_cache=300
+            )
             self._sessions[name] = aiohttp.ClientSession(
                 connector=connector,
-                headers={**lane.provider.headers(lane.key), **cfg.headers},
-                timeout=aiohttp.ClientTimeout(total=cfg.timeout_s),
+                headers=dict(target.headers),
+                timeout=aiohttp.ClientTimeout(total=target.timeout_s),
                 raise_for_status=False,
             )
 
-    async def send(self, lane: Lane, body: bytes, key: str | None = None) -> Reply:
-        session = self._sessions.get(lane.name)
+    async def send(self, target: Target, body: bytes, key: str | None = None) -> Reply:
+        session = self._sessions.get(target.endpoint)
         if session is None:
             raise RuntimeError("Engine is not open: use `async with Engine(...) as engine`")
         try:
-            async with session.post(lane.provider.url, data=body) as resp:
+            async with session.post(target.url, data=body) as resp:
                 return resp.status, await resp.read(), resp.headers
         except TimeoutError:
-            raise SendError(f"no reply within {lane.cfg.timeout_s:g}s", timeout=True) from None
+            raise SendError(f"no reply within {target.timeout_s:g}s", timeout=True) from None
         except aiohttp.ClientError as exc:
             detail = str(exc)
             raise SendError(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__) from None

@@ -24,13 +24,15 @@ the very same families over its workers' samples, ``merge``d (``engine.scale.met
 from __future__ import annotations
 
 import bisect
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from engine.errors import ConfigError
 from engine.request.events import Call, Observer
 from engine.request.stats import EndpointStats
 from engine.types import Completion
@@ -101,7 +103,7 @@ class Windows(Observer):
 #  "stages": {(stage, outcome): value} | None}
 Sample = dict[str, Any]
 COUNTERS = ("ok", "cache_hits", "errors", "calls", "http_429", "retries", "timeouts", "prompt_tokens",
-            "completion_tokens", "cost_usd")  # fmt: skip
+            "completion_tokens", "reasoning_tokens", "cached_tokens", "cost_usd")  # fmt: skip
 
 
 def sample(
@@ -131,7 +133,7 @@ def sample(
 def merge(samples: Iterable[Sample], names: Iterable[str] = ()) -> Sample:
     """Samples of several processes as one: counters, gauges and buckets summed (the rates of
     workers add up), ``admission_rpm`` the highest; every endpoint of ``names`` has a row."""
-    zero = {**dict.fromkeys((*COUNTERS, "in_flight", "latency_sum", "rpm", "tpm"), 0),
+    zero: dict[str, Any] = {**dict.fromkeys((*COUNTERS, "in_flight", "latency_sum", "rpm", "tpm"), 0),
             "buckets": [0] * (len(LATENCY_BUCKETS) + 1), "admission_rpm": None}  # fmt: skip
     endpoints: dict[str, dict[str, Any]] = {name: dict(zero, buckets=list(zero["buckets"])) for name in names}
     stages: dict[tuple[str, str], float] | None = None
@@ -180,6 +182,9 @@ def families(smp: Sample) -> Iterator[Metric]:
         in_flight.add_metric([name], s["in_flight"])
         tokens.add_metric([name, "prompt"], s["prompt_tokens"])
         tokens.add_metric([name, "completion"], s["completion_tokens"])
+        # parts of the two above: thinking (billed as output) and cache reads (prompt, cheaper)
+        tokens.add_metric([name, "reasoning"], s.get("reasoning_tokens", 0))
+        tokens.add_metric([name, "cached"], s.get("cached_tokens", 0))
         cost.add_metric([name], s["cost_usd"])
         rpm.add_metric([name], s["rpm"])
         tpm.add_metric([name], s["tpm"])
@@ -228,13 +233,13 @@ class MetricsServer:
         try:
             self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
         except OSError as exc:
-            from engine.errors import ConfigError
-
             raise ConfigError(
                 f"--metrics-port {port}: cannot listen on {host}:{port}: {exc.strerror}"
             ) from None
         self.port = self._httpd.server_port
         self.url = f"http://{host}:{self.port}/metrics"
+        # say where (`--metrics-port 0` picks a free port: the only way to learn which)
+        print(f"fair: serving Prometheus metrics on {self.url}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self._httpd.shutdown()
@@ -253,24 +258,3 @@ def serve_engine(engine: Engine, port: int | None, stages: StageCounts | None = 
     if port is None:
         return None
     return MetricsServer(EngineMetrics(engine, stages).registry, port)
-
-
-def exposition(
-    prefix: str, counters: Mapping[str, float], gauges: Mapping[str, float] = {}
-) -> tuple[bytes, str]:
-    """Plain numbers as a Prometheus text page: ``(body, content type)`` for a server's own
-    ``/metrics`` handler (``fair serve-student``). Counters get ``_total``."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Numbers(prefix, counters, gauges))
-    return generate_latest(registry), CONTENT_TYPE_LATEST
-
-
-class _Numbers:
-    def __init__(self, prefix: str, counters: Mapping[str, float], gauges: Mapping[str, float]):
-        self.prefix, self.counters, self.gauges = prefix, counters, gauges
-
-    def collect(self) -> Iterator[Metric]:
-        for name, value in self.counters.items():
-            yield CounterMetricFamily(f"{self.prefix}_{name}", name.replace("_", " "), value=value)
-        for name, value in self.gauges.items():
-            yield GaugeMetricFamily(f"{self.prefix}_{name}", name.replace("_", " "), value=value)

@@ -21,7 +21,9 @@ class EndpointStats(msgspec.Struct):
     http_429: int = 0
     retries: int = 0  # attempts after a failed one (5xx, reset, timeout, bad body)
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # reasoning tokens included (billed as output)
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens read from the provider's cache (priced price_cached_in)
     cost_usd: float = 0.0
     calls: int = 0  # HTTP calls sent, 429s and retries included
     timeouts: int = 0
@@ -61,6 +63,8 @@ class StatsObserver(Observer):
         s.ok += 1
         s.prompt_tokens += done.usage.prompt_tokens
         s.completion_tokens += done.usage.completion_tokens
+        s.reasoning_tokens += done.usage.reasoning_tokens
+        s.cached_tokens += done.usage.cached_tokens
         s.cost_usd += done.cost_usd
 
     def failed(self, call: Call, error: BaseException) -> None:

@@ -1,10 +1,13 @@
 """Call trace: one JSON line per API call in ``RUN_DIR/trace/shard-*.jsonl``.
 
-Fields: ts (unix seconds), endpoint, model, latency_s, prompt/completion tokens, cost_usd,
+Fields: ts (unix seconds), endpoint, model, latency_s, prompt/completion tokens (reasoning_tokens:
+the thinking among the completion tokens; cached_tokens, cache_write_tokens: the cache reads and
+writes among the prompt tokens), cost_usd,
 attempts, http_429 (rate-limit answers before it went through), cache_hit, status (HTTP status
 of the last attempt; 0 = no answer), error (the exception class of a failed call) and, only for
 a call answered through a provider Batch API, batch (that batch's id); stage (what the call was
-for: student, rationale, feedback, review) when the caller said. Never a key, a header or
+for: student, rationale, feedback, review) when the caller said; dropped (the parameters the
+endpoint stopped sending after this call's 400 named them) when any. Never a key, a header or
 a message body.
 
 ``TraceObserver`` turns request events (``engine.request.events``) into lines; ``Trace`` writes them
@@ -16,6 +19,7 @@ folder seals the torn shard and opens a new one beside it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,9 @@ from typing import Any
 import msgspec
 
 from engine.request.events import Call, Observer
+from engine.rundir import tracesum
 from engine.rundir.store import ShardWriter
+from engine.rundir.tracesum import TraceTotals
 from engine.types import Completion
 
 SHARD_LINES = 1_000_000
@@ -36,6 +42,9 @@ class TraceEvent(msgspec.Struct, kw_only=True):
     latency_s: float
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
     cost_usd: float = 0.0
     attempts: int = 1
     http_429: int = 0
@@ -44,14 +53,19 @@ class TraceEvent(msgspec.Struct, kw_only=True):
     error: str | None = None
     batch: str | msgspec.UnsetType = msgspec.UNSET  # omitted unless a Batch API answered
     stage: str | msgspec.UnsetType = msgspec.UNSET  # omitted unless the caller named one
+    dropped: list[str] | msgspec.UnsetType = msgspec.UNSET  # omitted unless a 400 made it drop some
 
 
 class Trace:
     """Buffered JSONL writer of ``TraceEvent`` lines."""
 
-    def __init__(self, folder: str | Path, writer: str = ""):
+    def __init__(self, folder: str | Path, writer: str = "", compress: str = "none"):
+        """``compress = "zstd"``: a shard is compressed when sealed (``run.compress``)."""
         self.folder = Path(folder)
         self._shards = ShardWriter.resume(self.folder, writer, SHARD_LINES)
+        self._shards.compress = compress
+        self._shards.on_seal = self._sealed
+        self.totals = TraceTotals()  # of the shard being written (engine.rundir.tracesum)
         self._encoder = msgspec.json.Encoder()
         self.lines = 0
 
@@ -62,8 +76,16 @@ class Trace:
         shards = self._shards
         self._encoder.encode_into(event, shards.pending, -1)
         shards.pending += b"\n"
+        self.totals.add(event, event.stage or None)
         shards.append()
         self.lines += 1
+
+    def _sealed(self, shard: Path) -> None:
+        """Save the totals of the shard just sealed, so ``fair status`` need not read it; a
+        failure to save only means it will be read."""
+        totals, self.totals = self.totals, TraceTotals()
+        with contextlib.suppress(OSError):
+            tracesum.save(self.folder.parent, shard, totals)
 
     def flush(self) -> None:
         self._shards.flush()
@@ -98,30 +120,54 @@ class TraceObserver(Observer):
             http_429=call.http_429,
             status=call.status,
             batch=call.batch or msgspec.UNSET,
+            dropped=list(call.dropped) or msgspec.UNSET,
             **fields,
         )
 
     def cached(self, call: Call, done: Completion) -> None:
-        u = done.usage
         self._write(
             call,
             latency_s=0.0,
-            prompt_tokens=u.prompt_tokens,
-            completion_tokens=u.completion_tokens,
+            **_tokens(done),
             attempts=0,
             cache_hit=True,
             status=200,
         )
 
     def completed(self, call: Call, done: Completion) -> None:
+        """The line of every answered call (``_sent`` spelled out: one per record, the hot path)."""
         u = done.usage
-        self._sent(
-            call,
-            latency_s=round(done.latency_s, 6),
-            prompt_tokens=u.prompt_tokens,
-            completion_tokens=u.completion_tokens,
-            cost_usd=done.cost_usd,
+        self.trace.write(
+            TraceEvent(
+                ts=time.time(),
+                endpoint=call.endpoint,
+                model=call.model,
+                stage=call.stage or msgspec.UNSET,
+                attempts=call.attempts,
+                http_429=call.http_429,
+                status=call.status,
+                batch=call.batch or msgspec.UNSET,
+                dropped=list(call.dropped) or msgspec.UNSET,
+                latency_s=round(done.latency_s, 6),
+                prompt_tokens=u.prompt_tokens,
+                completion_tokens=u.completion_tokens,
+                reasoning_tokens=u.reasoning_tokens,
+                cached_tokens=u.cached_tokens,
+                cache_write_tokens=u.cache_write_tokens,
+                cost_usd=done.cost_usd,
+            )
         )
 
     def failed(self, call: Call, error: BaseException) -> None:
         self._sent(call, latency_s=round(call.elapsed_s, 6), error=type(error).__name__)
+
+
+def _tokens(done: Completion) -> dict[str, int]:
+    u = done.usage
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "reasoning_tokens": u.reasoning_tokens,
+        "cached_tokens": u.cached_tokens,
+        "cache_write_tokens": u.cache_write_tokens,
+    }

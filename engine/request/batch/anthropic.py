@@ -114,9 +114,12 @@ class AnthropicBatchWire(BatchWire, batch=_Batch):
             url = remote.output  # results_url, only on our own host: the key goes with it
         await self._fetch(url, out)
 
-    def parse(self, lines: Iterable[bytes], remote: Remote, ids: list[str]) -> Iterator[Outcome]:
-        """Outcomes, one by one (any order); ``Truncated`` on a bad line or missing lines."""
-        for line in results(_line, lines, remote.n, "results"):
+    def parse(
+        self, lines: Iterable[bytes], remote: Remote, ids: list[str], bad: list[int] | None = None
+    ) -> Iterator[Outcome]:
+        """Outcomes, one by one (any order); ``Truncated`` on a bad line or missing lines
+        (``bad``: see ``wire.results``)."""
+        for line in results(_line, lines, min(remote.n, len(ids)), "results", bad):
             r = line.result
             if r.type == "succeeded" and bytes(r.message) != b"null":
                 yield line.custom_id, 200, bytes(r.message)

@@ -7,20 +7,31 @@
                                                ids) at the provider; their items are not paid for
 
 ``cancel`` reads the endpoint's base URL and the *name* of its key variable from the journal and
-the key from the environment. Exit 2 for a run directory without a journal or an unknown id.
+the key from the environment. Cancelling a batch whose create never answered readably (no provider
+id) forgets it: a rerun no longer waits for it. Exit 2 for a run directory without a journal or an
+unknown id; 1 when the provider did not cancel one of them (each named on one line: the command
+ran, that batch is still there, try again); 3 when it refused the credentials. Everything the
+journal or a provider holds is printed through ``engine.errors.one_line`` (no raw control bytes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from typing import Any
 
 import aiohttp
+import msgspec
 
+from engine.config import EndpointConfig
 from engine.errors import ConfigError, UsageError, one_line
+from engine.request.batch.anthropic import AnthropicBatchWire
+from engine.request.batch.gemini import GeminiBatchWire
 from engine.request.batch.journal import BatchInfo, Journal
-from engine.request.batch.wire import ControlError
+from engine.request.batch.openai import OpenAIBatchWire
+from engine.request.batch.wire import BatchWire, ControlError, checked
+from engine.request.providers import make_provider
 
 
 def _journal(run_dir: str) -> Journal:
@@ -42,16 +53,15 @@ def _pick(j: Journal, ident: str) -> BatchInfo:
     raise UsageError(f"{j.path}: no batch {one_line(ident, 80)!r} (see `fair batches list`)")
 
 
-async def _cancel(infos: list[BatchInfo], j: Journal) -> list[str]:
-    import os
-
-    from engine.request.batch.anthropic import AnthropicBatchWire
-    from engine.request.batch.gemini import GeminiBatchWire
-    from engine.request.batch.openai import OpenAIBatchWire
-    from engine.request.providers import make_provider
-
-    wires = {"openai": OpenAIBatchWire, "anthropic": AnthropicBatchWire, "gemini": GeminiBatchWire}
-    done = []
+async def _cancel(infos: list[BatchInfo], j: Journal) -> tuple[list[str], int]:
+    """Cancel each batch at its provider: the lines to print, and how many the provider did not
+    cancel (each said on stderr)."""
+    wires: dict[str, type[BatchWire]] = {
+        "openai": OpenAIBatchWire,
+        "anthropic": AnthropicBatchWire,
+        "gemini": GeminiBatchWire,
+    }
+    done, failed = [], 0
     for b in infos:
         if not b.id or not b.base_url:
             continue
@@ -62,21 +72,21 @@ async def _cancel(infos: list[BatchInfo], j: Journal) -> list[str]:
         key = os.environ.get(b.key_env) if b.key_env else None
         if b.key_env and not key:
             raise ConfigError(f"environment variable {b.key_env} (the key of endpoint {b.lane!r}) is not set")
-        from engine.config import EndpointConfig
-
-        headers = make_provider(EndpointConfig(provider=b.provider, base_url=b.base_url, model="x")).headers(
-            key
+        endpoint = msgspec.convert(
+            {"provider": b.provider, "base_url": b.base_url, "model": "x"}, EndpointConfig
         )
+        headers = make_provider(endpoint).headers(key)
         headers.pop("Content-Type", None)
         async with aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=60)) as s:
             try:
                 remote = await wires[b.provider](s, b.base_url, key, b.lane).cancel(b.id)
             except ControlError as exc:
-                print(f"fair batches: {b.id}: {exc}", file=sys.stderr)
+                failed += 1
+                print(f"fair batches: not canceled: {one_line(f'{b.local} {b.id}: {exc}')}", file=sys.stderr)
                 continue
         j.write("canceled", b.local)
-        done.append(f"{b.local} {b.id} {remote.status}")
-    return done
+        done.append(one_line(f"{b.local} {b.id} {remote.status}"))
+    return done, failed
 
 
 def cli_main(args: Any) -> int:
@@ -84,30 +94,49 @@ def cli_main(args: Any) -> int:
     if args.action == "list":
         for b in j.batches.values():
             flag = " canceled" if b.canceled else ""
-            print(f"{b.local}\t{b.lane}\t{b.state}{flag}\t{b.id or '-'}\t{b.n} requests\t{b.status or '-'}")
+            cells = (b.local, b.lane, b.state + flag, b.id or "-", f"{b.n} requests", b.status or "-")
+            print("\t".join(one_line(c, 200) for c in cells))
         return 0
     if args.action == "attach":
-        if len(args.ids) != 2:
-            raise UsageError(
-                "fair batches attach RUN_DIR LOCAL BATCH_ID: give the local id and the provider's"
-            )
-        b = _pick(j, args.ids[0])
-        bid = args.ids[1].removeprefix("batches/")  # Gemini's resource name: batches/ID
-        if b.id and b.id != bid:
-            raise UsageError(f"batch {b.local} is already {b.state} as {b.id}")
-        j.write("submitted", b.local, id=bid)
-        print(f"fair batches: {b.local} attached to {bid}; run the same command again to collect it")
-        return 0
-    running = [b for b in j.batches.values() if b.state == "submitted" and not b.canceled]
-    for b in j.batches.values():
-        if b.state == "creating":
-            print(
-                f"fair batches: {b.local} was being created when the run stopped: run it again to find the "
-                "provider batch, then cancel it",
-                file=sys.stderr,
-            )
-    if args.ids:
-        running = [_pick(j, i) for i in args.ids]
-    for line in asyncio.run(_cancel(running, j)):
-        print(f"fair batches: canceled {line}")
+        return _attach(j, args.ids)
+    return _cancel_cmd(j, args.ids)
+
+
+def _attach(j: Journal, ids: list[str]) -> int:
+    """``fair batches attach RUN_DIR LOCAL BATCH_ID``: the journal records the provider batch."""
+    if len(ids) != 2:
+        raise UsageError("fair batches attach RUN_DIR LOCAL BATCH_ID: give the local id and the provider's")
+    b = _pick(j, ids[0])
+    try:  # Gemini's resource name: batches/ID; it goes into URLs: a plain id only
+        bid = checked(ids[1].removeprefix("batches/"), "", "batch")
+    except ControlError:
+        raise UsageError(f"BATCH_ID {one_line(repr(ids[1]), 100)} is not a provider batch id") from None
+    if b.id and b.id != bid:
+        raise UsageError(f"batch {b.local} is already {b.state} as {one_line(b.id, 100)}")
+    j.write("submitted", b.local, id=bid)
+    print(f"fair batches: {one_line(b.local)} attached to {bid}; run the same command again to collect it")
     return 0
+
+
+def _cancel_cmd(j: Journal, ids: list[str]) -> int:
+    """``fair batches cancel RUN_DIR [ID ...]``: exit 0, or 1 when a cancel failed at the provider."""
+    running = [b for b in j.batches.values() if b.state == "submitted" and not b.canceled]
+    if ids:
+        running = [_pick(j, i) for i in ids]
+        for b in running:
+            if b.state == "creating" and not b.id:  # no provider id to cancel: forget it
+                j.write("canceled", b.local)
+                print(f"fair batches: forgot {one_line(b.local)} (no provider batch known for it)")
+    else:
+        for b in j.batches.values():
+            if b.state == "creating":
+                print(
+                    f"fair batches: {one_line(b.local)} was being created when the run stopped: run it "
+                    "again to find the provider batch, then cancel it (or `fair batches cancel RUN_DIR "
+                    f"{one_line(b.local)}` to forget it)",
+                    file=sys.stderr,
+                )
+    done, failed = asyncio.run(_cancel(running, j))
+    for line in done:
+        print(f"fair batches: canceled {line}")
+    return 1 if failed else 0

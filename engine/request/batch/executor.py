@@ -1,7 +1,7 @@
 """``BatchExecutor``: an ``engine.request.executor.Executor`` that sends a ``mode = "batch"`` endpoint's
 requests through the provider's Batch API; other endpoints go online (``HttpExecutor``).
 
-``send(lane, body, key)`` puts the encoded body into the lane's open batch and returns the item's
+``send(target, body, key)`` puts the encoded body into the endpoint's open batch and returns the item's
 ``(status, raw reply, headers)`` when that batch has ended, so the engine's cache, stages and
 provider decoding are unchanged. A batch is submitted after ``linger_s`` without a new request,
 or at ``max_items`` / ``max_bytes``; at most ``max_open`` batches are at the provider at once
@@ -17,17 +17,22 @@ batches apart, and a slot per waiting item would cap the batch size).
 Item outcomes: a reply (200) or a refusal (4xx, e.g. an invalid request) is returned as is; an
 expired, canceled or 5xx item, or one missing from the results, goes into a later batch, at
 most ``max_rounds`` batches in all; then ``fallback = "online"`` sends it once online, ``"none"``
-answers 422 (the record fails, saying why). 401/403 on a control call aborts the run.
+answers 422 (the record fails, saying why). 401/403 on a control call aborts the run. Results are
+downloaded again while a line is unreadable (free); the last try keeps every readable line and
+sends the unreadable items round again. A batch whose status polls fail ``max_poll_failures`` times
+in a row (404, 5xx, an unusable object), or that outlives ``deadline_s``, stops the run (exit 1)
+with one line naming it and the ``fair batches`` commands: never a silent endless poll.
 
 Never paying twice: every batch is journalled (``engine.request.batch.journal``) before and after its
 create; its results are saved to ``RUN_DIR/batches/<local>.results.jsonl`` before they are handed
 out. On open, a resume re-attaches to submitted batches, re-reads (or downloads again) ended
-ones, and looks up batches whose create reply was lost (``wire.find``); a send whose custom_id is
-among them waits for that batch instead of submitting again. ``custom_id`` is ``fd`` + the first
-40 hex digits of the request's cache key (the ``key`` the engine passes, ``-i`` kept for part i of
-a fan-out), so a rerun names every request as before; a send whose ``custom_id`` already waits
-shares that item's answer (never a second item for the same request). Replies carry the batch id
-in ``BATCH_HEADER`` (the trace shows it).
+ones, and looks up batches whose create reply was lost or unreadable (``wire.find``; a create
+answered 2xx in a body we cannot use is never made again: not found, the run stops); a send
+whose custom_id is among them waits for that batch instead of submitting again. ``custom_id`` is
+``fd`` + the first 40 hex digits of the request's cache key (the ``key`` the engine passes, ``-i``
+kept for part i of a fan-out), so a rerun names every request as before; a send whose
+``custom_id`` already waits shares that item's answer (never a second item for the same request).
+Replies carry the batch id in ``BATCH_HEADER`` (the trace shows it).
 """
 
 from __future__ import annotations
@@ -49,8 +54,9 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 
-from engine.errors import AbortRun, FairError
+from engine.errors import AbortRun, FairError, one_line
 from engine.request.batch.anthropic import AnthropicBatchWire
+from engine.request.batch.gemini import GeminiBatchWire
 from engine.request.batch.journal import Journal
 from engine.request.batch.openai import OpenAIBatchWire
 from engine.request.batch.slots import KEY, OPEN, CidList, Slots, pack
@@ -64,12 +70,19 @@ from engine.request.batch.wire import (
     Truncated,
     file_lines,
 )
-from engine.request.executor import BATCH_HEADER, Executor, HttpExecutor, Reply
+from engine.request.executor import (
+    BATCH_HEADER,
+    BatchTarget,
+    Executor,
+    HttpExecutor,
+    Reply,
+    SendError,
+    Target,
+)
 from engine.request.providers import error_message, redact
 
 if TYPE_CHECKING:
     from engine.config import BatchConfig
-    from engine.request.client import Lane
 
 CREATE_TRIES = 5
 DOWNLOAD_TRIES = 6
@@ -92,6 +105,16 @@ class BatchUnreadable(AbortRun):
     """A batch ended but its results stay unreadable: stop rather than pay for them again."""
 
 
+class BatchStalled(AbortRun):
+    """A submitted batch cannot be followed (its polls keep failing, or it outlived
+    ``batch.deadline_s``): the run stops naming it, exit 1 (a person decides what next)."""
+
+    exit_code = 1
+
+
+UNREADABLE = "unreadable_reply"  # the journal's mark on a create answered 2xx in a body we cannot use
+
+
 class Unmetered:
     """The admission of a batch lane: admits at once, counts nothing (see the module doc)."""
 
@@ -105,15 +128,15 @@ class Unmetered:
         return None
 
 
-def custom_id(lane: Lane, body: bytes, key: str | None = None) -> str:
+def custom_id(batch: BatchTarget, body: bytes, key: str | None = None) -> str:
     """``fd`` + 40 hex digits of the cache key ``key`` (+ its ``-i`` part suffix), within Anthropic's
     ``^[a-zA-Z0-9_-]{1,64}$``; without a key, of a blake2b of the endpoint identity and the body."""
     if key is not None:
         head, _, part = key.partition("-")
         if re.fullmatch(r"[0-9a-f]{40,}", head) and re.fullmatch(r"[0-9]{0,9}", part):
             return f"fd{head[:40]}-{part}" if part else f"fd{head[:40]}"
-    cfg = lane.cfg
-    h = hashlib.blake2b(f"{cfg.provider}\0{cfg.base_url.rstrip('/')}\0{cfg.model}\0".encode(), digest_size=20)
+    who = f"{batch.provider}\0{batch.base_url.rstrip('/')}\0{batch.model}\0"
+    h = hashlib.blake2b(who.encode(), digest_size=20)
     h.update(body)
     return "fd" + h.hexdigest()
 
@@ -121,12 +144,17 @@ def custom_id(lane: Lane, body: bytes, key: str | None = None) -> str:
 class _Lane:
     """The batch state of one endpoint."""
 
-    def __init__(self, lane: Lane, wire: Any, session: aiohttp.ClientSession, folder: Path):
-        self.lane = lane
+    def __init__(
+        self, target: Target, batch: BatchTarget, wire: Any, session: aiohttp.ClientSession, folder: Path
+    ):
+        self.target = target
+        self.batch = batch
+        self.name = target.endpoint
+        self.key = target.secret
         # the queued bodies; closed (and so gone) in BatchExecutor.close
         self.spool = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115
         self.spool_end = 0
-        self.cfg: BatchConfig = lane.cfg.batch
+        self.cfg: BatchConfig = batch.settings
         self.wire = wire
         self.session = session
         self.max_items = min(self.cfg.max_items, wire.max_items)
@@ -171,24 +199,23 @@ class BatchExecutor:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    async def open(self, lanes: Mapping[str, Lane]) -> None:
-        await self.online.open(lanes)
-        batch = {name: lane for name, lane in lanes.items() if lane.cfg.mode == "batch"}
+    async def open(self, targets: Mapping[str, Target]) -> None:
+        await self.online.open(targets)
+        batch = {name: t for name, t in targets.items() if t.batch is not None}
         if not batch:
             return
         self.journal = Journal(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for name, lane in batch.items():
-            headers = {**lane.provider.headers(lane.key), **lane.cfg.headers}
+        wires = {"openai": OpenAIBatchWire, "anthropic": AnthropicBatchWire, "gemini": GeminiBatchWire}
+        for name, target in batch.items():
+            assert target.batch is not None
+            b = target.batch
             session = aiohttp.ClientSession(
-                headers={k: v for k, v in headers.items() if k.lower() != "content-type"},
-                timeout=aiohttp.ClientTimeout(total=lane.cfg.timeout_s),
+                headers={k: v for k, v in target.headers.items() if k.lower() != "content-type"},
+                timeout=aiohttp.ClientTimeout(total=target.timeout_s),
             )
-            from engine.request.batch.gemini import GeminiBatchWire
-
-            wires = {"openai": OpenAIBatchWire, "anthropic": AnthropicBatchWire, "gemini": GeminiBatchWire}
-            wire = wires[lane.cfg.provider](session, lane.cfg.base_url, lane.key, name, lane.cfg.model)
-            self._lanes[name] = _Lane(lane, wire, session, self.run_dir)
+            wire = wires[b.provider](session, b.base_url, target.secret, name, b.model)
+            self._lanes[name] = _Lane(target, b, wire, session, self.run_dir)
         for stale in (*self.journal.folder.glob("*.input"), *self.journal.folder.glob("*.results.tmp")):
             stale.unlink(missing_ok=True)  # an upload or a results file a killed run left half-done
         try:
@@ -204,7 +231,7 @@ class BatchExecutor:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self._running:
-            ids = ", ".join(sorted(self._running.values())[:5])
+            ids = one_line(", ".join(sorted(self._running.values())[:5]), 300)
             print(
                 f"fair: {len(self._running)} batch(es) still running at the provider ({ids}); they are "
                 f"recorded in {self.run_dir / 'batches' / 'journal.jsonl'}: run the same command again to "
@@ -233,9 +260,9 @@ class BatchExecutor:
 
     def _task_done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        if task.cancelled() or task.exception() is None:
+        if task.cancelled() or (exc := task.exception()) is None:
             return
-        self._fail_all(task.exception())
+        self._fail_all(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         """A batch task died (refused credentials, an ambiguous lost create...): every caller
@@ -248,24 +275,24 @@ class BatchExecutor:
 
     # -- the seam -----------------------------------------------------------------------------
 
-    async def send(self, lane: Lane, body: bytes, key: str | None = None) -> Reply:
-        if lane.name not in self._lanes:
-            return await self.online.send(lane, body, key)
+    async def send(self, target: Target, body: bytes, key: str | None = None) -> Reply:
+        if target.endpoint not in self._lanes:
+            return await self.online.send(target, body, key)
         # a cancelled caller's item stays waiting: a later send of it adopts the item (no second
         # one), or its answer is kept for one (``_known``)
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._add(lane, body, key, future, -1)
+        self._add(target, body, key, future, -1)
         return await future
 
-    def enqueue(self, lane: Lane, body: bytes, key: str | None, sink: Sink, token: int) -> None:
+    def enqueue(self, target: Target, body: bytes, key: str | None, sink: Sink, token: int) -> None:
         """``send`` without a coroutine or a future, for streaming callers such as ``fair generate
         --mode batch``: ``sink(token, outcome)`` is called once with ``(status, raw, headers)`` or
         the exception, from the event loop; it must not raise. A waiting request costs a slot."""
-        self._add(lane, body, key, sink, token)
+        self._add(target, body, key, sink, token)
 
-    def _add(self, lane: Lane, body: bytes, key: str | None, waiter: Any, token: int) -> None:
-        st = self._lanes[lane.name]
-        cid = custom_id(lane, body, key)
+    def _add(self, target: Target, body: bytes, key: str | None, waiter: Any, token: int) -> None:
+        st = self._lanes[target.endpoint]
+        cid = custom_id(st.batch, body, key)
         outcome = self._error if self._error is not None else self._known.get(cid)
         if outcome is not None:  # a failed run, or an earlier run's batch answered it
             if isinstance(waiter, asyncio.Future):
@@ -352,7 +379,7 @@ class BatchExecutor:
 
     async def _submit(self, st: _Lane, live: array) -> None:
         assert self.journal is not None
-        name = st.lane.name
+        name = st.name
         serial = next(self._serial)
         local = f"fb-{int(time.time() * 1000):x}-{os.getpid()}-{serial}"
         items = st.items
@@ -361,8 +388,8 @@ class BatchExecutor:
             blob += items.keys[slot * KEY : (slot + 1) * KEY]
             items.batch[slot] = serial
         ids = CidList(blob)
-        cfg = st.lane.cfg
-        key_env = cfg.api_key_env or ""
+        cfg = st.batch
+        key_env = cfg.key_env or ""
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", key_env) or redact(key_env) != key_env:
             key_env = ""  # only a variable's name is written, never something shaped like a key
         self.journal.write(
@@ -399,34 +426,47 @@ class BatchExecutor:
         """Create the batch; a lost reply is looked up before trying again. None: the items
         have been answered (refused) or handed back to the engine to retry."""
         assert self.journal is not None
-        last = ""
+        last, answered = "", False
         for attempt in range(CREATE_TRIES):
             if attempt:
-                await asyncio.sleep(min(30.0, 0.2 * 2**attempt))
+                await asyncio.sleep(min(30.0, min(0.2, st.cfg.poll_s) * 2**attempt))
             try:
+                if answered:  # the provider said it made one: look again, never create again
+                    raise Lost(last, 200)
                 return await st.wire.create(upload, local)
             except Lost as exc:
-                last = str(exc)
+                last, answered = str(exc), answered or 200 <= exc.status < 300
                 found = await self._find(st, local, t_create, len(ids), live=True)
                 if found is not None:
                     self.stats["creates_recovered"] += 1
                     return found
-            except ControlError as exc:  # the upload failed: nothing was created
+            except ControlError as exc:  # the upload failed (a second upload is free): nothing was created
                 last = str(exc)
             except Refused as exc:
                 self.journal.write("ended", local, status="refused")
-                body = _enc.encode({"error": {"message": error_message(exc.body, st.lane.key)}})
+                body = _enc.encode({"error": {"message": error_message(exc.body, st.key)}})
                 for cid in ids:
                     self._resolve(st, cid, exc.status, body, "")
                 return None
+        if answered:
+            self.journal.write("creating", local, status=UNREADABLE)
+            raise BatchAmbiguousAbort(self._unknown_create(st, local, last))
         self.journal.write("ended", local, status="not_created")
-        from engine.request.executor import SendError
-
         error = SendError(f"could not create a batch: {last}")
         for key in ids.packed():  # the engine's retry boundary decides what comes next
             if (slot := st.items.find(key)) >= 0 and st.items.batch[slot] == serial:
                 _deliver(st.items.take(slot), error)
         return None
+
+    def _unknown_create(self, st: _Lane, local: str, why: str) -> str:
+        """What to do about a create the provider answered in a body we could not read, when no
+        provider batch matches it: stop, never create it again."""
+        return (
+            f"endpoint {st.name!r}: the create of batch {local} was answered but the reply was "
+            f"unreadable ({why}) and no provider batch matches it; nothing was created again: find it at "
+            f"the provider and run `fair batches attach {self.run_dir} {local} BATCH_ID`, or, if it does "
+            f"not exist, `fair batches cancel {self.run_dir} {local}`; then run again"
+        )
 
     async def _find(self, st: _Lane, local: str, t_create: float, n: int, live: bool) -> Remote | None:
         """The batch a lost create made, or None when there is none; ambiguity stops the run."""
@@ -438,7 +478,7 @@ class BatchExecutor:
                 await asyncio.sleep(min(30.0, 0.2 * 2**attempt))
         else:
             raise (BatchAmbiguousAbort if live else BatchAmbiguous)(
-                f"endpoint {st.lane.name!r}: cannot tell whether batch {local} was created (listing "
+                f"endpoint {st.name!r}: cannot tell whether batch {local} was created (listing "
                 f"batches failed); see `fair batches list {self.run_dir}`"
             )
         known = {b.id for b in self.journal.batches.values() if b.id} if self.journal else set()
@@ -448,7 +488,7 @@ class BatchExecutor:
         if len(found) > 1:
             ids = ", ".join(r.id for r in found)
             raise (BatchAmbiguousAbort if live else BatchAmbiguous)(
-                f"endpoint {st.lane.name!r}: the create of batch {local} ({n} requests) lost its reply and "
+                f"endpoint {st.name!r}: the create of batch {local} ({n} requests) lost its reply and "
                 f"{len(found)} provider batches match it ({ids}); attach the right one with "
                 f"`fair batches attach {self.run_dir} {local} BATCH_ID` (and cancel the others with "
                 f"`fair batches cancel {self.run_dir} BATCH_ID`), then run again"
@@ -471,37 +511,79 @@ class BatchExecutor:
         """Poll until the batch ends, save its results, hand them out."""
         assert self.journal is not None
         self._running[local] = bid
-        while True:
-            await asyncio.sleep(st.cfg.poll_s)
-            try:
-                remote = await st.wire.retrieve(bid)
-            except ControlError:
-                continue
-            if remote.ended:
-                break
+        remote = await self._poll(st, local, bid)
         path = await self._download(st, remote, ids, local)
         self.journal.write("ended", local, id=bid, status=remote.status, results=path.name)
         del self._running[local]
         await self._hand_out(st, path, ids, bid, serial)
         self.journal.write("ingested", local)
 
+    async def _poll(self, st: _Lane, local: str, bid: str) -> Remote:
+        """The batch once it has ended; ``BatchStalled`` after ``max_poll_failures`` failed polls
+        in a row (404, 5xx, an unreadable object) or past ``deadline_s``: never a silent wait."""
+        cfg, failures, last = st.cfg, 0, ""
+        deadline = time.monotonic() + cfg.deadline_s
+        while True:
+            await asyncio.sleep(cfg.poll_s)
+            try:
+                remote = await st.wire.retrieve(bid)
+            except ControlError as exc:
+                failures, last = failures + 1, str(exc)
+                if failures >= cfg.max_poll_failures:
+                    why = f"{failures} status polls in a row failed (last: {last})"
+                    raise self._stalled(st, local, bid, why) from None
+            else:
+                failures = 0
+                if remote.ended:
+                    return remote
+            if time.monotonic() >= deadline:
+                why = f"not ended after batch.deadline_s = {cfg.deadline_s:g} s"
+                raise self._stalled(st, local, bid, why + (f" (last poll: {last})" if failures else ""))
+
+    def _stalled(self, st: _Lane, local: str, bid: str, why: str) -> BatchStalled:
+        """Stop following batch ``bid``: one message naming it and what a person can do."""
+        self._running.pop(local, None)  # named here, not again in ``close``'s list
+        run = self.run_dir
+        return BatchStalled(
+            f"endpoint {st.name!r}: batch {one_line(bid, 100)} ({local}): {why}; see `fair batches list "
+            f"{run}`, run the same command again to re-attach, or `fair batches cancel {run} {local}` to "
+            "stop it (and start over with a new batch)"
+        )
+
     async def _download(self, st: _Lane, remote: Remote, ids: Sequence[str], local: str) -> Path:
         """The results, read to their end and saved; downloading again is free, paying again is
         not: when they stay unreadable the run stops, and a rerun re-attaches and tries again."""
         last = ""
         for attempt in range(DOWNLOAD_TRIES):
+            bad: list[int] | None = [] if attempt == DOWNLOAD_TRIES - 1 else None  # last try: take what reads
             try:
-                return await self._save(st, remote, ids, local)
+                path = await self._save(st, remote, ids, local, bad)
+                if bad:
+                    self._skipped(st, remote, bad)
+                return path
             except (Truncated, ControlError) as exc:
                 last = str(exc)
                 self.stats["downloads_retried"] += 1
                 await asyncio.sleep(min(60.0, min(st.cfg.poll_s, 5.0) * 2**attempt))
         raise BatchUnreadable(
-            f"endpoint {st.lane.name!r}: the results of batch {remote.id} could not be read ({last}); "
+            f"endpoint {st.name!r}: the results of batch {remote.id} could not be read ({last}); "
             "run the same command again later to download them (nothing is paid twice)"
         )
 
-    async def _save(self, st: _Lane, remote: Remote, ids: Sequence[str], local: str) -> Path:
+    def _skipped(self, st: _Lane, remote: Remote, bad: list[int]) -> None:
+        """Say that unreadable result lines were left out (their items go round again)."""
+        self.stats["result_lines_unreadable"] += len(bad)
+        where = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        print(
+            f"fair: endpoint {st.name!r}: batch {one_line(remote.id, 100)}: {len(bad)} unreadable "
+            f"result line(s) (line {where}) left out after {DOWNLOAD_TRIES} downloads; the other results are "
+            f"used and those requests go into a later batch (batch.max_rounds = {st.cfg.max_rounds})",
+            file=sys.stderr,
+        )
+
+    async def _save(
+        self, st: _Lane, remote: Remote, ids: Sequence[str], local: str, bad: list[int] | None = None
+    ) -> Path:
         """Download the results to a scratch file and write their outcomes, line by line, to
         ``batches/<local>.results.jsonl`` (fsynced, renamed into place): never all in memory."""
         assert self.journal is not None
@@ -509,7 +591,9 @@ class BatchExecutor:
         tmp = path.with_suffix(".tmp")
         with tempfile.TemporaryFile(dir=self.journal.folder) as got, open(tmp, "wb") as f:
             await st.wire.download(remote, got)
-            for cid, status, raw in st.wire.parse(file_lines(got), remote, ids):
+            for cid, status, raw in st.wire.parse(file_lines(got), remote, ids, bad):
+                if pack(cid) is None:  # not an id we make (nor safe inside this line): not ours
+                    continue
                 f.write(b'{"c":"%s","s":%d,"b":%s}\n' % (cid.encode(), status, raw or b"null"))
             f.flush()
             os.fsync(f.fileno())
@@ -547,7 +631,7 @@ class BatchExecutor:
 
     def _resolve(self, st: _Lane, cid: str, status: int, raw: bytes, bid: str) -> None:
         if status >= 300:  # the server's words only, any key masked: it may be saved and shown
-            raw = _enc.encode({"error": {"message": error_message(raw, st.lane.key)}})
+            raw = _enc.encode({"error": {"message": error_message(raw, st.key)}})
         reply = (status, raw, {BATCH_HEADER: bid} if bid else {})
         slot = _find(st.items, cid)
         if slot >= 0 and st.items.live(slot):
@@ -584,7 +668,7 @@ class BatchExecutor:
 
     async def _online(self, st: _Lane, body: bytes, callers: list[tuple[Any, int]]) -> None:
         try:
-            reply: Reply | BaseException = await self.online.send(st.lane, body)
+            reply: Reply | BaseException = await self.online.send(st.target, body)
         except Exception as exc:  # SendError: the engine retries it (as a new batch item)
             reply = exc
         _deliver(callers, reply)
@@ -600,6 +684,8 @@ class BatchExecutor:
                 continue
             if info.state == "creating":
                 found = await self._find(st, info.local, info.t_create, info.n, live=False)
+                if found is None and info.status == UNREADABLE and not info.canceled:
+                    raise BatchAmbiguous(self._unknown_create(st, info.local, "in an earlier run"))
                 if found is None:
                     self.journal.write("ended", info.local, status="not_created")
                     continue
@@ -618,7 +704,7 @@ class BatchExecutor:
                         remote = await st.wire.retrieve(info.id)
                     except ControlError as exc:
                         raise FairError(
-                            f"endpoint {st.lane.name!r}: cannot read batch {info.id} again ({exc}); "
+                            f"endpoint {st.name!r}: cannot read batch {info.id} again ({exc}); "
                             "its results are needed to avoid paying twice: try again later"
                         ) from None
                     path = await self._download(st, remote, info.ids, info.local)

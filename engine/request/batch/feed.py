@@ -7,6 +7,11 @@ through the lane), caches it, emits the request events (stats, trace, progress) 
 record. At most ``batch.max_items × batch.max_open`` requests wait at once. A waiting line
 costs no object of its own: its record id, start time and cache key sit in the parallel
 containers of ``_Lines`` (the request itself is a slot in the executor, its body on disk).
+
+Cache-hit marking, pricing, the completed event and the error of a refused reply are the online
+engine's own pieces (``engine.request.lane``: ``from_cache``, ``settle``, ``Lane.failure``); only
+the loop differs: going through ``Engine.complete`` would cost a coroutine and a future per
+waiting line, which is what this feed exists to avoid.
 """
 
 from __future__ import annotations
@@ -14,20 +19,45 @@ from __future__ import annotations
 import asyncio
 import time
 from array import array
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.errors import AbortRun, ReplyError, RequestError
+from engine.inputs import MAX_REPORTED
 from engine.request.cache import cache_key
 from engine.request.events import Call
 from engine.request.executor import BATCH_HEADER, Reply
-from engine.request.providers import error_message, redact
+from engine.request.lane import from_cache, settle
+from engine.request.providers import redact
 from engine.rundir.schema import Response
-from engine.types import ChatRequest
+from engine.types import ChatRequest, Message, response_record
 
 if TYPE_CHECKING:
     from engine.request.client import Engine
 
 KEY_BYTES = 32  # a cache key (sha256)
+
+
+class Lines(Protocol):
+    """The input lines to answer (``engine.generate``'s work): the next one not yet written,
+    and the counts the run's summary shows."""
+
+    ok: int
+    failed: int
+    failures: list[str]
+
+    def next(self) -> tuple[str, tuple[Message, ...]] | None: ...
+
+
+class Records(Protocol):
+    """Where the records go (``engine.rundir.store.RunStore``)."""
+
+    def write(self, kind: str, record: Response) -> Any: ...
+
+
+class Ticker(Protocol):
+    """The progress display: one more line done."""
+
+    done: int
 
 
 class _Lines:
@@ -63,41 +93,92 @@ class _Lines:
         return record_id, self.started[token], key
 
 
-async def feed(engine: Engine, endpoint: str, work: Any, store: Any, bar: Any, kind: str, **req: Any) -> None:
+async def feed(
+    engine: Engine, endpoint: str, work: Lines, store: Records, bar: Ticker, kind: str, **req: Any
+) -> None:
     """Stream ``work``'s lines through the batch executor of ``endpoint``; returns when every
     record is written. Raises the ``AbortRun`` a control call met (refused credentials...), or
     the error writing a record met (a full disk...)."""
-    from engine.generate import MAX_REPORTED_BAD_LINES
+    await _Feed(engine, endpoint, work, store, bar, kind).run(req)
 
-    lane = engine.lanes[endpoint]
-    enqueue = engine.executor.enqueue  # type: ignore[attr-defined]  # a BatchExecutor's
-    events, cache = engine.events, engine.cache
-    model = lane.cfg.model
-    window = lane.cfg.batch.max_items * lane.cfg.batch.max_open
-    room, idle = asyncio.Event(), asyncio.Event()
-    room.set()
-    idle.set()
-    pending = 0
-    aborted: list[BaseException] = []
-    lines = _Lines(keyed=cache is not None)
 
-    def write(record_id: str, record: Response, error: str | None) -> None:
+class _Feed:
+    """One feed: the lines it has waiting, the window it keeps, the records it writes."""
+
+    def __init__(self, engine: Engine, endpoint: str, work: Lines, store: Records, bar: Ticker, kind: str):
+        self.lane = lane = engine.lanes[endpoint]
+        self.enqueue = engine.executor.enqueue  # type: ignore[attr-defined]  # a BatchExecutor's
+        self.events, self.cache = engine.events, engine.cache
+        self.work, self.store, self.bar, self.kind = work, store, bar, kind
+        self.window = lane.cfg.batch.max_items * lane.cfg.batch.max_open
+        self.room, self.idle = asyncio.Event(), asyncio.Event()
+        self.room.set()
+        self.idle.set()
+        self.pending = 0
+        self.aborted: list[BaseException] = []
+        self.lines = _Lines(keyed=self.cache is not None)
+
+    async def run(self, req: dict[str, Any]) -> None:
+        lane, events, cache, work = self.lane, self.events, self.cache, self.work
+        while not self.aborted and (item := work.next()) is not None:
+            record_id, messages = item
+            request = ChatRequest(messages=messages, **req)
+            call = Call(lane.name, lane.cfg.model)
+            for hook in events.requested:
+                hook(call)
+            key = cache_key(lane.cfg.provider, lane.cfg.base_url, lane.cache_model, request)
+            if cache is not None and (hit := cache.get(key)) is not None:
+                self.write(record_id, response_record(record_id, from_cache(events, call, hit)), None)
+                continue
+            call.attempts = 1
+            for hook in events.sent:
+                hook(call)
+            token = self.lines.add(record_id, key)
+            self.pending += 1
+            self.idle.clear()
+            self.enqueue(lane.target, lane.provider.encode(request), key.hex(), self.sink, token)
+            if self.pending >= self.window:
+                self.room.clear()
+                await self.room.wait()
+        await self.idle.wait()
+        if self.aborted:
+            raise self.aborted[0]
+
+    def write(self, record_id: str, record: Response, error: str | None) -> None:
+        work = self.work
         if error is None:
             work.ok += 1
         else:
             work.failed += 1
-            if len(work.failures) < MAX_REPORTED_BAD_LINES:
+            if len(work.failures) < MAX_REPORTED:
                 work.failures.append(f"{record_id}: {error}")
-        store.write(kind, record)
-        bar.done += 1
+        self.store.write(self.kind, record)
+        self.bar.done += 1
 
-    def answer(call: Call, record_id: str, key: bytes | None, outcome: Reply | BaseException) -> None:
+    def sink(self, token: int, outcome: Reply | BaseException) -> None:
+        """The executor's callback for every line of this feed (it must not raise)."""
+        record_id, started, key = self.lines.pop(token)
+        self.pending -= 1
+        if self.pending < self.window:
+            self.room.set()
+        if self.pending == 0:
+            self.idle.set()
+        call = Call(self.lane.name, self.lane.cfg.model)
+        call.started, call.attempts = started, 1
+        try:
+            self.answer(call, record_id, key, outcome)
+        except Exception as exc:  # writing the record failed (disk full...): stop the run
+            self.aborted.append(exc)
+
+    def answer(self, call: Call, record_id: str, key: bytes | None, outcome: Reply | BaseException) -> None:
+        lane, events = self.lane, self.events
         error: Exception | None = None
         if isinstance(outcome, BaseException):
             if isinstance(outcome, AbortRun):
-                aborted.append(outcome)
+                self.aborted.append(outcome)
                 return
-            error = RequestError(redact(f"endpoint {endpoint!r}: {outcome}", lane.key), endpoint=endpoint)
+            message = redact(f"endpoint {lane.name!r}: {outcome}", lane.key)
+            error = RequestError(message, endpoint=lane.name)
         else:
             status, raw, headers = outcome
             call.status, call.batch = status, headers.get(BATCH_HEADER)
@@ -107,74 +188,15 @@ async def feed(engine: Engine, endpoint: str, work: Any, store: Any, bar: Any, k
                 except ReplyError as e:
                     error = e
             else:
-                msg = f"endpoint {endpoint!r}: HTTP {status}: {error_message(raw, lane.key)}"
-                error = RequestError(msg, status=status, endpoint=endpoint)
+                error = lane.failure(status, raw)
         for hook in events.answered:
             hook(call)
         if error is not None:
-            for hook in events.failed:
-                hook(call, error)
-            write(record_id, Response(id=record_id, error=str(error)), str(error))
+            for on_failed in events.failed:
+                on_failed(call, error)
+            self.write(record_id, Response(id=record_id, error=str(error)), str(error))
             return
-        u = done.usage
-        done.latency_s, done.attempts = call.elapsed_s, 1
-        done.cost_usd = u.prompt_tokens * lane.price_in + u.completion_tokens * lane.price_out
-        if key is not None and cache is not None:
-            cache.put(key, done)
-        for hook in events.completed:
-            hook(call, done)
-        write(record_id, _record(record_id, done), None)
-
-    def sink(token: int, outcome: Reply | BaseException) -> None:
-        """The executor's callback for every line of this feed (it must not raise)."""
-        nonlocal pending
-        record_id, started, key = lines.pop(token)
-        pending -= 1
-        if pending < window:
-            room.set()
-        if pending == 0:
-            idle.set()
-        call = Call(endpoint, model)
-        call.started, call.attempts = started, 1
-        try:
-            answer(call, record_id, key, outcome)
-        except Exception as exc:  # writing the record failed (disk full...): stop the run
-            aborted.append(exc)
-
-    while not aborted and (item := work.next()) is not None:
-        record_id, messages = item
-        request = ChatRequest(messages=messages, **req)
-        call = Call(endpoint, model)
-        for hook in events.requested:
-            hook(call)
-        key = cache_key(lane.cfg.provider, lane.cfg.base_url, model, request)
-        if cache is not None and (hit := cache.get(key)) is not None:
-            hit.cached, hit.cost_usd, hit.latency_s, hit.attempts = True, 0.0, 0.0, 0
-            call.status = 200
-            for hook in events.cached:
-                hook(call, hit)
-            write(record_id, _record(record_id, hit), None)
-            continue
-        call.attempts = 1
-        for hook in events.sent:
-            hook(call)
-        token = lines.add(record_id, key)
-        pending += 1
-        idle.clear()
-        enqueue(lane, lane.provider.encode(request), key.hex(), sink, token)
-        if pending >= window:
-            room.clear()
-            await room.wait()
-    await idle.wait()
-    if aborted:
-        raise aborted[0]
-
-
-def _record(record_id: str, done: Any) -> Response:
-    return Response(
-        id=record_id,
-        texts=[c.text for c in done.choices],
-        finish_reasons=[c.finish_reason for c in done.choices],
-        prompt_tokens=done.usage.prompt_tokens,
-        completion_tokens=done.usage.completion_tokens,
-    )
+        settle(events, lane, call, done)  # latency, attempts (1), price; the completed event
+        if key is not None and self.cache is not None:
+            self.cache.put(key, done)
+        self.write(record_id, response_record(record_id, done), None)

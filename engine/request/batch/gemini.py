@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -44,18 +44,20 @@ from engine.request.batch.wire import (
     Outcome,
     Refused,
     Remote,
-    _answer,
-    _no_reply,
+    checked,
+    control_reply,
     decode,
     failed,
+    no_reply,
     results,
+    usable,
 )
 from engine.request.providers import error_message
+from engine.request.providers.status import again_later
 
 MAX_ITEMS = 1_000_000  # no documented request cap; the config's own ceiling
 MAX_BYTES = 2 * 1024**3  # the Files API's 2 GB per file
 ENDED = frozenset({"succeeded", "failed", "cancelled", "expired"})
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # an id from the server, before it goes into a URL
 # google.rpc.Code of an item error -> the status the record fails with; other codes go again
 _INVALID = {3: 400, 5: 404, 9: 400, 11: 400}  # INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE
 _LINE = re.compile(r"\bline (\d+)")
@@ -149,14 +151,6 @@ def _state(word: str) -> str:
     return word.removeprefix("BATCH_STATE_").removeprefix("JOB_STATE_").lower() or "unknown"
 
 
-def _checked(name: str, prefix: str, what: str) -> str:
-    """``prefix`` + an id the server gave, or ``ControlError`` when the id is not plain."""
-    bare = name.removeprefix(prefix)
-    if not _NAME.fullmatch(bare):
-        raise ControlError(f"unusable {what} name from the server: {name[:80]!r}")
-    return prefix + bare
-
-
 def _remote(op: _Operation) -> GeminiRemote:
     m = op.metadata or _Meta()
     s = m.batch_stats or _Stats()
@@ -167,13 +161,13 @@ def _remote(op: _Operation) -> GeminiRemote:
         m.output.responses_file if m.output else None
     )
     return GeminiRemote(
-        id=_checked(op.name, "batches/", "batch").removeprefix("batches/"),
+        id=checked(op.name, "batches/", "batch").removeprefix("batches/"),
         status=status,
         ended=ended,
         created=_ts(m.create_time),
         n=n,
         local=m.display_name,
-        output=_checked(out, "files/", "responses file") if out else None,
+        output=checked(out, "files/", "responses file") if out else None,
         lines=n if status == "succeeded" else ok + bad,
         error=(op.error.code, op.error.message or "batch failed") if op.error else None,
     )
@@ -232,49 +226,32 @@ class GeminiBatchWire(BatchWire, batch=_Operation):
             status, raw, _ = await self._send("POST", where, data=data, headers=headers)
         if status >= 300:
             raise self._refusal("POST", url, status, raw)
-        return _checked(decode(_uploaded, raw, "file object").file.name, "files/", "file")
+        return checked(decode(_uploaded, raw, "file object").file.name, "files/", "file")
 
-    async def _send(self, method: str, url: str, **kw) -> tuple[int, bytes, str | None]:
+    async def _send(self, method: str, url: str, **kw: Any) -> tuple[int, bytes, str | None]:
         """Like ``wire.call``, with the ``X-Goog-Upload-URL`` reply header."""
         try:
             async with self.session.request(method, url, **kw) as resp:
                 status, raw, where = resp.status, await resp.read(), resp.headers.get("X-Goog-Upload-URL")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _no_reply(method, url.split("?")[0], exc, self.key) from None
-        return (*_answer(status, raw, url.split("?")[0], self.key, self.lane), where)
+            raise no_reply(method, url.split("?")[0], exc, self.key) from None
+        return (*control_reply(status, raw, url.split("?")[0], self.key, self.lane), where)
 
     def _refusal(self, method: str, url: str, status: int, raw: bytes) -> Exception:
-        if status >= 500 or status in (408, 429):
+        if again_later(status):
             return failed(method, url, status, raw, self.key)
         return Refused(f"{method} {url}: HTTP {status}: {error_message(raw, self.key)}", status, raw)
 
     async def retrieve(self, bid: str) -> Remote:
-        return await self._on_batch("GET", f"/batches/{_checked(bid, '', 'batch')}")
+        return await self._on_batch("GET", f"/batches/{checked(bid, '', 'batch')}")
 
     async def cancel(self, bid: str) -> Remote:
         """``POST batches/ID:cancel`` (it answers ``{}``), then the batch as it is now."""
-        path = f"/batches/{_checked(bid, '', 'batch')}:cancel"
+        path = f"/batches/{checked(bid, '', 'batch')}:cancel"
         status, raw = await self._json("POST", path)
         if status >= 300:
             raise failed("POST", self.base + path, status, raw, self.key)
         return await self.retrieve(bid)
-
-    async def list(self, limit: int = 100) -> list[Remote]:
-        out: list[Remote] = []
-        token = ""
-        while len(out) < limit:
-            q = f"/batches?pageSize={min(100, limit - len(out))}" + (
-                f"&pageToken={quote(token, safe='')}" if token else ""
-            )
-            status, raw = await self._json("GET", q)
-            if status >= 300:
-                raise failed("GET", self.base + "/batches", status, raw, self.key)
-            page = decode(_list, raw, "batch list")
-            out += [self.remote(op) for op in page.operations]
-            if not page.next_page_token or not page.operations:
-                break
-            token = page.next_page_token
-        return out
 
     async def find(self, local: str, t_create: float, n: int) -> list[Remote]:
         """Batches whose display name is our local id (newest 100 looked at)."""
@@ -285,10 +262,12 @@ class GeminiBatchWire(BatchWire, batch=_Operation):
         if remote.output:
             await self._fetch(f"{self.root}/download{self.version}/{remote.output}:download?alt=media", out)
 
-    def parse(self, lines: Iterable[bytes], remote: Remote, ids: list[str]) -> Iterator[Outcome]:
+    def parse(
+        self, lines: Iterable[bytes], remote: Remote, ids: list[str], bad: list[int] | None = None
+    ) -> Iterator[Outcome]:
         """Outcomes, one by one (any order); ``Truncated`` on a bad line or missing lines. A batch
         that failed as a whole: the item its error names by line fails, the rest go again (all
-        fail when the error is a refusal naming no line)."""
+        fail when the error is a refusal naming no line). ``bad``: see ``wire.results``."""
         expect = remote.lines if isinstance(remote, GeminiRemote) else remote.n
         err = remote.error if isinstance(remote, GeminiRemote) else None
         if remote.status == "failed" and not remote.output:
@@ -300,13 +279,32 @@ class GeminiBatchWire(BatchWire, batch=_Operation):
                 else:
                     yield cid, TRANSIENT, b""
             return
-        for line in results(_line, lines, expect, "output"):
+        for line in results(_line, lines, min(expect, len(ids)), "output", bad):
             if bytes(line.response) != b"null":
                 yield line.key, 200, bytes(line.response)
             elif line.error is not None and line.error.code in _INVALID:
                 yield line.key, _INVALID[line.error.code], _error(line.error.message or "invalid request")
             else:  # INTERNAL, UNAVAILABLE, RESOURCE_EXHAUSTED, CANCELLED...: a later batch
                 yield line.key, TRANSIENT, b""
+
+    # last in the class: below it, `list` in an annotation would name this method, not the builtin
+    async def list(self, limit: int = 100) -> list[Remote]:
+        """The newest batches, ``limit`` at most (pages of 100 followed)."""
+        out: list[Remote] = []
+        token = ""
+        while len(out) < limit:
+            q = f"/batches?pageSize={min(100, limit - len(out))}" + (
+                f"&pageToken={quote(token, safe='')}" if token else ""
+            )
+            status, raw = await self._json("GET", q)
+            if status >= 300:
+                raise failed("GET", self.base + "/batches", status, raw, self.key)
+            page = decode(_list, raw, "batch list")
+            out += usable(self.remote, page.operations)
+            if not page.next_page_token or not page.operations:
+                break
+            token = page.next_page_token
+        return out
 
 
 def _error(message: str) -> bytes:

@@ -7,6 +7,8 @@ re-attaches to them instead of paying again::
     {"ev": "open", "local": "fb-...", "lane": "gpt", "t": 1733000000.1,
      "provider": "openai", "base_url": "https://api.openai.com/v1", "key_env": "OPENAI_API_KEY"}
     {"ev": "creating", "local": ..., "n": 120, "bytes": 88000, "t": ..., "ids": [custom ids]}
+    {"ev": "creating", "local": ..., "status": "unreadable_reply"}   (answered 2xx, body unusable:
+                                                 a rerun that cannot find it stops, never re-creates)
     {"ev": "submitted", "local": ..., "id": "batch_abc"}
     {"ev": "ended", "local": ..., "id": ..., "status": "completed", "results": "fb-....results.jsonl"}
     {"ev": "ingested", "local": ...}
@@ -22,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -119,13 +121,14 @@ class Journal:
             b.lane, b.t_open = e.lane, e.t
             b.provider, b.base_url, b.key_env = e.provider, e.base_url, e.key_env
         elif e.ev == "creating":
-            b.t_create, b.n, b.bytes, b.ids = e.t, e.n, e.bytes, e.ids
-            b.lane = e.lane or b.lane
+            if e.ids or e.n:  # a second ``creating`` only marks it (``status``: the reply was unreadable)
+                b.t_create, b.n, b.bytes, b.ids = e.t, e.n, e.bytes, e.ids
+            b.lane, b.status = e.lane or b.lane, e.status or b.status
         elif e.ev in ("submitted", "ended"):
             b.id = e.id or b.id
             b.status, b.results = e.status or b.status, e.results or b.results
 
-    def write(self, ev: Event, local: str, **fields) -> BatchInfo:
+    def write(self, ev: Event, local: str, **fields: Any) -> BatchInfo:
         """Append one event and fsync it before returning."""
         entry = Entry(ev=ev, local=local, **fields)
         if entry.t == 0.0 and ev in ("open", "creating"):

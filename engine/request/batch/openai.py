@@ -30,6 +30,7 @@ from engine.request.batch.wire import (
     results,
 )
 from engine.request.providers import error_message
+from engine.request.providers.status import again_later
 
 MAX_ITEMS = 50_000
 MAX_BYTES = 200 * 1024**2
@@ -132,7 +133,7 @@ class OpenAIBatchWire(BatchWire, batch=_Batch):
         return await self._create(data=_enc.encode(body), headers={"Content-Type": "application/json"})
 
     def _refusal(self, method: str, path: str, status: int, raw: bytes) -> Exception:
-        if status >= 500 or status == 429:
+        if again_later(status):
             return failed(method, self.base + path, status, raw, self.key)
         return Refused(f"{method} {path}: HTTP {status}: {error_message(raw, self.key)}", status, raw)
 
@@ -146,20 +147,22 @@ class OpenAIBatchWire(BatchWire, batch=_Batch):
             if fid:
                 await self._fetch(f"{self.base}/files/{fid}/content", out)
 
-    def parse(self, lines: Iterable[bytes], remote: Remote, ids: list[str]) -> Iterator[Outcome]:
+    def parse(
+        self, lines: Iterable[bytes], remote: Remote, ids: list[str], bad: list[int] | None = None
+    ) -> Iterator[Outcome]:
         """Outcomes of the items ``ids`` (in upload order), one by one; raises ``Truncated`` on a
-        bad line or, at the end, when lines are missing."""
+        bad line or, at the end, when lines are missing (``bad``: see ``wire.results``)."""
         if remote.status == "failed":  # validation failed: map each error line to its item
-            bad = {line: msg for line, msg in remote.line_errors}
+            invalid = {line: msg for line, msg in remote.line_errors}
             for i, cid in enumerate(ids, 1):
-                if i in bad:
-                    yield cid, 400, _enc.encode({"error": {"message": f"batch validation: {bad[i]}"}})
+                if i in invalid:
+                    yield cid, 400, _enc.encode({"error": {"message": f"batch validation: {invalid[i]}"}})
                 else:
                     yield cid, TRANSIENT, b""
             return
-        for line in results(_line, lines, remote.n, "output"):
+        for line in results(_line, lines, min(remote.n, len(ids)), "output", bad):
             r = line.response
-            if r is None or r.status_code >= 500 or r.status_code in (408, 429):
+            if r is None or again_later(r.status_code):
                 yield line.custom_id, TRANSIENT, b""
             else:
                 yield line.custom_id, r.status_code, bytes(r.body)

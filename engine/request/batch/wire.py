@@ -19,14 +19,16 @@ control call is an ``AuthError``: the run aborts (exit 3).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, BinaryIO, Generic, TypeVar
+from typing import Any, BinaryIO, Generic, TypeVar, cast
 
 import aiohttp
 import msgspec
 
 from engine.errors import AuthError, one_line
-from engine.request.providers import error_message, redact, refused_credentials
+from engine.request.providers import error_message, redact
+from engine.request.providers.status import again_later, refused_credentials
 
 # Outcome of one item: status 200 (raw = the provider's online reply body), 4xx (raw = an error
 # body; the record fails with the server's message) or 0 (transient: expired, canceled, 5xx,
@@ -35,6 +37,7 @@ Outcome = tuple[str, int, bytes]
 TRANSIENT = 0
 B = TypeVar("B")  # a provider's batch object
 _enc = msgspec.json.Encoder()
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # an id from the server, before it goes into a URL
 
 
 class Remote(msgspec.Struct, kw_only=True):
@@ -68,7 +71,8 @@ class ControlError(Exception):
 
 
 class Lost(ControlError):
-    """A create whose reply never came: the batch may or may not exist."""
+    """A create whose reply never came or could not be read: the batch may exist. ``status``
+    200 (any 2xx): the provider answered that it made one, in a body we cannot use."""
 
 
 class Refused(Exception):
@@ -92,8 +96,8 @@ async def call(
         async with session.request(method, url, **kw) as resp:
             status, raw = resp.status, await resp.read()
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise _no_reply(method, url, exc, key) from None
-    return _answer(status, raw, url, key, lane)
+        raise no_reply(method, url, exc, key) from None
+    return control_reply(status, raw, url, key, lane)
 
 
 async def fetch(
@@ -114,15 +118,16 @@ async def fetch(
                 if last != b"\n":
                     out.write(b"\n")  # a cut last line then fails to parse (Truncated)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise _no_reply("GET", url, exc, key) from None
-    return _answer(status, raw, url, key, lane)
+        raise no_reply("GET", url, exc, key) from None
+    return control_reply(status, raw, url, key, lane)
 
 
-def _no_reply(method: str, url: str, exc: BaseException, key: str | None) -> ControlError:
+def no_reply(method: str, url: str, exc: BaseException, key: str | None) -> ControlError:
+    """A control call that got no reply (reset, timeout), as one line with the key redacted."""
     return ControlError(redact(f"{method} {url}: {type(exc).__name__}: {exc}", key))
 
 
-def _answer(status: int, raw: bytes, url: str, key: str | None, lane: str) -> tuple[int, bytes]:
+def control_reply(status: int, raw: bytes, url: str, key: str | None, lane: str) -> tuple[int, bytes]:
     """``(status, raw)``, or ``AuthError`` for 401/403 (and Gemini's 400 ``API_KEY_INVALID``)."""
     if refused_credentials(status, raw):
         raise AuthError(
@@ -143,6 +148,15 @@ def failed(method: str, url: str, status: int, raw: bytes, key: str | None) -> C
     return ControlError(one_line(f"{method} {url}: HTTP {status}: {error_message(raw, key)}"), status)
 
 
+def checked(name: str, prefix: str, what: str) -> str:
+    """``prefix`` + an id the server gave, or ``ControlError`` when the id is not plain (it goes
+    into a URL path and a terminal: no ``/``, ``..`` or control bytes)."""
+    bare = name.removeprefix(prefix)
+    if not _NAME.fullmatch(bare):
+        raise ControlError(f"unusable {what} name from the server: {one_line(repr(name[:80]))}")
+    return prefix + bare
+
+
 def decode(decoder: msgspec.json.Decoder, raw: bytes, what: str) -> Any:
     try:
         return decoder.decode(raw)
@@ -150,20 +164,45 @@ def decode(decoder: msgspec.json.Decoder, raw: bytes, what: str) -> Any:
         raise ControlError(f"unusable {what}: {one_line(str(exc), 200)}") from None
 
 
-def results(decoder: msgspec.json.Decoder, lines: Iterable[bytes], expect: int, what: str) -> Iterator[Any]:
+def results(
+    decoder: msgspec.json.Decoder,
+    lines: Iterable[bytes],
+    expect: int,
+    what: str,
+    bad: list[int] | None = None,
+) -> Iterator[Any]:
     """The decoded lines of a results file; ``Truncated`` on an unreadable line or, at the end, when
-    fewer than ``expect`` came (a download cut at a line boundary). ``what``: "results", "output"."""
+    fewer than ``expect`` came (a download cut at a line boundary). ``what``: "results", "output".
+    With a ``bad`` list (the last download try), unreadable lines are skipped and their numbers
+    appended to it, and a short file is accepted: every readable result is used."""
     n = 0
-    for raw in lines:
+    for lineno, raw in enumerate(lines, 1):
         try:
             line = decoder.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-            raise Truncated(f"unreadable line in the batch {what}") from None
+            if bad is None:
+                raise Truncated(f"unreadable line {lineno} in the batch {what}") from None
+            bad.append(lineno)
+            continue
         n += 1
         yield line
-    if n < expect:
+    if n < expect and bad is None:
         verb = "have" if what.endswith("s") else "has"
         raise Truncated(f"batch {what} {verb} {n} of {expect} lines")
+
+
+def usable(convert: Callable[[Any], Remote], objects: Iterable[Any]) -> list[Remote]:
+    """The listed batch objects that convert to a ``Remote`` with a plain id; the others (a
+    hostile or broken entry) cannot be ours to poll and are left out."""
+    out = []
+    for obj in objects:
+        try:
+            remote = convert(obj)
+            checked(remote.id, "", "batch")
+        except ControlError:
+            continue
+        out.append(remote)
+    return out
 
 
 class BatchWire:
@@ -184,7 +223,8 @@ class BatchWire:
     def __init_subclass__(cls, batch: type, **kw: Any) -> None:
         """``class XBatchWire(BatchWire, batch=XBatch)``: decoders of that batch object and its list."""
         super().__init_subclass__(**kw)
-        cls.batch_decoder, cls.list_decoder = msgspec.json.Decoder(batch), msgspec.json.Decoder(Page[batch])
+        cls.batch_decoder = msgspec.json.Decoder(batch)
+        cls.list_decoder = msgspec.json.Decoder(cast(Any, Page)[batch])  # a type made at run time
 
     def __init__(
         self, session: aiohttp.ClientSession, base_url: str, key: str | None, lane: str, model: str = ""
@@ -197,7 +237,10 @@ class BatchWire:
         return await call(self.session, method, self.base + path, self.key, self.lane, **kw)
 
     def _decoded(self, raw: bytes) -> Remote:
-        return self.remote(decode(self.batch_decoder, raw, self.noun))
+        """The batch object in ``raw``; ``ControlError`` when it is unusable (its id included)."""
+        remote = self.remote(decode(self.batch_decoder, raw, self.noun))
+        checked(remote.id, "", self.noun)
+        return remote
 
     async def _create(self, path: str = "", **kw: Any) -> Remote:
         """``POST {batches}`` (or ``path``) with ``kw`` (the request body): the new batch. ``Lost``
@@ -210,10 +253,13 @@ class BatchWire:
             raise Lost(str(exc)) from None
         if status >= 300:
             msg = f"POST {path}: HTTP {status}: {error_message(raw, self.key)}"
-            if status >= 500 or status == 429:
+            if again_later(status):
                 raise Lost(msg, status)
             raise Refused(msg, status, raw)
-        return self._decoded(raw)
+        try:
+            return self._decoded(raw)
+        except ControlError as exc:  # answered, unreadable: the batch exists, its id is unknown
+            raise Lost(f"POST {path}: HTTP {status}: {exc}", status) from None
 
     async def _on_batch(self, method: str, path: str) -> Remote:
         """A control call on one batch: the batch as it is now."""
@@ -239,7 +285,7 @@ class BatchWire:
             if status >= 300:
                 raise failed("GET", self.base + self.batches, status, raw, self.key)
             page = decode(self.list_decoder, raw, "batch list")
-            out += [self.remote(b) for b in page.data]
+            out += usable(self.remote, page.data)
             if not page.has_more or not page.data:
                 break
             after = page.data[-1].id

@@ -6,21 +6,28 @@ prompt is a top-level ``system`` field, ``max_tokens`` is required, ``stop`` is
 list of content blocks, and stop reasons are mapped onto OpenAI's (``end_turn`` -> ``stop``...).
 Rate limits come as ``anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}``, the reset
 an RFC 3339 time (https://docs.anthropic.com/en/api/rate-limits); ``limits`` renames them.
+
+Today's ``MessageCreateParams`` has no temperature/top_p/top_k: they are sent only where the
+endpoint's ``accepts`` says so (``accepts.py``). Reasoning: ``thinking = {type: "enabled",
+budget_tokens}`` (``reasoning.budget_tokens``, or a budget for ``reasoning.effort``) with
+``max_tokens`` = the answer's limit + the budget. Thinking blocks become ``Choice.reasoning``;
+usage adds ``cache_read_input_tokens`` and ``cache_creation_input_tokens`` to ``input_tokens`` (the
+API counts them apart), and ``output_tokens`` already holds the thinking.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 import msgspec
 
 from engine.errors import ReplyError
-from engine.request.providers import (
-    MAX_WAIT_S,
+from engine.request.durations import until_rfc3339
+from engine.request.providers.base import (
     FinishReason,
+    ModelWire,
     TokenCount,
     decode_reply,
     normalise_finish,
@@ -30,6 +37,8 @@ from engine.types import ChatRequest, Choice, Completion, Usage
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024  # the API requires max_tokens; used when the request leaves it open
+# reasoning.effort as a thinking budget (the API's smallest is 1024); "none": no thinking
+EFFORT_BUDGET = {"minimal": 1024, "low": 1024, "medium": 4096, "high": 16384}
 
 _FINISH = {
     "end_turn": "stop",
@@ -46,11 +55,14 @@ EMPTY_OK = frozenset({"max_tokens", "refusal"})  # stop reasons that may come wi
 class _Block(msgspec.Struct):
     type: str = "text"
     text: str | None = None
+    thinking: str | None = None  # type "thinking" (its signature is not kept)
 
 
 class _Usage(msgspec.Struct):
     input_tokens: TokenCount | None = 0
     output_tokens: TokenCount | None = 0
+    cache_read_input_tokens: TokenCount | None = 0
+    cache_creation_input_tokens: TokenCount | None = 0
 
 
 class _Reply(msgspec.Struct):
@@ -64,20 +76,13 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(_Reply)
 
 
-class AnthropicProvider:
+class AnthropicProvider(ModelWire):
     name = "anthropic"
-    supports_n = False
+    __slots__ = ()
 
-    __slots__ = ("base_url", "max_wait_s", "model", "url")
-
-    def __init__(self, base_url: str, model: str, max_wait_s: float = MAX_WAIT_S):
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self.max_wait_s = max_wait_s
+    def __init__(self, base_url: str, model: str, *args: Any, **kw: Any):
+        super().__init__(base_url, model, *args, **kw)
         self.url = f"{self.base_url}/messages"
-
-    def __repr__(self) -> str:
-        return f"AnthropicProvider(url={self.url!r}, model={self.model!r})"
 
     def headers(self, api_key: str | None) -> dict[str, str]:
         h = {"Content-Type": "application/json", "anthropic-version": API_VERSION}
@@ -86,21 +91,30 @@ class AnthropicProvider:
         return h
 
     def encode(self, request: ChatRequest) -> bytes:
+        acc = self.accepts
         system = [m.content for m in request.messages if m.role == "system"]
         messages = [{"role": m.role, "content": m.content} for m in request.messages if m.role != "system"]
-        body: dict[str, Any] = {
-            "model": self.model,
-            "messages": messages,
-            "max_tokens": request.max_tokens if request.max_tokens is not None else DEFAULT_MAX_TOKENS,
-            "temperature": request.temperature,
-        }
+        limit = request.max_tokens if request.max_tokens is not None else DEFAULT_MAX_TOKENS
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": limit}
+        if budget := self.budget():
+            body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+            body["max_tokens"] = limit + budget  # the budget is part of max_tokens
+        if acc.temperature:
+            body["temperature"] = request.temperature
         if system:
             body["system"] = "\n\n".join(system)
-        if request.top_p is not None:
+        if acc.top_p and request.top_p is not None:
             body["top_p"] = request.top_p
-        if request.stop:
+        if acc.stop and request.stop:
             body["stop_sequences"] = list(request.stop)
         return _encoder.encode(body)
+
+    def budget(self) -> int:
+        """``reasoning.budget_tokens``, else the budget of ``reasoning.effort``; 0: no thinking."""
+        r = self.reasoning
+        if r is None:
+            return 0
+        return r.budget_tokens or EFFORT_BUDGET.get(r.effort or "", 0)
 
     def limits(self, headers: Mapping[str, str]) -> Mapping[str, str]:
         """``anthropic-ratelimit-*`` as ``x-ratelimit-*``, the reset time as seconds from now."""
@@ -114,7 +128,7 @@ class AnthropicProvider:
             for field in ("limit", "remaining"):
                 if (value := headers.get(f"anthropic-ratelimit-{kind}-{field}")) is not None:
                     out[f"x-ratelimit-{field}-{kind}"] = value
-            if (reset := _seconds_until(headers.get(f"anthropic-ratelimit-{kind}-reset"), now)) is not None:
+            if (reset := until_rfc3339(headers.get(f"anthropic-ratelimit-{kind}-reset"), now)) is not None:
                 out[f"x-ratelimit-reset-{kind}"] = f"{reset:.3f}"
         return sane_limits(out, self.max_wait_s)
 
@@ -123,17 +137,15 @@ class AnthropicProvider:
         texts = [b.text for b in reply.content if b.type == "text" and b.text is not None]
         if not texts and reply.stop_reason not in EMPTY_OK:
             raise ReplyError(f"reply from {self.url} has no text content")
-        u = reply.usage
-        usage = Usage(u.input_tokens or 0, u.output_tokens or 0) if u is not None else Usage()
-        choice = Choice("".join(texts), normalise_finish(reply.stop_reason, _FINISH))
-        return Completion(choices=[choice], usage=usage, model=reply.model or self.model)
+        thoughts = [b.thinking for b in reply.content if b.type == "thinking" and b.thinking]
+        thought = "\n\n".join(thoughts) if thoughts and self.keep_thoughts() else None
+        choice = Choice("".join(texts), normalise_finish(reply.stop_reason, _FINISH), thought)
+        return Completion(choices=[choice], usage=_usage(reply.usage), model=reply.model or self.model)
 
 
-def _seconds_until(stamp: str | None, now: float) -> float | None:
-    """An RFC 3339 time (``2025-08-21T12:40:59Z``) as seconds from ``now``; None if unreadable."""
-    if not stamp:
-        return None
-    try:
-        return max(0.0, datetime.fromisoformat(stamp).timestamp() - now)
-    except (ValueError, OverflowError, OSError):
-        return None
+def _usage(u: _Usage | None) -> Usage:
+    """Input tokens as billed: the API counts cache reads and writes apart from ``input_tokens``."""
+    if u is None:
+        return Usage()
+    read, write = u.cache_read_input_tokens or 0, u.cache_creation_input_tokens or 0
+    return Usage((u.input_tokens or 0) + read + write, u.output_tokens or 0, 0, read, write)
