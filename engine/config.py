@@ -12,10 +12,12 @@ A FAIR job config (``fair run``) looks like::
     [endpoints.gpt]
     provider = "openai"       # openai | anthropic | gemini
     base_url = "https://api.openai.com/v1"
-    model = "gpt-4o-mini"
+    model = "gpt-5-mini"
     api_key_env = "OPENAI_API_KEY"
-    price_in = 0.15           # $ per 1M input tokens
-    price_out = 0.60
+    price_in = 0.25           # $ per 1M input tokens
+    price_cached_in = 0.025   # cached input (default: price_in)
+    price_out = 2.00          # thinking tokens are billed as output
+    reasoning = { effort = "low" }   # sent only to models that take it (engine/accepts.py)
     rpm = 500
 
     [student]
@@ -30,15 +32,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 from msgspec import Meta
 
+from engine.accepts import check_endpoint  # the model table (a pure module)
 from engine.errors import ConfigError
-from engine.fair.scoring import MAX_SCORE, MIN_SCORE
 
 T = TypeVar("T")
+MIN_SCORE, MAX_SCORE = 1, 5  # a peer review's valid scores (engine.fair.scoring reads them here)
+PROMPTS_DIR = Path(__file__).parent / "fair" / "prompts"  # the shipped prompt versions, one folder each
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 # Range-checked types: msgspec enforces them on every load (TOML, dict or CLI flags), and its
 # error names the field. NaN fails every bound, so none of these accept it; the upper bounds
@@ -75,6 +81,12 @@ _PATTERN_WORDS = {
 Name = Annotated[str, Meta(min_length=1)]
 
 
+def doc(text: str) -> Meta:
+    """A field's one-sentence description: the reference docs, `fair init` comments and
+    ``msgspec.json.schema`` all read it."""
+    return Meta(description=text)
+
+
 class Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Config sections reject unknown keys, so a typo is an error, not a silent default."""
 
@@ -92,37 +104,182 @@ class BatchConfig(Struct, kw_only=True):
     """``[endpoints.X.batch]``: how a ``mode = "batch"`` endpoint groups requests into provider
     batches (``engine.request.batch``)."""
 
-    linger_s: Seconds = 5.0  # submit after this long without a new request
-    max_items: Count = 10_000  # or at this many requests (at most the provider's limit)
-    max_bytes: Annotated[int, Meta(ge=1024, le=256 * 1024**2)] = 100 * 1024**2
-    max_open: Annotated[int, Meta(ge=1, le=100)] = 4  # batches at the provider at once
-    poll_s: Annotated[float, Meta(ge=0.01, le=3600)] = 30.0
-    price_factor: Annotated[float, Meta(gt=0, le=1)] = 0.5  # batch price / online price
-    max_rounds: Annotated[int, Meta(ge=1, le=20)] = 3  # batches an item may go through
-    fallback: Literal["none", "online"] = "none"  # after max_rounds: fail, or one online call
+    linger_s: Annotated[
+        Seconds, doc("Submit the open batch after this many seconds without a new request.")
+    ] = 5.0
+    max_items: Annotated[
+        Count,
+        doc(
+            "Submit the open batch at this many requests (at most the provider's limit: 50,000 OpenAI, "
+            "100,000 Anthropic)."
+        ),
+    ] = 10_000
+    max_bytes: Annotated[
+        int,
+        Meta(ge=1024, le=256 * 1024**2),
+        doc("Submit the open batch at this many bytes (at most 200 MB OpenAI, 256 MB Anthropic)."),
+    ] = 100 * 1024**2
+    max_open: Annotated[
+        int,
+        Meta(ge=1, le=100),
+        doc("Batches at the provider at once; the open one keeps growing meanwhile."),
+    ] = 4
+    poll_s: Annotated[
+        float, Meta(ge=0.01, le=3600), doc("Seconds between status polls of a submitted batch.")
+    ] = 30.0
+    price_factor: Annotated[
+        float,
+        Meta(gt=0, le=1),
+        doc("Batch price as a share of the online price: cost = usage x price x price_factor."),
+    ] = 0.5
+    max_rounds: Annotated[
+        int,
+        Meta(ge=1, le=20),
+        doc("Batches an item may go through: expired, canceled or 5xx items go into a later one."),
+    ] = 3
+    fallback: Annotated[
+        Literal["none", "online"],
+        doc("After max_rounds: `none` fails the record (exit 1), `online` sends it once online."),
+    ] = "none"
+    max_poll_failures: Annotated[
+        int,
+        Meta(ge=1, le=10_000),
+        doc(
+            "Status polls of a batch that may fail in a row (404, 5xx, an unreadable reply) before the run "
+            "stops (exit 1), naming the batch."
+        ),
+    ] = 20
+    deadline_s: Annotated[
+        float,
+        Meta(gt=0, le=30 * 86400),
+        doc("Seconds a run waits for one submitted batch to end before it stops (exit 1), naming the batch."),
+    ] = 48 * 3600.0
+
+
+class AcceptsConfig(Struct, kw_only=True):
+    """``[endpoints.X.accepts]``: overrides of what the model takes (the table in
+    ``engine.accepts``); an unset field keeps the table's value."""
+
+    temperature: Annotated[bool | None, doc("Send `temperature` (false for models that refuse it).")] = None
+    top_p: Annotated[bool | None, doc("Send `top_p` (nucleus sampling).")] = None
+    n: Annotated[bool | None, doc("Send `n` (false: the engine makes n separate calls).")] = None
+    seed: Annotated[bool | None, doc("Send `seed`.")] = None
+    stop: Annotated[bool | None, doc("Send stop sequences.")] = None
+    token_limit: Annotated[
+        Literal["max_tokens", "max_completion_tokens"] | None,
+        doc("OpenAI wire only: the name of the completion-token limit (default `max_completion_tokens`)."),
+    ] = None
+    reasoning: Annotated[
+        bool | None,
+        doc("The model takes reasoning controls (`reasoning_effort`, `thinking`, `thinkingConfig`)."),
+    ] = None
+
+
+class ReasoningConfig(Struct, kw_only=True):
+    """``[endpoints.X.reasoning]``: one vocabulary for every wire's reasoning controls."""
+
+    effort: Annotated[
+        Literal["none", "minimal", "low", "medium", "high"] | None,
+        doc(
+            "OpenAI `reasoning_effort`, Gemini `thinkingLevel` (`none`: thinkingBudget 0); on Anthropic "
+            "a thinking budget of 1024/1024/4096/16384 tokens (minimal/low/medium/high)."
+        ),
+    ] = None
+    budget_tokens: Annotated[
+        Tokens | None,
+        doc(
+            "Thinking tokens allowed on top of the answer's max_tokens (Anthropic `thinking.budget_tokens`, "
+            "at least 1024; Gemini `thinkingBudget`; OpenAI: added to `max_completion_tokens`)."
+        ),
+    ] = None
+    include_thoughts: Annotated[
+        bool | None,
+        doc(
+            "Keep the model's reasoning text on the record (Gemini: `includeThoughts`); "
+            "false: the engine drops it."
+        ),
+    ] = None
 
 
 class EndpointConfig(Struct, kw_only=True):
     """One model behind one base URL, with its price and its limits."""
 
-    provider: Literal["openai", "anthropic", "gemini"] = "openai"
-    base_url: Url
-    model: Name
-    api_key_env: str | None = None  # name of the env var holding the key; never the key itself
-    price_in: Price = 0.0  # $ per 1M input tokens
-    price_out: Price = 0.0  # $ per 1M output tokens
-    concurrency: Count = 64
-    rpm: Rate | None = None
-    tpm: Rate | None = None
-    timeout_s: Seconds = 120.0  # wall-clock deadline of one attempt
-    max_attempts: Attempts = 6  # retries for 5xx / resets / timeouts
-    max_wait_s: Seconds = 600.0  # ceiling on any pause a server asks for (Retry-After, resets)
-    headers: dict[HeaderName, HeaderValue] = {}
-    mode: Literal["online", "batch"] = "online"  # batch: the provider's Batch API (engine.request.batch)
-    batch: BatchConfig = msgspec.field(default_factory=BatchConfig)
-    name: str = ""  # filled from the table key
+    provider: Annotated[
+        Literal["openai", "anthropic", "gemini"],
+        doc(
+            "Wire protocol: OpenAI-compatible chat completions, Anthropic Messages or Gemini generateContent."
+        ),
+    ] = "openai"
+    base_url: Annotated[
+        Url,
+        doc(
+            "Base URL of the API, e.g. `https://api.openai.com/v1`, or `http://127.0.0.1:8900/v1` for `fair "
+            "sim`."
+        ),
+    ]
+    model: Annotated[Name, doc("Model name sent with every request.")]
+    api_key_env: Annotated[
+        str | None,
+        doc(
+            "Name of the environment variable holding the API key (read at call time; never the key itself)."
+        ),
+    ] = None
+    price_in: Annotated[
+        Price, doc("Dollars per 1M input tokens: cost in the trace, report, budget and estimate.")
+    ] = 0.0
+    price_out: Annotated[Price, doc("Dollars per 1M output tokens.")] = 0.0
+    concurrency: Annotated[Count, doc("Requests in flight at once to this endpoint.")] = 64
+    rpm: Annotated[
+        Rate | None, doc("Requests per minute allowed; unset: learned from 429s and rate-limit headers.")
+    ] = None
+    tpm: Annotated[
+        Rate | None, doc("Tokens per minute allowed; unset: learned from 429s and rate-limit headers.")
+    ] = None
+    timeout_s: Annotated[Seconds, doc("Wall-clock deadline of one attempt, in seconds.")] = 120.0
+    max_attempts: Annotated[
+        Attempts,
+        doc(
+            "Attempts per request on 5xx, connection resets and timeouts (a 429 waits in admission instead)."
+        ),
+    ] = 6
+    max_wait_s: Annotated[
+        Seconds, doc("Ceiling on any pause a server asks for (Retry-After, rate-limit resets), in seconds.")
+    ] = 600.0
+    headers: Annotated[dict[HeaderName, HeaderValue], doc("Extra HTTP headers sent with every request.")] = {}
+    mode: Annotated[
+        Literal["online", "batch"],
+        doc(
+            "`online`: one HTTP call per request; `batch`: the provider's Batch API (half price, within 24 "
+            "h)."
+        ),
+    ] = "online"
+    batch: Annotated[
+        BatchConfig, doc('How a `mode = "batch"` endpoint groups requests into provider batches.')
+    ] = msgspec.field(default_factory=BatchConfig)
+    price_cached_in: Annotated[
+        Price | None, doc("Dollars per 1M cached input tokens (cache reads); unset: price_in.")
+    ] = None
+    price_cache_write: Annotated[
+        Price | None, doc("Dollars per 1M input tokens written to Anthropic's prompt cache; unset: price_in.")
+    ] = None
+    accepts: Annotated[
+        AcceptsConfig | None,
+        doc(
+            "Overrides of the parameters the model takes, e.g. `{ temperature = false }`; "
+            "unset: the built-in table."
+        ),
+    ] = None
+    reasoning: Annotated[
+        ReasoningConfig | None,
+        doc(
+            'Reasoning controls, e.g. `{ effort = "high" }` or '
+            "`{ budget_tokens = 4096, include_thoughts = true }`."
+        ),
+    ] = None
+    name: Annotated[str, doc("Set from the table key (`[endpoints.NAME]`); leave it out.")] = ""
 
     def __post_init__(self) -> None:
+        check_endpoint(self.provider, self.model, self.accepts, self.reasoning)
         if self.mode != "batch":
             return
         items, size = BATCH_LIMITS[self.provider]
@@ -150,70 +307,181 @@ class EndpointConfig(Struct, kw_only=True):
 
 
 class RunSection(Struct, kw_only=True):
-    seed: Seed = 0
-    max_in_flight: Count = 512  # problems in flight at once (memory bound)
-    shard_records: PosInt = 50_000  # records per shard before rotating
-    breaker_window: Count = 200  # recent problems looked at by the error-rate breaker
-    breaker_rate: Share = 0.5  # abort when this share of them failed
-    max_cost_usd: Annotated[float, Meta(gt=0, le=1e9)] | None = None  # hard cap (engine.fair.budget)
+    seed: Annotated[
+        Seed, doc("Seed of the job's random choices and of every request's `seed`, so reruns ask the same.")
+    ] = 0
+    max_in_flight: Annotated[
+        Count, doc("Problems in flight at once; bounds memory however large the dataset.")
+    ] = 512
+    shard_records: Annotated[PosInt, doc("Records per shard file before the next one is started.")] = 50_000
+    breaker_window: Annotated[Count, doc("Recent problems the error-rate breaker looks at.")] = 200
+    breaker_rate: Annotated[Share, doc("Abort (exit 3) when this share of the recent problems failed.")] = 0.5
+    max_cost_usd: Annotated[
+        Annotated[float, Meta(gt=0, le=1e9)] | None,
+        doc(
+            "Hard cap in dollars over the run directory's life; at the cap no new problem starts and the "
+            "run exits 3."
+        ),
+    ] = None
+    compress: Annotated[
+        Literal["none", "zstd"],
+        doc("`zstd`: sealed record and trace shards are written as `*.jsonl.zst` (~10x less disk)."),
+    ] = "none"
 
 
 class DatasetSection(Struct, kw_only=True):
-    name: str = "builtin"  # gsm8k | svamp | strategyqa | logiqa | builtin | jsonl | a hub name
-    path: str | None = None  # file or folder; default: $FAIR_DATA_DIR or ../shared/datasets
-    split: str = "train"  # collect mistakes on the train split (the paper's); eval scores test
-    limit: NonNegInt | None = None
-    offset: NonNegInt = 0
-    task: Literal["numeric", "yesno", "choice"] | None = None  # for jsonl
-    fields: dict[str, str] = {}  # jsonl field mapping: id, question, answer, context, options
+    name: Annotated[
+        str,
+        doc(
+            "`gsm8k`, `svamp`, `strategyqa`, `logiqa`, `builtin` (shipped in the package), `jsonl` (your "
+            "file) or a hub name."
+        ),
+    ] = "builtin"
+    path: Annotated[
+        str | None,
+        doc(
+            "File or folder to read; default: `$FAIR_DATA_DIR`, else `../shared/datasets` beside the "
+            "checkout."
+        ),
+    ] = None
+    split: Annotated[
+        str,
+        doc(
+            "Split the student's mistakes are collected on (the paper's: `train`; `fair eval` scores `test`)."
+        ),
+    ] = "train"
+    limit: Annotated[NonNegInt | None, doc("Use at most this many problems.")] = None
+    offset: Annotated[NonNegInt, doc("Skip this many problems first.")] = 0
+    task: Annotated[
+        Literal["numeric", "yesno", "choice"] | None,
+        doc("Answer type of a `jsonl` dataset: a number, yes/no, or one of the options."),
+    ] = None
+    fields: Annotated[
+        dict[str, str],
+        doc("For `jsonl`: our field (id, question, answer, context, options) -> the key in your file."),
+    ] = {}
 
 
 class StudentSection(Struct, kw_only=True):
-    endpoint: str
-    attempts: Attempts = 1  # k attempts per problem
-    temperature: Temperature = 0.0
-    top_p: Share | None = None  # nucleus sampling (the paper: 0.9 at temperature 0.3)
-    max_tokens: Tokens = 512
+    endpoint: Annotated[str, doc("The endpoint (a key of `[endpoints]`) that serves the student.")]
+    attempts: Annotated[
+        Attempts, doc("Student attempts per problem; every wrong one is a mistake the teachers explain.")
+    ] = 1
+    temperature: Annotated[Temperature, doc("Sampling temperature of the student.")] = 0.0
+    top_p: Annotated[
+        Share | None,
+        doc(
+            "Nucleus sampling of the student (the paper: 0.9 at temperature 0.3); unset: the server's "
+            "default."
+        ),
+    ] = None
+    max_tokens: Annotated[Tokens, doc("Most tokens of a student answer.")] = 512
     # round 2 (engine.fair.student_server): `fair run` serves this LoRA adapter itself, at the student
     # endpoint's loopback address and under its model name, and stops the server at the end
-    adapter: Name | None = None
-    model: Name | None = None  # the base model under the adapter (default: the embedded SmolLM2)
-    server: Literal["auto", "cpu", "vllm"] = "auto"  # auto: `vllm serve` when vllm is installed
+    adapter: Annotated[
+        Name | None,
+        doc(
+            "Round 2: a LoRA adapter folder that `fair run` serves itself at the student endpoint's "
+            "loopback address."
+        ),
+    ] = None
+    model: Annotated[
+        Name | None,
+        doc("Round 2: the base model under the adapter (default: the embedded SmolLM2-135M-Instruct)."),
+    ] = None
+    server: Annotated[
+        Literal["auto", "cpu", "vllm"],
+        doc("Round 2: `vllm` (`vllm serve`), `cpu` (`fair serve-student`), or `auto` (vLLM when installed)."),
+    ] = "auto"
 
 
 class TeachersSection(Struct, kw_only=True):
-    endpoints: list[str]
-    temperature: Temperature = 0.0
-    max_tokens: Tokens = 1024
-    review_max_tokens: Tokens = 512
+    endpoints: Annotated[
+        list[str],
+        doc(
+            "The committee: two or more keys of `[endpoints]`; each writes rationales and reviews the "
+            "others'."
+        ),
+    ]
+    temperature: Annotated[Temperature, doc("Sampling temperature of the teachers.")] = 0.0
+    max_tokens: Annotated[Tokens, doc("Most tokens of a rationale or a mistake explanation.")] = 1024
+    review_max_tokens: Annotated[Tokens, doc("Most tokens of a peer review.")] = 512
 
 
 class ReviewSection(Struct, kw_only=True):
-    gold_check: Literal["reject", "review-anyway", "record-only", "off"] = "reject"
+    gold_check: Annotated[
+        Literal["reject", "review-anyway", "record-only", "off"],
+        doc(
+            "A rationale whose final answer is not the gold: `reject` unreviewed, `review-anyway` (then "
+            "reject), `record-only`, or `off`."
+        ),
+    ] = "reject"
     # accept iff aggregate(valid scores) > threshold: below MIN_SCORE everything passes, at
     # MAX_SCORE nothing can
-    threshold: Annotated[float, Meta(ge=MIN_SCORE, lt=MAX_SCORE)] = 3.0
-    min_valid: PosInt = 1  # at most the number of reviewers (teachers - 1): checked in validate()
+    threshold: Annotated[
+        float,
+        Meta(ge=MIN_SCORE, lt=MAX_SCORE),
+        doc("Accept a rationale when the aggregate of its valid scores (1-5) is above this (the paper: 3)."),
+    ] = 3.0
+    min_valid: Annotated[
+        PosInt, doc("Valid review scores a rationale needs to be judged (at most teachers - 1).")
+    ] = 1
     # calibrated: each reviewer's scores standardised against its own scores in the run first
-    aggregation: Literal["mean", "median", "min", "calibrated"] = "mean"
-    early_stop: bool = True
-    review_feedback: bool = False
+    aggregation: Annotated[
+        Literal["mean", "median", "min", "calibrated"],
+        doc(
+            "How scores combine: `mean` (the paper's), `median`, `min`, or `calibrated` (each reviewer's "
+            "scores standardised first)."
+        ),
+    ] = "mean"
+    early_stop: Annotated[bool, doc("Stop asking reviewers once the verdict cannot change.")] = True
+    review_feedback: Annotated[
+        bool, doc("Also peer-review the mistake explanations; a rejected one gives no mistake sample.")
+    ] = False
 
 
 class SamplesSection(Struct, kw_only=True):
-    policy: Literal["paper", "all"] = "paper"
-    answer_line: bool = True  # append "The answer is X." to accepted rationales that lack one
+    policy: Annotated[
+        Literal["paper", "all"],
+        doc(
+            "`paper`: no samples without an accepted rationale, else one rationale and one explanation per "
+            "mistake; `all`: every accepted rationale and every explanation."
+        ),
+    ] = "paper"
+    answer_line: Annotated[
+        bool, doc('Append "The answer is X." to accepted rationales that state no answer.')
+    ] = True
+    reasoning: Annotated[
+        Literal["drop", "think"],
+        doc(
+            "A teacher's reasoning trace in training targets: `drop` (the answer only) or `think` "
+            "(a `<think>...</think>` block before it)."
+        ),
+    ] = "drop"
 
 
 class RunConfig(Struct, kw_only=True):
-    run: RunSection = msgspec.field(default_factory=RunSection)
-    dataset: DatasetSection = msgspec.field(default_factory=DatasetSection)
-    endpoints: dict[str, EndpointConfig]
-    student: StudentSection
-    teachers: TeachersSection
-    review: ReviewSection = msgspec.field(default_factory=ReviewSection)
-    samples: SamplesSection = msgspec.field(default_factory=SamplesSection)
-    prompts: str = "v1"  # prompt template version
+    run: Annotated[RunSection, doc("Seed, memory bound, error-rate breaker and cost cap of the job.")] = (
+        msgspec.field(default_factory=RunSection)
+    )
+    dataset: Annotated[DatasetSection, doc("Where the problems come from.")] = msgspec.field(
+        default_factory=DatasetSection
+    )
+    endpoints: Annotated[
+        dict[str, EndpointConfig],
+        doc("Every model the job talks to, one table per endpoint: `[endpoints.NAME]`."),
+    ]
+    student: Annotated[StudentSection, doc("The student whose mistakes are collected.")]
+    teachers: Annotated[TeachersSection, doc("The committee of teachers.")]
+    review: Annotated[ReviewSection, doc("Gold check, peer review and the acceptance threshold.")] = (
+        msgspec.field(default_factory=ReviewSection)
+    )
+    samples: Annotated[SamplesSection, doc("Which training samples are written.")] = msgspec.field(
+        default_factory=SamplesSection
+    )
+    prompts: Annotated[
+        str, doc("Prompt set: `v1` (ours, with answer lines) or `paper` (the FAIR paper's).")
+    ] = "v1"
 
     def __post_init__(self) -> None:
         for name, ep in self.endpoints.items():
@@ -225,11 +493,12 @@ def validate(cfg: RunConfig) -> None:
     """The rules that span fields (single values are range-checked by their types). ValueError
     naming the field; msgspec turns it into a ValidationError, ``convert_config`` names the file."""
     known = set(cfg.endpoints)
+    for name, ep in cfg.endpoints.items():  # a table that would be silently ignored
+        if ep.mode != "batch" and ep.batch != BatchConfig():
+            raise ValueError(f'endpoints.{name}: a `batch` table applies only with mode = "batch"')
     if cfg.student.endpoint not in known:
         raise ValueError(f"student.endpoint {cfg.student.endpoint!r} is not in [endpoints]")
     if cfg.student.adapter is not None:  # round 2: the run serves the student itself
-        from engine.fair.student_server import endpoint_address
-
         endpoint_address(cfg)
     teachers = cfg.teachers.endpoints
     for t in teachers:
@@ -245,10 +514,33 @@ def validate(cfg: RunConfig) -> None:
             f"review.min_valid = {cfg.review.min_valid} but a rationale has only {reviewers} "
             f"reviewer(s) (teachers - 1): no rationale could ever be judged"
         )
-    from engine.fair.prompts import versions as prompt_versions  # lazily: the prompts import the schema
-
     if cfg.prompts not in (known_prompts := prompt_versions()):
         raise ValueError(f"prompts: unknown version {cfg.prompts!r} (have {', '.join(known_prompts)})")
+
+
+def prompt_versions(root: Path = PROMPTS_DIR) -> list[str]:
+    """Every prompt version shipped (folders of ``engine/fair/prompts``)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+
+
+def endpoint_address(cfg: RunConfig) -> tuple[str, int]:
+    """The student endpoint's ``(host, port)``; ValueError (naming the field) unless it is loopback
+    with a port and /v1 (round 2: ``engine.fair.student_server`` serves the adapter there)."""
+    ep = cfg.endpoints[cfg.student.endpoint]
+    url = urlsplit(ep.base_url)
+    where = f"endpoints.{cfg.student.endpoint}.base_url"
+    if url.hostname not in LOOPBACK or url.port is None:
+        raise ValueError(
+            f"{where}: with student.adapter the run serves the student itself, so it must be a loopback "
+            f"URL with a port (http://127.0.0.1:8001/v1), not {ep.base_url!r}"
+        )
+    if not url.path.rstrip("/").endswith("/v1"):
+        raise ValueError(f"{where}: the served student answers under /v1, not {url.path or '/'!r}")
+    if "/" in ep.model or "=" in ep.model:
+        raise ValueError(
+            f"endpoints.{cfg.student.endpoint}.model: {ep.model!r} names the served adapter: no '/' or '='"
+        )
+    return url.hostname, url.port
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> RunConfig:
@@ -308,7 +600,7 @@ def convert_flags(values: dict, kind: type[T], *, command: str, flags: dict[str,
         raise ConfigError(f"{command}: {text}") from None
 
 
-def _readable(exc: msgspec.ValidationError) -> str:
+def _readable(exc: Exception) -> str:
     """msgspec's message with ``$.a.b`` as ``a.b`` and the URL regex said in words."""
     text = str(exc).replace("`$.", "`")
     for pattern, words in _PATTERN_WORDS.items():
@@ -326,7 +618,7 @@ def dump_config(cfg: msgspec.Struct) -> bytes:
     return msgspec.toml.encode(_drop_none(msgspec.to_builtins(cfg)))
 
 
-def _drop_none(value):
+def _drop_none(value: Any) -> Any:
     """TOML has no null: unset optional fields are left out (they load back as None)."""
     if isinstance(value, dict):
         return {k: _drop_none(v) for k, v in value.items() if v is not None}

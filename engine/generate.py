@@ -25,28 +25,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import hashlib
 import sys
 import time
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from engine.config import EndpointConfig, check_output_dir, convert_flags
+from engine.config import EndpointConfig
 from engine.errors import AbortRun, ConfigError, InputError, RequestError, one_line
+from engine.inputs import MAX_REPORTED, BadLines
+from engine.options import Outcome, RequestOptions
 from engine.progress import Progress
+from engine.request.cache import looks_usable
 from engine.request.client import Engine
 from engine.request.metrics import serve_engine
-from engine.request.providers import redact
+from engine.rundir.idset import HashSet64, id_hash
 from engine.rundir.schema import Response
-from engine.rundir.store import RunStore
-from engine.types import ChatRequest, Message
+from engine.rundir.store import RunStore, read_manifest, shard_paths
+from engine.rundir.verify import check_run_dir
+from engine.types import ChatRequest, Message, response_record
 
 ENDPOINT = "default"
 KIND = "responses"
-MAX_REPORTED_BAD_LINES = 20
 
 
 class _Line(msgspec.Struct):
@@ -97,8 +101,21 @@ def count_lines(path: Path) -> int:
     return n + (last != b"\n")
 
 
-class _Work:
-    """The shared input stream the workers pull from, with the run's counters."""
+class _IdView(msgspec.Struct):
+    """Only the id of an input line: msgspec skips the rest unparsed (a resume reads every line)."""
+
+    id: str | int
+
+
+_id_view = msgspec.json.Decoder(_IdView)
+
+
+class Work:
+    """The shared input stream the workers pull from, with the run's counters.
+
+    Memory per input line stays compact: the ids this run sends are a ``HashSet64`` (~9 bytes an
+    id) and the lines whose record exists already are only counted (their hashes, 8 bytes each,
+    are kept until the input is read, to count duplicates among them), never a dict of the ids."""
 
     def __init__(self, path: Path, store: RunStore, report: bool):
         self.path = path
@@ -111,8 +128,8 @@ class _Work:
         self.failed = 0
         self.failures: list[str] = []  # first few failed ids with their reason
         self.in_flight: set[str] = set()
-        self.first_line: dict[str, int] = {}  # id -> the input line it was first seen on
         self.progress: Progress | None = None
+        self.reported = BadLines(report)  # bad and duplicate lines, named up to engine.inputs' limit
         self._lines = self._read()
 
     def _drop(self) -> None:
@@ -121,35 +138,87 @@ class _Work:
             self.progress.total -= 1
 
     def _read(self) -> Iterator[tuple[str, tuple[Message, ...]]]:
+        stored = self.store.ids(KIND).hashes
+        seen = HashSet64()  # ids sent by this run
+        existing = array("Q")  # lines whose record exists: skipped, their duplicates counted at the end
         with open(self.path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 if lineno == 1:
                     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM, as some editors write
-                if not raw.strip():
-                    self._drop()
-                    continue
-                try:
-                    record_id, messages = parse_line(raw, f"{self.path}:{lineno}")
-                except InputError as exc:
-                    self.bad_lines += 1
-                    self._drop()
-                    if self.report and self.bad_lines <= MAX_REPORTED_BAD_LINES:
-                        print(f"fair: skipped input line: {one_line(str(exc))}", file=sys.stderr)
-                    continue
-                if (first := self.first_line.setdefault(record_id, lineno)) != lineno:
-                    self.duplicates += 1
-                    self._drop()
-                    if self.report and self.duplicates <= MAX_REPORTED_BAD_LINES:
-                        print(
-                            f"fair: skipped input line: {self.path}:{lineno}: duplicate id "
-                            f"{one_line(record_id, 80)!r} (first on line {first})",
-                            file=sys.stderr,
-                        )
-                    continue
-                if self.store.has(KIND, record_id):
+                try:  # fast path of a resume: the id alone tells that its record exists
+                    rid: str | None = str(_id_view.decode(raw).id)
+                except (msgspec.DecodeError, RecursionError):
+                    rid = None
+                h = id_hash(rid) if rid is not None else None
+                if h is not None and h in stored and h not in seen:
+                    existing.append(h)
                     self.skipped += 1
                     continue
-                yield record_id, messages
+                if (item := self._parse(raw, lineno, seen, (rid, h))) is not None:
+                    yield item
+        self._count_existing_duplicates(existing)
+        self.reported.close()
+
+    def _parse(
+        self, raw: bytes, lineno: int, seen: HashSet64, looked: tuple[str | None, int | None]
+    ) -> tuple[str, tuple[Message, ...]] | None:
+        """A line to send, or None (blank, bad, a duplicate, or its record exists). ``looked``:
+        the id ``_read`` saw and its hash, which it found not stored (or already seen): the
+        same id is neither hashed nor looked up again."""
+        if not raw.strip():
+            self._drop()
+            return None
+        try:
+            record_id, messages = parse_line(raw, f"{self.path}:{lineno}")
+        except InputError as exc:
+            self.bad_lines += 1
+            self._drop()
+            self.reported.append(exc)
+            return None
+        rid, h = looked  # (both read ``str(id)``: they agree on every line both can read)
+        hashed = h if h is not None and rid == record_id else id_hash(record_id)
+        if not seen.add(hashed):
+            self.duplicates += 1
+            self._drop()
+            if self.reported.report and self.reported.count < self.reported.limit:
+                first = self._first_line(record_id)  # a rare path: reads the input again
+                self.reported.skip(
+                    f"{self.path}:{lineno}: duplicate id {one_line(record_id, 80)!r} (first on line {first})"
+                )
+            else:
+                self.reported.skip("")
+            return None
+        if hashed != h and hashed in self.store.ids(KIND).hashes:  # ``_read`` found h not stored
+            self.skipped += 1
+            return None
+        return record_id, messages
+
+    def _first_line(self, record_id: str) -> int:
+        """The line an id was first seen on, found again by reading the input (a rare path)."""
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    if str(_id_view.decode(raw.removeprefix(b"\xef\xbb\xbf")).id) == record_id:
+                        return lineno
+                except (msgspec.DecodeError, RecursionError):
+                    continue
+        return 0
+
+    def _count_existing_duplicates(self, existing: array) -> None:
+        """Lines repeating the id of another line whose record exists: duplicates, as in the
+        run that wrote them (counted here, not named again line by line)."""
+        repeated = len(existing) - len(HashSet64.build(existing, len(existing)))
+        if repeated:
+            self.duplicates += repeated
+            self.skipped -= repeated
+            for _ in range(repeated):
+                self._drop()
+            if self.report:
+                print(
+                    f"fair: skipped {repeated} input lines repeating the id of another line "
+                    "(its record was written by an earlier run)",
+                    file=sys.stderr,
+                )
 
     def next(self) -> tuple[str, tuple[Message, ...]] | None:
         return next(self._lines, None)
@@ -168,8 +237,10 @@ async def generate(
     progress: bool = True,
     writer: str = "",
     metrics_port: int | None = None,
+    compress: str = "none",
 ) -> dict[str, Any]:
     """Run ``fair generate`` in-process; returns the summary written to the manifest.
+    ``compress = "zstd"``: sealed record and trace shards are compressed (``--compress``).
 
     Raises ``AbortRun`` (e.g. ``AuthError``) when the run must stop; records written until
     then stay, and the manifest says ``aborted``. ``metrics_port``: serve Prometheus metrics
@@ -179,24 +250,15 @@ async def generate(
     if not input_path.is_file():
         raise ConfigError(f"--input {input_path}: no such file")
     endpoint.name = endpoint.name or ENDPOINT
-    store = RunStore(out, writer=writer).open([KIND])
-    work = _Work(input_path, store, report=True)
+    check_run_dir(out)  # the rules `fair status` applies: a changed or newer run dir is refused
+    fingerprint = input_fingerprint(input_path)
+    if (finished := already_finished(out, fingerprint)) is not None:
+        return finished
+    store = RunStore(out, writer=writer, compress=compress).open([KIND])
+    work = Work(input_path, store, report=True)
     total = count_lines(input_path)
-    seams: dict[str, Any] = {}
-    workers = endpoint.concurrency
-    if endpoint.mode == "batch":  # provider Batch API: requests wait in batches, not in admission
-        from engine.request.batch.executor import BatchExecutor, Unmetered
-
-        seams = {"executor": BatchExecutor(out), "admissions": {ENDPOINT: Unmetered()}}
-        workers = max(1, min(total, endpoint.batch.max_items * endpoint.batch.max_open))
-    streamed = endpoint.mode == "batch" and (n == 1 or endpoint.provider == "openai")  # else: fan-out
-    engine = Engine(
-        {ENDPOINT: endpoint},
-        cache_path=out / "cache.sqlite" if cache else None,
-        trace_dir=out / "trace",
-        writer=writer,
-        **seams,
-    )
+    engine, workers = _engine(out, endpoint, total, cache=cache, writer=writer, compress=compress)
+    opts = RequestOptions(max_tokens=max_tokens, temperature=temperature, n=n, seed=seed)
     status = "interrupted"
     started = time.monotonic()
     try:
@@ -209,62 +271,130 @@ async def generate(
             metrics = serve_engine(engine, metrics_port)
             with bar, metrics or contextlib.nullcontext():
                 try:
-                    async with asyncio.TaskGroup() as tg:
-                        if streamed:  # batch mode: no coroutine per waiting line (engine.request.batch.feed)
-                            from engine.request.batch.feed import feed
-
-                            req = {"max_tokens": max_tokens, "temperature": temperature, "n": n, "seed": seed}
-                            tg.create_task(feed(engine, ENDPOINT, work, store, bar, KIND, **req))
-                        for _ in range(0 if streamed else workers):
-                            tg.create_task(
-                                _worker(engine, work, store, bar, max_tokens, temperature, n, seed)
-                            )
-                except BaseExceptionGroup as eg:  # a worker raised: unwrap what callers catch
-                    abort = eg.subgroup(AbortRun)
-                    if abort is not None:
-                        status = "aborted"
-                        raise abort.exceptions[0] from None
+                    await _answer_all(engine, endpoint, work, store, bar, opts, workers)
+                except AbortRun:
+                    status = "aborted"
                     raise
             bad = work.failed or work.bad_lines or work.duplicates
             status = "done_with_failures" if bad else "done"
     finally:
         elapsed = time.monotonic() - started
-        summary = _summary(work, engine, store, status, elapsed, endpoint)
+        summary = run_summary(work, engine, store, status, elapsed, endpoint)
+        summary["input"] = fingerprint
         store.close(status, {"generate": summary, "endpoints": engine.snapshot()})
     return summary
 
 
-async def _worker(
+def _engine(
+    out: Path, endpoint: EndpointConfig, total: int, *, cache: bool, writer: str, compress: str
+) -> tuple[Engine, int]:
+    """The run's engine, and how many workers pull lines: the endpoint's concurrency online;
+    with ``mode = "batch"`` a provider Batch API, where requests wait in batches, not in admission."""
+    parts: dict[str, Any] = {}
+    workers = endpoint.concurrency
+    if endpoint.mode == "batch":
+        from engine.request.batch.executor import BatchExecutor, Unmetered  # only for batch mode
+
+        parts = {"executor": BatchExecutor(out), "admissions": {ENDPOINT: Unmetered()}}
+        workers = max(1, min(total, endpoint.batch.max_items * endpoint.batch.max_open))
+    engine = Engine(
+        {ENDPOINT: endpoint},
+        cache_path=out / "cache.sqlite" if cache else None,
+        trace_dir=out / "trace",
+        writer=writer,
+        compress=compress,
+        executor=parts.get("executor"),
+        admissions=parts.get("admissions"),
+    )
+    return engine, workers
+
+
+async def _answer_all(
     engine: Engine,
-    work: _Work,
+    endpoint: EndpointConfig,
+    work: Work,
     store: RunStore,
     bar: Progress,
-    max_tokens: int | None,
-    temperature: float,
-    n: int,
-    seed: int | None,
+    opts: RequestOptions,
+    workers: int,
 ) -> None:
+    """Answer every line; raises what a worker raised (``AbortRun``, an ``OSError`` writing a
+    shard: one line, exit 2), unwrapped from the task group."""
+    streamed = endpoint.mode == "batch" and (opts.n == 1 or endpoint.provider == "openai")  # else: fan-out
+    try:
+        async with asyncio.TaskGroup() as tg:
+            if streamed:  # batch mode: no coroutine per waiting line (engine.request.batch.feed)
+                from engine.request.batch.feed import feed
+
+                req = msgspec.structs.asdict(opts)
+                tg.create_task(feed(engine, ENDPOINT, work, store, bar, KIND, **req))
+            for _ in range(0 if streamed else workers):
+                tg.create_task(answer_lines(engine, work, store, bar, opts))
+    except BaseExceptionGroup as eg:  # a worker raised: unwrap what callers catch
+        abort = eg.subgroup(AbortRun)
+        if abort is not None:
+            raise abort.exceptions[0] from None
+        written = eg.subgroup(OSError)
+        if written is not None and written.exceptions:
+            raise written.exceptions[0] from None
+        raise
+
+
+def input_fingerprint(path: Path) -> dict[str, Any]:
+    """What identifies the input a run read: its size and sha256 (~60 ms for 1M lines)."""
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def already_finished(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of a rerun with nothing to do, or None. Nothing to do: the last run read this
+    very input to its end (status done or done_with_failures, the same size and sha256) and no
+    shard was written since (none ``.partial``, the counts as the manifest has them). Such a
+    rerun would read every line only to skip it (~3 us a line: 3 s at 1M); its outcome is known.
+    ``check_run_dir`` has verified the shards against the manifest's digests already."""
+    manifest = read_manifest(out) or {}
+    last = manifest.get("generate")
+    if manifest.get("status") not in ("done", "done_with_failures") or not isinstance(last, dict):
+        return None
+    if last.get("input") != fingerprint or last.get("records") != (manifest.get("counts") or {}).get(KIND):
+        return None
+    if any(p.name.endswith(".partial") for p in shard_paths(out, KIND)):
+        return None
+    if not looks_usable(out / "cache.sqlite"):  # damaged or read-only: the full path says so
+        return None
+    bad = bool(last.get("bad_lines") or last.get("duplicate_ids"))
+    zero = dict.fromkeys(("ok", "failed", "calls", "cache_hits", "http_429", "retries", "prompt_tokens",
+                          "completion_tokens"), 0)  # fmt: skip
+    now = {"status": "done_with_failures" if bad else "done", "elapsed_s": 0.0, "records_per_s": 0.0,
+           "cost_usd": 0.0, "failures": [], "skipped_existing": last["records"]}  # fmt: skip
+    return {**last, **zero, **now}
+
+
+async def answer_lines(
+    engine: Engine, work: Work, store: RunStore, bar: Progress, opts: RequestOptions
+) -> None:
+    """One of the run's workers: answers ``work``'s lines one at a time until none is left, a
+    record written for each (``error`` set when it failed for good)."""
     while (item := work.next()) is not None:
         record_id, messages = item
         work.in_flight.add(record_id)
         request = ChatRequest(
-            messages=messages, max_tokens=max_tokens, temperature=temperature, n=n, seed=seed
+            messages=messages,
+            max_tokens=opts.max_tokens,
+            temperature=opts.temperature,
+            n=opts.n,
+            seed=opts.seed,
         )
         try:
             done = await engine.complete(ENDPOINT, request)
         except RequestError as exc:
             record = Response(id=record_id, error=str(exc))
             work.failed += 1
-            if len(work.failures) < MAX_REPORTED_BAD_LINES:
+            if len(work.failures) < MAX_REPORTED:
                 work.failures.append(f"{record_id}: {exc}")
         else:
-            record = Response(
-                id=record_id,
-                texts=[c.text for c in done.choices],
-                finish_reasons=[c.finish_reason for c in done.choices],
-                prompt_tokens=done.usage.prompt_tokens,
-                completion_tokens=done.usage.completion_tokens,
-            )
+            record = response_record(record_id, done)
             work.ok += 1
         finally:
             work.in_flight.discard(record_id)
@@ -272,8 +402,8 @@ async def _worker(
         bar.done += 1
 
 
-def _summary(
-    work: _Work, engine: Engine, store: RunStore, status: str, elapsed: float, endpoint: EndpointConfig
+def run_summary(
+    work: Work, engine: Engine, store: RunStore, status: str, elapsed: float, endpoint: EndpointConfig
 ) -> dict[str, Any]:
     st = engine.stats[ENDPOINT]
     done = work.ok + work.failed
@@ -300,83 +430,11 @@ def _summary(
     }
 
 
-FLAGS = {"base_url": "--endpoint", "model": "--model", "concurrency": "--concurrency", "rpm": "--rpm",
-         "tpm": "--tpm", "timeout_s": "--timeout", "max_attempts": "--max-attempts",
-         "max_wait_s": "--max-wait", "price_in": "--price-in", "price_out": "--price-out", "mode": "--mode",
-         "batch.linger_s": "--batch-linger", "batch.max_items": "--batch-max-items",
-         "batch.max_open": "--batch-max-open", "batch.poll_s": "--batch-poll",
-         "batch.max_rounds": "--batch-max-rounds", "batch.fallback": "--batch-fallback"}  # fmt: skip
-
-
-def batch_flags(args: Any) -> dict[str, Any]:
-    """The ``--batch-*`` flags given, as an ``[endpoints.X.batch]`` table."""
-    fields = ("linger_s", "max_items", "max_open", "poll_s", "max_rounds", "fallback")
-    values = {f: getattr(args, "batch_" + f.removesuffix("_s"), None) for f in fields}
-    return {f: v for f, v in values.items() if v is not None}
-
-
-def cli_main(args: Any) -> int:
-    """``fair generate ...``: exit 0 when every line has a good record, 1 otherwise."""
-    if args.api_key_env and redact(args.api_key_env) != args.api_key_env:
-        # never echo it back: the value looks like a key, not the name of a variable holding one
-        raise ConfigError("--api-key-env takes the NAME of an environment variable, not the key itself")
-    endpoint = convert_flags(
-        {
-            "provider": args.provider,
-            "base_url": args.endpoint,
-            "model": args.model,
-            "api_key_env": args.api_key_env,
-            "concurrency": args.concurrency,
-            "rpm": args.rpm,
-            "tpm": args.tpm,
-            "timeout_s": args.timeout,
-            "max_attempts": args.max_attempts,
-            "max_wait_s": getattr(args, "max_wait", None),
-            "price_in": getattr(args, "price_in", None),
-            "price_out": getattr(args, "price_out", None),
-            "mode": getattr(args, "mode", None),
-            "batch": batch_flags(args),
-            "name": ENDPOINT,
-        },
-        EndpointConfig,
-        command="fair generate",
-        flags=FLAGS,
-    )
-    check_output_dir(Path(args.output), "--output")
-    from engine.scale import check_args
-
-    check_args(args)
-    if getattr(args, "ray", None) is not None:  # scale-out: imports ray only now
-        from engine.scale import driver
-
-        return driver.generate(args, endpoint)
-    summary = asyncio.run(
-        generate(
-            args.input,
-            args.output,
-            endpoint,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            n=args.n,
-            seed=args.seed,
-            cache=not args.no_cache,
-            progress=not args.no_progress,
-            metrics_port=getattr(args, "metrics_port", None),
-        )
-    )
-    return report(
-        summary,
-        f"fair: {summary['records']} records in {os.fspath(args.output)}/responses "
-        f"({summary['ok']} new ok, {summary['skipped_existing']} already there) "
-        f"in {summary['elapsed_s']:.1f}s",
-    )
-
-
-def report(summary: dict[str, Any], line: str) -> int:
-    """Print a finished generate run's failures and its one summary ``line`` (with what went
-    wrong appended) to stderr; the exit code: 1 when records failed or lines were skipped."""
-    for failure in summary["failures"]:
-        print(f"fair: failed: {one_line(failure)}", file=sys.stderr)
+def generate_outcome(out: Path, summary: dict[str, Any], line: str) -> Outcome:
+    """A finished generate run (one process or Ray): its failures and its one summary ``line``
+    (with what went wrong appended) for stderr; failed (exit 1) when records failed or lines
+    were skipped."""
+    lines = [f"fair: failed: {one_line(failure)}" for failure in summary["failures"]]
     problems = []
     if summary["failed"]:
         problems.append(f"{summary['failed']} records failed (their `error` says why)")
@@ -384,5 +442,5 @@ def report(summary: dict[str, Any], line: str) -> int:
         problems.append(f"{summary['bad_lines']} input lines were bad and skipped")
     if summary["duplicate_ids"]:
         problems.append(f"{summary['duplicate_ids']} input lines repeated an earlier id and were skipped")
-    print(line + (f"; {'; '.join(problems)}" if problems else ""), file=sys.stderr)
-    return 1 if problems else 0
+    lines.append(line + (f"; {'; '.join(problems)}" if problems else ""))
+    return Outcome(out, summary["status"], failed=len(problems), lines=lines)

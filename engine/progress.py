@@ -18,10 +18,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TextIO
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -219,7 +219,7 @@ class _Bar(RichProgress):
         self._owner = owner  # before rich's __init__, which may render once
         super().__init__(*columns, **kw)
 
-    def get_renderables(self):
+    def get_renderables(self) -> Iterable[RenderableType]:
         o = self._owner
         if o._task is not None:
             self.update(o._task, completed=o.finished, total=o.total)

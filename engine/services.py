@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 
@@ -96,7 +97,7 @@ class Services:
             self._sigterm = signal.signal(signal.SIGTERM, _interrupt)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         try:
             for name in list(self.procs):
                 self.stop(name)
@@ -106,5 +107,5 @@ class Services:
                 self._sigterm = None
 
 
-def _interrupt(signum, frame) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt

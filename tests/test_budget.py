@@ -7,7 +7,8 @@ from fakeserver import fair
 from test_pipeline import config, profile
 
 from engine.config import dump_config
-from engine.fair.budget import BudgetReached, estimate
+from engine.fair.budget import BudgetReached
+from engine.fair.estimate import estimate
 from engine.fair.pipeline import Job
 from engine.rundir.store import read_manifest
 from engine.sim import start_sim

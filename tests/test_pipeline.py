@@ -13,7 +13,7 @@ import pytest
 
 from engine.config import RunConfig, convert_config
 from engine.errors import BreakerTripped
-from engine.fair.pipeline import Job
+from engine.fair.pipeline import Job, JobParts
 from engine.fair.report import summarize
 from engine.rundir.schema import Attempt, Problem
 from engine.rundir.store import iter_records, read_manifest
@@ -307,10 +307,8 @@ async def test_an_injected_executor_and_shared_admission_leave_the_stages_unchan
         cfg = config(sim.base_url)
         await run(cfg, tmp_path / "default", probs)
         executor, shared = UrllibExecutor(), Admission(concurrency=6)
-        job = Job(
-            cfg, tmp_path / "seams", progress=False, executor=executor,
-            admissions=dict.fromkeys(cfg.endpoints, shared),
-        )  # fmt: skip
+        parts = JobParts(executor=executor, admissions=dict.fromkeys(cfg.endpoints, shared))
+        job = Job(cfg, tmp_path / "seams", progress=False, parts=parts)
         await job.run(iter(probs))
     assert executor.sent > 0 and executor.peak <= 6
     assert _sample_set(tmp_path / "seams") == _sample_set(tmp_path / "default")

@@ -857,3 +857,52 @@ def test_estimate_on_ray_then_the_full_run_pays_the_pilot_once(cluster: str, tmp
     assert paid_pilot + paid_rest <= paid_plain  # nothing paid twice
     assert records(out) == records(tmp_path / "plain")
     assert read_manifest(out)["status"] == "done"
+
+
+def test_more_workers_than_the_cluster_can_place_exit_2_at_once(cluster: str, tmp_path: Path) -> None:
+    """8 workers of 0.5 CPU on a 2-CPU cluster would wait forever: refused, naming the numbers."""
+    inp = write_input(tmp_path / "in.jsonl", 20)
+    with FakeServerThread() as srv:
+        t0 = time.monotonic()
+        code, err = fair(*_args(srv, inp, tmp_path / "out", "--ray", cluster, "--workers", "8"), timeout=120)
+        assert len(srv.seen) == 0
+    assert code == 2 and "--workers 8" in err and "room for 4 workers" in err, err
+    assert time.monotonic() - t0 < 60 and "Traceback" not in err
+
+
+def test_emptied_shard_of_a_done_block_is_refused_then_redone(cluster: str, tmp_path: Path) -> None:
+    """A done block's shard emptied afterwards: the rerun refuses (exit 2 naming the shard), not
+    skips; `fair repair` marks the block to be redone; the rerun makes its records again from the
+    block's cache (nothing paid twice) and no other block runs again."""
+    inp = write_input(tmp_path / "in.jsonl", 100)
+    out = tmp_path / "out"
+    with FakeServerThread() as srv:
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster, "--block-size", "50"))
+        assert code == 0, err
+        shard = next((out / "responses").glob("shard-b00001.e1-*.jsonl"))
+        shard.write_bytes(b"")
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster))
+        assert code == 2 and str(shard) in err and "changed since" in err and "fair repair" in err, err
+        code, err = fair("repair", str(out))
+        assert code == 0 and "blocks/b00001.e1.json" in err and "redone" in err, err
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster))
+        assert code == 0 and "1 of 2 blocks already done" in err, err
+        assert len(srv.seen) == 100  # the redone block's calls came from its cache
+    assert texts(out) == expected(100)
+    assert list((out / "blocks").glob("b00001.e2.json")) and not list((out / "blocks").glob("b00000.e2*"))
+
+
+def test_torn_shard_of_a_ray_run_same_line_from_status_and_resume(cluster: str, tmp_path: Path) -> None:
+    inp = write_input(tmp_path / "in.jsonl", 60)
+    out = tmp_path / "out"
+    with FakeServerThread() as srv:
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster, "--block-size", "30"))
+        assert code == 0, err
+        shard = next((out / "responses").glob("shard-b00000.e1-*.jsonl"))
+        shard.write_bytes(shard.read_bytes()[:-7])  # a full disk: the last line lost its end
+        lines = shard.read_bytes().count(b"\n") + 1
+        where = f"{shard}:{lines}"
+        code, err = fair(*_args(srv, inp, out, "--ray", cluster))
+        assert code == 2 and where in err and "torn line" in err and len(srv.seen) == 60, err
+    code, status_err = fair("status", str(out))
+    assert code == 2 and where in status_err and "Traceback" not in status_err, status_err

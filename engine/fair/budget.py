@@ -8,7 +8,7 @@ one has finished, at most ``PROBE`` problems run at once. At the cap the job sto
 finishes what is in flight, writes the manifest as ``budget`` and exits 3; run it again with a
 higher cap to go on. It can overshoot by the in-flight problems' cost only.
 
-``estimate`` runs a pilot slice through the real path and cache (the full run resumes from it, so
+``engine.fair.estimate`` runs a pilot slice through the real path and cache (the full run resumes from it, so
 the pilot is not paid twice) and projects calls, tokens, dollars and wall time per endpoint and per
 stage (student, rationale, feedback, review) to the whole dataset, online and in batch mode, from
 the run directory's trace.
@@ -16,12 +16,12 @@ the run directory's trace.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.errors import AbortRun
+from engine.request.pricing import Prices
 from engine.rundir.store import iter_raw, read_manifest
 
 if TYPE_CHECKING:
@@ -45,6 +45,22 @@ def spent_before(run_dir: Path) -> float:
     if isinstance(budget, dict) and isinstance(budget.get("spent_usd"), int | float):
         return float(budget["spent_usd"])
     return 0.0
+
+
+class BudgetGate(Protocol):
+    """What ``pipeline.Job`` asks before each problem: ``Budget`` here, ``SharedBudget`` (the
+    cluster's ledger) in a Ray worker."""
+
+    stopped: bool
+
+    @property
+    def cap(self) -> float | None: ...
+
+    def spent(self, engine: Engine) -> float: ...
+
+    def admit(self, engine: Engine, finished: int, in_flight: int) -> bool: ...
+
+    def fields(self, engine: Engine) -> dict[str, Any]: ...
 
 
 class Budget:
@@ -84,22 +100,6 @@ class Budget:
 # -- the estimate -----------------------------------------------------------------------------
 
 
-async def estimate(cfg: RunConfig, run_dir: Path, pilot: int = 20) -> dict[str, Any]:
-    """Run the first ``pilot`` problems, then project the whole dataset from the trace."""
-    import itertools
-
-    from engine.fair import datasets
-    from engine.fair.pipeline import Job, _BadLines, count_problems
-
-    total = count_problems(cfg)
-    slice_ = list(itertools.islice(datasets.iter_problems(cfg.dataset, errors=_BadLines()), pilot))
-    started = time.monotonic()
-    await Job(cfg, run_dir, progress=False).run(slice_, total=len(slice_))
-    wall = time.monotonic() - started
-    covered = sum(1 for _ in iter_raw(run_dir, "problems"))  # a re-estimate reads the same trace
-    return project(cfg, run_dir, total, covered or len(slice_), wall)
-
-
 def project(cfg: RunConfig, run_dir: Path, total: int, pilot: int, wall_s: float) -> dict[str, Any]:
     """Per endpoint and per stage (the trace's ``stage``): the pilot's calls and tokens (cache hits
     included: a re-estimate reads the same trace), scaled by ``total / pilot``, priced online and
@@ -111,12 +111,15 @@ def project(cfg: RunConfig, run_dir: Path, total: int, pilot: int, wall_s: float
         if ep is None:
             continue
         p_in, p_out = t.get("prompt_tokens", 0), t.get("completion_tokens", 0)
-        online = (p_in * ep.price_in + p_out * ep.price_out) / 1e6
+        cached, written = t.get("cached_tokens", 0), t.get("cache_write_tokens", 0)
+        online = Prices.of(ep).cost(p_in, p_out, cached, written)  # as billed: cache reads priced apart
         factor = ep.batch.price_factor if ep.provider in ("openai", "anthropic", "gemini") else 1.0
         for e in (per[t["endpoint"]], by_stage[t.get("stage") or "other"]):
             e["calls"] += 1
             e["prompt_tokens"] += p_in
             e["completion_tokens"] += p_out
+            e["reasoning_tokens"] += t.get("reasoning_tokens", 0)
+            e["cached_tokens"] += cached
             e["usd_online"] += online
             e["usd_batch"] += online * factor
             e["usd_configured"] += online * factor if ep.mode == "batch" else online
@@ -127,6 +130,8 @@ def project(cfg: RunConfig, run_dir: Path, total: int, pilot: int, wall_s: float
             "calls": round(e["calls"] * scale),
             "prompt_tokens": round(e["prompt_tokens"] * scale),
             "completion_tokens": round(e["completion_tokens"] * scale),
+            "reasoning_tokens": round(e["reasoning_tokens"] * scale),  # part of completion_tokens
+            "cached_tokens": round(e["cached_tokens"] * scale),  # part of prompt_tokens
             "usd_online": round(e["usd_online"] * scale, 4),
             "usd_batch": round(e["usd_batch"] * scale, 4),
         }

@@ -43,12 +43,14 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from engine.config import DatasetSection
 from engine.errors import ConfigError, InputError
 from engine.fair.answers import normalize_gold
+from engine.inputs import ErrorSink
 from engine.rundir.schema import Problem
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +68,7 @@ LOCAL_HUB = {  # local name -> hub name
 }
 HUB_NAMES = {hub.lower(): local for local, hub in LOCAL_HUB.items()}  # hub name -> record format
 
-Errors = list[InputError] | None
+Errors = ErrorSink | None  # a list, or engine.inputs.BadLines (reports as it goes)
 Record = Mapping[str, Any]
 
 
@@ -353,12 +355,12 @@ def load_gsm8k(path: str | Path, *, split: str | None = None, errors: Errors = N
 def _gsm8k(path: Path, split: str | None, errors: Errors) -> Iterator[Problem]:
     split = split or path.stem
 
-    def items():
+    def items() -> Iterator[tuple[str, Callable[[], Problem]]]:
         for index, (where, rec) in enumerate(_iter_jsonl(path)):
             if isinstance(rec, InputError):
                 yield where, _fail(rec)
             else:
-                yield where, lambda r=rec, w=where, i=index: _gsm8k_problem(r, w, split, i)
+                yield where, partial(_gsm8k_problem, rec, where, split, index)
 
     return _collect(items(), errors)
 
@@ -404,7 +406,7 @@ def _strategyqa(path: Path, errors: Errors) -> Iterator[Problem]:
     except InputError as err:
         _report(err, errors)
         return iter(())
-    return _collect(((w, lambda r=r, w=w: _build(r, w, _strategyqa_problem)) for w, r in records), errors)
+    return _collect(((w, partial(_build, r, w, _strategyqa_problem)) for w, r in records), errors)
 
 
 _LABEL = re.compile(r"^\s*([A-Da-d])\s*[.．?:)]\s*|^\s*([A-D]) ")
@@ -435,7 +437,7 @@ def _logiqa(path: Path, split: str | None, errors: Errors) -> Iterator[Problem]:
     split = (split or path.stem).lower()
     lines = _read_text(path).splitlines()
 
-    def items():
+    def items() -> Iterator[tuple[str, Callable[[], Problem]]]:
         i, index = 0, 0
         while i < len(lines):
             if not lines[i].strip():
@@ -448,7 +450,7 @@ def _logiqa(path: Path, split: str | None, errors: Errors) -> Iterator[Problem]:
                 yield where, _fail(_bad(f"{path}:{i + 1 + bad}", None, "not UTF-8 text"))
                 i += 7
             elif len(block) == 7 and all(ln.strip() for ln in block) and _is_letter(block[0]):
-                yield where, lambda b=block, w=where, k=index: _logiqa_block(b, w, split, k)
+                yield where, partial(_logiqa_block, block, where, split, index)
                 i += 7
             else:  # skip to the next blank line followed by a lone letter
                 why = "expected a block of: letter a-d, context, question, 4 options"
@@ -504,12 +506,12 @@ def _jsonl(
         raise ConfigError(f"dataset.task: expected one of {TASKS}, not {task!r}")
     name = dataset or path.stem
 
-    def items():
+    def items() -> Iterator[tuple[str, Callable[[], Problem]]]:
         for index, (where, rec) in enumerate(_iter_jsonl(path)):
             if isinstance(rec, InputError):
                 yield where, _fail(rec)
             else:
-                yield where, lambda r=rec, w=where, i=index: _generic_problem(r, w, fields, task, name, i)
+                yield where, partial(_generic_problem, rec, where, fields, task, name, index)
 
     return _collect(items(), errors)
 
@@ -549,19 +551,19 @@ def _load_hub(
     label = f"{name}[{hub_split}]"
     dataset = name.rsplit("/", 1)[-1]
 
-    def items():
+    def items() -> Iterator[tuple[str, Callable[[], Problem]]]:
         for index, rec in enumerate(rows):
             where = f"{label}:{index}"
             if kind == "gsm8k":
-                yield where, lambda r=rec, w=where, i=index: _gsm8k_problem(r, w, split, i)
+                yield where, partial(_gsm8k_problem, rec, where, split, index)
             elif kind == "svamp":
-                yield where, lambda r=rec, w=where: _svamp_problem(r, w)
+                yield where, partial(_svamp_problem, rec, where)
             elif kind == "strategyqa":
-                yield where, lambda r=rec, w=where: _strategyqa_problem(r, w)
+                yield where, partial(_strategyqa_problem, rec, where)
             elif kind == "logiqa":
-                yield where, lambda r=rec, w=where, i=index: _logiqa_hub_problem(r, w, split, i)
+                yield where, partial(_logiqa_hub_problem, rec, where, split, index)
             else:
-                yield where, lambda r=rec, w=where, i=index: _generic_problem(r, w, fields, task, dataset, i)
+                yield where, partial(_generic_problem, rec, where, fields, task, dataset, index)
 
     return _collect(items(), errors)
 
@@ -610,9 +612,9 @@ def _find(folders: list[Path], names: list[str]) -> Path | None:
 def _local_files(name: str, split: str, path: str | None, data_dir: Path | None) -> list[tuple[str, Path]]:
     """(split, file) pairs to read: ``path`` itself when it is a file, else looked up in folders."""
     if path is not None and Path(path).expanduser().is_file():
-        file = Path(path).expanduser()
-        stem = file.stem.lower()
-        return [(stem if stem in _SPLITS.get(name, ()) else split, file)]
+        given = Path(path).expanduser()
+        stem = given.stem.lower()
+        return [(stem if stem in _SPLITS.get(name, ()) else split, given)]
     folders = _folders(name, path, data_dir)
     if split == "all" and name in _SPLITS:
         found = [(s, f) for s in _SPLITS[name] if (f := _find(folders, _FILES[name](s)))]

@@ -1,4 +1,4 @@
-"""The FAIR job as a streaming per-problem DAG (DESIGN.md section 1).
+"""The FAIR job as a streaming per-problem DAG (docs/concepts/method.md).
 
 Each problem runs on its own: student attempts → grading → for every teacher, concurrently, a
 rationale (→ gold check → peer review → threshold) and an explanation of each mistake →
@@ -17,17 +17,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import sys
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence, Sized
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import msgspec
-
-from engine.config import RunConfig, check_output_dir, dump_config, load_config
-from engine.errors import BreakerTripped, InputError, RequestError
+from engine.config import RunConfig, dump_config
+from engine.errors import BreakerTripped, RequestError
 from engine.fair import datasets, splits
-from engine.fair.budget import Budget, BudgetReached, spent_before
+from engine.fair.budget import Budget, BudgetGate, BudgetReached, spent_before
 from engine.fair.prompts import prompt_set
 from engine.fair.report import write_report
 from engine.fair.resume import PriorRecords
@@ -35,17 +34,44 @@ from engine.fair.stages import review as review_stage
 from engine.fair.stages import samples as samples_stage
 from engine.fair.stages import student, teachers
 from engine.fair.stages.context import StageContext
+from engine.fair.stages.counts import StageCounts
 from engine.fair.stages.threshold import judge, skips_review
+from engine.inputs import BadLines
+from engine.options import Outcome
 from engine.progress import Progress
 from engine.request.client import Admitter, Engine
 from engine.request.events import Observer
 from engine.request.executor import Executor
 from engine.request.metrics import serve_engine
+from engine.rundir.index import StoredIds
 from engine.rundir.schema import Attempt, Failure, Feedback, Problem, ProblemDone, Rationale, Score
 from engine.rundir.store import RunStore
+from engine.rundir.verify import check_run_dir
 
 KINDS = ["attempts", "rationales", "feedback", "reviews", "samples", "failures", "problems"]
 REUSED_KINDS = ["attempts", "rationales", "feedback", "reviews"]
+
+
+@dataclass(frozen=True)
+class JobParts:
+    """What replaces the engine's defaults (HTTP, local admission per endpoint): an executor (a
+    Batch API, a worker's kept sessions), admissions (a proxy of the cluster's limiter) and
+    observers of the request events (a Ray worker's metrics)."""
+
+    executor: Executor | None = None
+    admissions: Mapping[str, Admitter] | None = None
+    observers: tuple[Observer, ...] = ()
+
+
+def batch_parts(cfg: RunConfig, run_dir: Path, parts: JobParts) -> JobParts:
+    """``parts`` with a Batch API executor when endpoints have ``mode = "batch"`` (and none was
+    given): those endpoints wait in batches, not in admission."""
+    if parts.executor is not None or not any(ep.mode == "batch" for ep in cfg.endpoints.values()):
+        return parts
+    from engine.request.batch.executor import BatchExecutor, Unmetered  # only for batch endpoints
+
+    batch: dict[str, Admitter] = {n: Unmetered() for n, ep in cfg.endpoints.items() if ep.mode == "batch"}
+    return JobParts(BatchExecutor(run_dir), {**batch, **(parts.admissions or {})}, parts.observers)
 
 
 class Job:
@@ -59,16 +85,13 @@ class Job:
         progress: bool = True,
         writer: str = "",
         metrics_port: int | None = None,
-        executor: Executor | None = None,
-        admissions: Mapping[str, Admitter] | None = None,
+        parts: JobParts | None = None,
         part: Path | None = None,
-        budget: Budget | None = None,
-        observers: Sequence[Observer] = (),
+        budget: BudgetGate | None = None,
     ):
-        """``executor`` and ``admissions`` replace the engine's defaults (HTTP, local admission
-        per endpoint): a shared limiter or a Batch API plugs in here, the stages unchanged;
-        ``budget`` the ``run.max_cost_usd`` check (a cluster-wide ledger: ``engine.scale``);
-        ``observers`` see the engine's request events too (a Ray worker's metrics).
+        """``parts`` replace the engine's defaults (``JobParts``: a shared limiter or a Batch API
+        plugs in there, the stages unchanged); ``budget`` the ``run.max_cost_usd`` check (a
+        cluster-wide ledger: ``engine.scale``).
         ``part``: this job is one block of a bigger run (``engine.scale``): its manifest goes to
         ``part``, it sees only shards of writers starting with ``writer``'s block, keeps its
         cache in ``cache/<block>.sqlite`` and leaves config.toml and report.md to the driver."""
@@ -77,25 +100,24 @@ class Job:
         self.part = part
         block = writer.split(".e")[0] + "." if part is not None else None
         self.store = RunStore(
-            self.run_dir, writer=writer, shard_records=cfg.run.shard_records, scope=block, manifest=part
+            self.run_dir,
+            writer=writer,
+            shard_records=cfg.run.shard_records,
+            scope=block,
+            manifest=part,
+            compress=cfg.run.compress,
         )
         self.cache_path = self.run_dir / ("cache.sqlite" if block is None else f"cache/{block}sqlite")
         self.progress = progress
         self.recent: collections.deque[bool] = collections.deque(maxlen=cfg.run.breaker_window)
         self.failed_problems: list[str] = []
         self.ctx: StageContext | None = None
+        self.engine: Engine | None = None  # while it runs (a Ray worker reports its spend from it)
         self.total: int | None = 0
         self.finished = 0  # problems finished in this run
         self.metrics_port = metrics_port
-        self.seams = {"executor": executor, "admissions": admissions}
+        self.parts = batch_parts(cfg, self.run_dir, parts or JobParts())
         self.budget = budget
-        if executor is None and any(ep.mode == "batch" for ep in cfg.endpoints.values()):
-            from engine.request.batch.executor import BatchExecutor, Unmetered  # mode = "batch" endpoints
-
-            batch = {name: Unmetered() for name, ep in cfg.endpoints.items() if ep.mode == "batch"}
-            admissions = {**batch, **(admissions or {})}
-            self.seams = {"executor": BatchExecutor(self.run_dir), "admissions": admissions}
-        self.seams["observers"] = tuple(observers)
         self.started = time.monotonic()
 
     # -- one problem ----------------------------------------------------------------------
@@ -124,7 +146,7 @@ class Job:
                 self.store.write("reviews", rv)
         r = judge(r, scores, rule, ctx.calibration)
         self.store.write("rationales", r)
-        ctx.counts[r.status] += 1
+        ctx.counts.judged(r.status)
         return r
 
     async def _feedback_path(
@@ -136,7 +158,7 @@ class Job:
             self._fail(problem, f"feedback/{teacher}/{mistake.sample_index}", exc)
             return None
         self.store.write("feedback", f)
-        ctx.counts["feedback"] += 1
+        ctx.counts.feedback += 1
         if not self.cfg.review.review_feedback:
             return f, [], True
         reviews, scores = await review_stage.review(ctx, problem, f.id, teacher, f.text, mistake=mistake)
@@ -164,8 +186,8 @@ class Job:
         for a in attempts:
             self.store.write("attempts", a)
         wrong = student.mistakes(attempts)
-        ctx.counts["attempts"] += len(attempts)
-        ctx.counts["mistakes"] += len(wrong)
+        ctx.counts.attempts += len(attempts)
+        ctx.counts.mistakes += len(wrong)
         if not wrong:
             self.store.write(
                 "problems",
@@ -176,10 +198,9 @@ class Job:
         names = self.cfg.teachers.endpoints
         rationale_tasks = [self._rationale_path(ctx, problem, t) for t in names]
         feedback_tasks = [self._feedback_path(ctx, problem, t, m) for m in wrong for t in names]
-        results = await asyncio.gather(*rationale_tasks, *feedback_tasks)
-        rationales = [r for r in results[: len(names)] if r is not None]
-        fb = results[len(names) :]
-        if any(x is None for x in results):
+        judged, fb = await asyncio.gather(asyncio.gather(*rationale_tasks), asyncio.gather(*feedback_tasks))
+        rationales = [r for r in judged if r is not None]
+        if len(rationales) < len(judged) or any(x is None for x in fb):
             return False  # retried on resume; samples wait until the problem is whole
 
         explanations: dict[str, list[Feedback]] = {}
@@ -194,7 +215,7 @@ class Job:
         made = samples_stage.build(ctx, problem, accepted, explanations, wrong, fb_scores)
         for s in made:
             self.store.write("samples", s)
-        ctx.counts["samples"] += len(made)
+        ctx.counts.samples += len(made)
         self.store.write(
             "problems",
             ProblemDone(
@@ -229,11 +250,8 @@ class Job:
         self, problems: Iterable[Problem] | AsyncIterable[Problem], total: int | None = None
     ) -> dict:
         """Run every problem not finished yet; ``problems`` is consumed as it goes."""
-        budget = self.budget or Budget(self.cfg.run.max_cost_usd, spent_before(self.run_dir))  # fair.budget
-        self.store.open(KINDS)
-        if self.part is None:
-            (self.run_dir / "config.toml").write_bytes(dump_config(self.cfg))
-        done = self.store.ids("problems")
+        budget: BudgetGate = self.budget or Budget(self.cfg.run.max_cost_usd, spent_before(self.run_dir))
+        done = self._open()
         self.total = total if total is not None else len(problems) if isinstance(problems, Sized) else None
         prior = PriorRecords(self.run_dir, REUSED_KINDS, done, scope=self.store.scope)
         status = "interrupted"
@@ -243,8 +261,12 @@ class Job:
             cache_path=self.cache_path,
             trace_dir=self.run_dir / "trace",
             writer=self.store.writer,
-            **self.seams,
+            compress=self.cfg.run.compress,
+            executor=self.parts.executor,
+            admissions=self.parts.admissions,
+            observers=self.parts.observers,
         ) as engine:
+            self.engine = engine
             self.ctx = ctx = StageContext(
                 engine=engine, cfg=self.cfg, prompts=prompt_set(self.cfg.prompts), prior=prior
             )
@@ -271,10 +293,10 @@ class Job:
                         async for p in _stream(problems):
                             seen += 1
                             if p.id in done:
-                                ctx.counts["resumed_done"] += 1
+                                ctx.counts.resumed_done += 1
                                 continue
                             await slots.acquire()
-                            if not await self._admit(budget, engine, seen - ctx.counts["resumed_done"]):
+                            if not await self._admit(budget, engine, seen - ctx.counts.resumed_done):
                                 slots.release()
                                 break
                             tg.create_task(one(p))
@@ -285,15 +307,26 @@ class Job:
                 status = "aborted"
                 raise eg.exceptions[0] from None
             finally:
-                self.store.close(
-                    status,
-                    {
-                        "problems_total": self.total,
-                        "endpoints": engine.snapshot(),
-                        **splits.manifest_fields(self.cfg.dataset, self.store.ids("problems")),
-                        **budget.fields(engine),
-                    },
-                )
+                self._close(status, engine, budget)
+        self._finish(engine, budget)
+        return {"status": status, "failed_problems": self.failed_problems, "counts": ctx.counts.as_dict()}
+
+    def _open(self) -> StoredIds:
+        """Open the store (a single-process run checks the run directory first, as ``fair status``
+        does, and writes its config); the ids of the problems finished already."""
+        if self.part is None:  # a Ray block: the driver checked the run directory once
+            check_run_dir(self.run_dir)  # the rules `fair status` applies (engine.rundir.verify)
+        self.store.open(KINDS)
+        if self.part is None:
+            (self.run_dir / "config.toml").write_bytes(dump_config(self.cfg))
+        return self.store.ids("problems")
+
+    def _close(self, status: str, engine: Engine, budget: BudgetGate) -> None:
+        """Write the manifest (this block's, for a Ray block), whatever ended the run."""
+        close_fair(self.store, self.cfg, status, self.total, engine.snapshot(), budget.fields(engine))
+
+    def _finish(self, engine: Engine, budget: BudgetGate) -> None:
+        """The report (one process; the driver writes a Ray run's), then ``BudgetReached`` at the cap."""
         if self.part is None:
             write_report(self.run_dir)
         if budget.stopped:
@@ -301,9 +334,8 @@ class Job:
                 f"run.max_cost_usd = {budget.cap:g} reached (${budget.spent(engine):.4f} spent in "
                 f"{self.run_dir}); raise it and run again to go on (nothing is paid twice)"
             )
-        return {"status": status, "failed_problems": self.failed_problems, "counts": dict(ctx.counts)}
 
-    async def _admit(self, budget: Budget, engine: Engine, started: int) -> bool:
+    async def _admit(self, budget: BudgetGate, engine: Engine, started: int) -> bool:
         """Whether the next problem may start under ``run.max_cost_usd`` (waits while the first
         problems establish a cost per problem)."""
         while not budget.admit(engine, self.finished, started - 1 - self.finished):
@@ -314,26 +346,25 @@ class Job:
 
     # -- progress and metrics -------------------------------------------------------------
     def _progress_fields(self) -> str:
-        c = self.ctx.counts if self.ctx is not None else collections.Counter()
+        c = self.ctx.counts if self.ctx is not None else StageCounts()
         return (
-            f"mistakes {c['mistakes']} | rationales ok {c['accepted']} "
-            f"gold✗ {c['rejected_gold']} review✗ {c['rejected_review']}"
+            f"mistakes {c.mistakes} | rationales ok {c.accepted} "
+            f"gold✗ {c.rejected_gold} review✗ {c.rejected_review}"
         )
 
     def stage_counts(self) -> dict[tuple[str, str], float]:
         """Per stage and outcome, for ``fair_stage_total`` (engine.request.metrics)."""
-        c = self.ctx.counts if self.ctx is not None else collections.Counter()
+        c = self.ctx.counts if self.ctx is not None else StageCounts()
         out: dict[tuple[str, str], float] = {
             ("problems", "done"): self.finished - len(self.failed_problems),
             ("problems", "failed"): len(self.failed_problems),
-            ("student", "attempts"): c["attempts"],
-            ("student", "mistakes"): c["mistakes"],
-            ("feedback", "written"): c["feedback"],
-            ("samples", "written"): c["samples"],
+            ("student", "attempts"): c.attempts,
+            ("student", "mistakes"): c.mistakes,
+            ("feedback", "written"): c.feedback,
+            ("samples", "written"): c.samples,
         }
-        statuses = {"accepted", "rejected_gold", "rejected_review", "no_reviews"}
-        for key in statuses | {k for k in list(c) if k.startswith("rejected")}:
-            out[("rationales", key)] = c[key]
+        for status, n in c.statuses().items():
+            out[("rationales", status)] = n
         return out
 
 
@@ -346,40 +377,34 @@ async def _stream(problems: Iterable[Problem] | AsyncIterable[Problem]) -> Async
             yield p
 
 
-MAX_REPORTED_BAD_LINES = 20
-
-
-class _BadLines(list):
-    """The ``errors`` sink of ``datasets.iter_problems`` for a streamed dataset: prints the first
-    bad lines (file:line) as they are met and keeps only a count, never the lines."""
-
-    def __init__(self, report: bool = True):
-        super().__init__()
-        self.count = 0
-        self.report = report
-
-    def append(self, err: InputError) -> None:  # type: ignore[override]
-        self.count += 1
-        if self.report and self.count <= MAX_REPORTED_BAD_LINES:
-            print(f"fair: skipped input: {err}", file=sys.stderr)
+def close_fair(
+    store: RunStore,
+    cfg: RunConfig,
+    status: str,
+    total: int | None,
+    endpoints: Mapping[str, Any],
+    budget: Mapping[str, Any],
+    **extra: Any,
+) -> None:
+    """A FAIR run's manifest (one process, a Ray block, or the Ray run merged by its driver):
+    the status, the counts and shards (``RunStore.close``), the problems, the endpoints' figures,
+    the split's fields, the ``budget`` table, and ``extra`` (the ``ray`` table)."""
+    fields = {"problems_total": total, "endpoints": endpoints}
+    fields |= splits.manifest_fields(cfg.dataset, store.ids("problems"))
+    store.close(status, {**fields, **budget, **extra})
 
 
 def load_problems(cfg: RunConfig) -> list[Problem]:
     """The dataset as a list, with bad lines reported (file:line) and skipped."""
-    bad = _BadLines()
+    bad = BadLines()
     problems = list(datasets.iter_problems(cfg.dataset, errors=bad))
-    _more_bad(bad)
+    bad.close()
     return problems
-
-
-def _more_bad(bad: _BadLines) -> None:
-    if bad.count > MAX_REPORTED_BAD_LINES:
-        print(f"fair: ... and {bad.count - MAX_REPORTED_BAD_LINES} more bad input lines", file=sys.stderr)
 
 
 def count_problems(cfg: RunConfig) -> int:
     """How many problems the dataset streams (a first pass, for the progress total)."""
-    return sum(1 for _ in datasets.iter_problems(cfg.dataset, errors=_BadLines(report=False)))
+    return sum(1 for _ in datasets.iter_problems(cfg.dataset, errors=BadLines(report=False)))
 
 
 async def run_job(
@@ -387,45 +412,20 @@ async def run_job(
 ) -> dict:
     """The job over the configured dataset, streamed: never the whole dataset in memory."""
     total = count_problems(cfg)
-    bad = _BadLines()
+    bad = BadLines()
     job = Job(cfg, run_dir, progress=progress, metrics_port=metrics_port)
     try:
         return await job.run(datasets.iter_problems(cfg.dataset, errors=bad), total=total)
     finally:
-        _more_bad(bad)
+        bad.close()
 
 
-def cli_main(args) -> int:
-    cfg = load_config(args.config)
-    run_dir = check_output_dir(Path(args.run_dir or Path("runs") / Path(args.config).stem), "--run-dir")
-    from engine.fair.student_server import student_server
-
-    metrics_port = getattr(args, "metrics_port", None)
-    from engine.scale import check_args
-
-    check_args(args)
-    if getattr(args, "ray", None) is not None:  # scale-out: imports ray only now
-        from engine.scale import driver
-
-        with student_server(cfg, run_dir / "logs"):
-            return driver.run(args, cfg, run_dir)
-    if getattr(args, "estimate", False):  # a pilot slice, then the projection (engine.fair.budget)
-        from engine.fair.budget import estimate, render
-
-        with student_server(cfg, run_dir / "logs"):
-            est = asyncio.run(estimate(cfg, run_dir, pilot=args.pilot))
-        (run_dir / "estimate.json").write_bytes(msgspec.json.format(msgspec.json.encode(est)))
-        print(render(est))
-        print(f"run directory: {run_dir} (the full run resumes from the pilot)", file=sys.stderr)
-        return 0
-    with student_server(cfg, run_dir / "logs"):  # round 2: serves [student] adapter, if set
-        summary = asyncio.run(run_job(cfg, run_dir, progress=not args.no_progress, metrics_port=metrics_port))
-    print(f"run directory: {run_dir}", file=sys.stderr)
-    if summary["failed_problems"]:
-        print(
-            f"fair: {len(summary['failed_problems'])} problems failed (listed in {run_dir}/failures); "
-            "run again to retry them",
-            file=sys.stderr,
+def fair_outcome(run_dir: Path, failed_problems: Sequence[str]) -> Outcome:
+    """A finished ``fair run`` (one process or Ray): where it is and what failed (exit 1)."""
+    lines = [f"run directory: {run_dir}"]
+    if failed_problems:
+        lines.append(
+            f"fair: {len(failed_problems)} problems failed (listed in {run_dir}/failures); "
+            "run again to retry them"
         )
-        return 1
-    return 0
+    return Outcome(run_dir, "done", failed=len(failed_problems), lines=lines)

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import collections
 import statistics
+import tomllib
 from pathlib import Path
 from typing import Any
 
+from engine.errors import DamagedRunError, UsageError
 from engine.fair.errortypes import TYPES, UNKNOWN, majority
-from engine.rundir.store import iter_raw, read_manifest
+from engine.fair.splits import find_training_record
+from engine.rundir.store import iter_raw, read_manifest, shard_paths
+from engine.rundir.tracesum import TraceTotals, read_totals
 
 
-def summarize(run_dir: str | Path) -> dict[str, Any]:
+def summarize(run_dir: str | Path, digests: dict[str, str] | None = None) -> dict[str, Any]:
+    """The figures of a run directory (``fair status``, ``report.md``): counts per stage, per
+    teacher and reviewer, judge quality, error types, failures, calls, tokens and dollars.
+    ``digests``: shard sha256s computed already (``engine.rundir.verify.first_damage``)."""
     root = Path(run_dir)
     manifest = read_manifest(root) or {}
     problems = collections.Counter(r["status"] for r in iter_raw(root, "problems"))
@@ -24,47 +31,16 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
     attempts = list(iter_raw(root, "attempts"))
     correct = sum(a["correct"] for a in attempts)
 
-    per_teacher: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    rationale_status: collections.Counter = collections.Counter()
-    for r in iter_raw(root, "rationales"):
-        rationale_status[r["status"]] += 1
-        t = per_teacher[r["teacher"]]
-        t["total"] += 1
-        t[r["status"]] += 1
-        t["gold_match"] += bool(r.get("gold_match"))
-
-    per_reviewer: dict[str, list[int]] = collections.defaultdict(list)
-    invalid: collections.Counter = collections.Counter()
-    n_reviews = 0
-    for rv in iter_raw(root, "reviews"):
-        n_reviews += 1
-        if rv["score"] is None:
-            invalid[rv["reviewer"]] += 1
-        else:
-            per_reviewer[rv["reviewer"]].append(rv["score"])
+    rationale_status, teachers = _rationales(root)
+    n_reviews, reviewers = _reviews(root)
 
     judges = judge_quality(root)
     samples = collections.Counter(s["task"] for s in iter_raw(root, "samples"))
     authored = collections.Counter(s["teacher"] for s in iter_raw(root, "samples"))
     failures = [f for f in iter_raw(root, "failures") if f["problem_id"] not in done_ids]
 
-    calls = collections.Counter()
-    cost = 0.0
-    tokens = 0
-    latency: list[float] = []
-    spent: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)  # endpoint -> stage
-    for t in iter_raw(root, "trace"):
-        if t.get("cache_hit"):
-            calls["cache_hits"] += 1
-            continue
-        calls["calls"] += 1
-        calls["http_429"] += t.get("http_429", 0)
-        calls["retries"] += max(0, t.get("attempts", 1) - 1)
-        cost += t.get("cost_usd", 0.0)
-        spent[t["endpoint"]][t.get("stage") or "other"] += t.get("cost_usd", 0.0)
-        tokens += t.get("prompt_tokens", 0) + t.get("completion_tokens", 0)
-        if t.get("latency_s") is not None:
-            latency.append(t["latency_s"])
+    trace = _trace_figures(root, digests)
+    calls, cost, tokens, spent, billed = trace.calls, trace.cost, trace.tokens, trace.spent, trace.billed
 
     # distinct wrong answers per problem, as the student stage counts them (stages.student.mistakes)
     mistakes = len({(a["problem_id"], a["text"].strip()) for a in attempts if not a["correct"]})
@@ -80,30 +56,8 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "mistakes": mistakes,
         "rationales": dict(rationale_status),
         "acceptance_rate": rationale_status["accepted"] / judged if judged else None,
-        "teachers": {
-            name: {
-                "rationales": c["total"],
-                "accepted": c["accepted"],
-                "acceptance_rate": c["accepted"] / c["total"] if c["total"] else None,
-                "gold_match_rate": c["gold_match"] / c["total"] if c["total"] else None,
-                "rejected_gold": c["rejected_gold"],
-                "rejected_review": c["rejected_review"],
-            }
-            for name, c in sorted(per_teacher.items())
-        },
-        "reviewers": {
-            name: {
-                "reviews": len(per_reviewer[name]) + invalid[name],
-                "mean_score": statistics.fmean(per_reviewer[name]) if per_reviewer[name] else None,
-                "pass_rate": (
-                    sum(x > 3 for x in per_reviewer[name]) / len(per_reviewer[name])
-                    if per_reviewer[name]
-                    else None
-                ),
-                "invalid": invalid[name],
-            }
-            for name in sorted(set(per_reviewer) | set(invalid))
-        },
+        "teachers": teachers,
+        "reviewers": reviewers,
         "judges": judges,
         "error_types": error_types(root),
         "reviews": n_reviews,
@@ -118,10 +72,69 @@ def summarize(run_dir: str | Path) -> dict[str, Any]:
         "retries": calls["retries"],
         "tokens": tokens,
         "cost_usd": cost,
+        "tokens_by_endpoint": {name: dict(b) for name, b in sorted(billed.items())},  # as billed
         "teacher_calls_per_mistake": teacher_calls / mistakes if mistakes else None,
-        "latency_p50_s": statistics.median(latency) if latency else None,
+        "latency_p50_s": trace.latency_p50(),  # to 3 significant digits
         "cost_per_sample": _cost_per_sample(spent, authored),
     }
+
+
+def _rationales(root: Path) -> tuple[collections.Counter, dict[str, Any]]:
+    """Rationales by status, and per teacher: how many, accepted, matching the gold answer."""
+    per_teacher: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    status: collections.Counter = collections.Counter()
+    for r in iter_raw(root, "rationales"):
+        status[r["status"]] += 1
+        t = per_teacher[r["teacher"]]
+        t["total"] += 1
+        t[r["status"]] += 1
+        t["gold_match"] += bool(r.get("gold_match"))
+    teachers = {
+        name: {
+            "rationales": c["total"],
+            "accepted": c["accepted"],
+            "acceptance_rate": c["accepted"] / c["total"] if c["total"] else None,
+            "gold_match_rate": c["gold_match"] / c["total"] if c["total"] else None,
+            "rejected_gold": c["rejected_gold"],
+            "rejected_review": c["rejected_review"],
+        }
+        for name, c in sorted(per_teacher.items())
+    }
+    return status, teachers
+
+
+def _reviews(root: Path) -> tuple[int, dict[str, Any]]:
+    """How many reviews, and per reviewer: reviews, mean valid score, pass rate, invalid ones."""
+    per_reviewer: dict[str, list[int]] = collections.defaultdict(list)
+    invalid: collections.Counter = collections.Counter()
+    n_reviews = 0
+    for rv in iter_raw(root, "reviews"):
+        n_reviews += 1
+        if rv["score"] is None:
+            invalid[rv["reviewer"]] += 1
+        else:
+            per_reviewer[rv["reviewer"]].append(rv["score"])
+    reviewers = {
+        name: {
+            "reviews": len(per_reviewer[name]) + invalid[name],
+            "mean_score": statistics.fmean(per_reviewer[name]) if per_reviewer[name] else None,
+            "pass_rate": (
+                sum(x > 3 for x in per_reviewer[name]) / len(per_reviewer[name])
+                if per_reviewer[name]
+                else None
+            ),
+            "invalid": invalid[name],
+        }
+        for name in sorted(set(per_reviewer) | set(invalid))
+    }
+    return n_reviews, reviewers
+
+
+def _trace_figures(root: Path, digests: dict[str, str] | None) -> TraceTotals:
+    """The trace's call counts, dollars, tokens, latencies, dollars per endpoint and stage, and
+    tokens as billed per endpoint: saved totals of sealed shards, other shards read line by line."""
+    read_manifest(root)  # a newer schema is refused before the trace is read
+    return read_totals(root, shard_paths(root, "trace"), digests)
 
 
 def _cost_per_sample(spent: dict[str, collections.Counter], authored: collections.Counter) -> dict[str, Any]:
@@ -150,6 +163,28 @@ def _cost_per_sample(spent: dict[str, collections.Counter], authored: collection
             name: {"usd": usd, "usd_per_sample": per(usd, total)} for name, usd in sorted(stages.items())
         },
     }
+
+
+def _tokens_markdown(endpoints: dict[str, Any]) -> list[str]:
+    if not endpoints:
+        return []
+    lines = [
+        "",
+        "## Tokens by endpoint (as billed)",
+        "",
+        "Thinking tokens are part of the output tokens and billed as output; cached input tokens are "
+        "part of the input tokens and priced at `price_cached_in`.",
+        "",
+        "| endpoint | input | cached input | cache writes | output | thinking | dollars |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, b in endpoints.items():
+        lines.append(
+            f"| {name} | {b.get('prompt_tokens', 0):,} | {b.get('cached_tokens', 0):,} | "
+            f"{b.get('cache_write_tokens', 0):,} | {b.get('completion_tokens', 0):,} | "
+            f"{b.get('reasoning_tokens', 0):,} | ${b.get('cost_usd', 0.0):.4f} |"
+        )
+    return lines
 
 
 def _pct(x: float | None) -> str:
@@ -207,6 +242,7 @@ def render_markdown(s: dict[str, Any], title: str = "FAIR run report") -> str:
         lines.append(
             f"| {name} | {r['reviews']} | {_num(r['mean_score'])} | {_pct(r['pass_rate'])} | {r['invalid']} |"
         )
+    lines += _tokens_markdown(s.get("tokens_by_endpoint") or {})
     lines += _cost_markdown(s.get("cost_per_sample") or {})
     lines += _judges_markdown(s.get("judges") or {})
     lines += _error_types_markdown(s.get("error_types") or {})
@@ -364,8 +400,6 @@ def error_types(root: Path, *, previous: bool = True) -> dict[str, Any]:
         "n": len(per_attempt),
     }
     if previous and (runs := _previous_rounds(root)):
-        from engine.errors import DamagedRunError
-
         out["previous"] = {}
         for d in runs:
             try:
@@ -377,16 +411,15 @@ def error_types(root: Path, *, previous: bool = True) -> dict[str, Any]:
 
 def _previous_rounds(root: Path) -> list[Path]:
     """The run directories a round-2 run's adapter was trained on (those still on disk)."""
-    import tomllib
-
-    from engine.fair.splits import find_training_record
-
     try:
         cfg = tomllib.loads((root / "config.toml").read_text())
     except (OSError, ValueError):
         return []
     adapter = (cfg.get("student") or {}).get("adapter")
-    record = find_training_record(adapter) if isinstance(adapter, str) else None
+    try:
+        record = find_training_record(adapter) if isinstance(adapter, str) else None
+    except UsageError:  # a damaged record: the report goes without the earlier rounds
+        return []
     if not record:
         return []
     dirs = [Path(r["run_dir"]) for r in record.get("runs", ()) if isinstance(r, dict) and r.get("run_dir")]

@@ -10,11 +10,12 @@ themselves are read back when that problem runs again (``load``) and dropped whe
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from pathlib import Path
 
 import msgspec
 
+from engine.rundir.reader import lines_at, shard_lines
 from engine.rundir.schema import KINDS, Record
 from engine.rundir.store import shard_paths
 
@@ -36,7 +37,7 @@ class PriorRecords:
         self,
         root: str | Path,
         kinds: Iterable[str],
-        done: set[str] | frozenset[str],
+        done: Container[str],
         scope: str | None = None,
     ):
         """``scope``: read only the shards of writers whose name starts with it (a Ray block's
@@ -51,22 +52,21 @@ class PriorRecords:
                     continue
                 index = len(self._paths)
                 self._paths.append((kind, path))
-                self._scan(path, index, done)
+                self._scan(Path(root), path, index, done)
         self._decoders = {kind: msgspec.json.Decoder(KINDS[kind]) for kind, _ in self._paths}
 
-    def _scan(self, path: Path, index: int, done: set[str] | frozenset[str]) -> None:
+    def _scan(self, root: Path, path: Path, index: int, done: Container[str]) -> None:
+        """Index one shard by the rules of ``engine.rundir.reader`` (``RunStore.open`` has judged
+        every line already; a torn last line of a ``.partial`` shard is not a record)."""
         offset = 0
-        with open(path, "rb") as f:
-            for line in f:
-                start, offset = offset, offset + len(line)
-                if not line.endswith(b"\n"):
-                    continue  # a torn last line: not a record
-                try:
-                    head = _head.decode(line)
-                except msgspec.DecodeError:
-                    continue  # an unreadable line cannot be reused; the problem is redone
-                if head.problem_id and head.problem_id not in done:
-                    self._where.setdefault(head.problem_id, []).append((index, start))
+        for _, line in shard_lines(root, path):
+            start, offset = offset, offset + len(line)
+            try:
+                head = _head.decode(line)
+            except msgspec.DecodeError:
+                continue  # an unreadable line cannot be reused; the problem is redone
+            if head.problem_id and head.problem_id not in done:
+                self._where.setdefault(head.problem_id, []).append((index, start))
 
     def __len__(self) -> int:
         """Unfinished problems with records on disk."""
@@ -84,15 +84,13 @@ class PriorRecords:
         for index, offsets in by_path.items():
             kind, path = self._paths[index]
             decoder = self._decoders[kind]
-            with open(path, "rb") as f:
-                for offset in offsets:
-                    f.seek(offset)
-                    try:
-                        rec = decoder.decode(f.readline())
-                    except msgspec.DecodeError:
-                        continue
-                    self._loaded[rec.id] = rec
-                    ids.append(rec.id)
+            for line in lines_at(path, sorted(offsets)):  # a compressed shard is read forward
+                try:
+                    rec = decoder.decode(line)
+                except msgspec.DecodeError:
+                    continue
+                self._loaded[rec.id] = rec
+                ids.append(rec.id)
         return len(ids)
 
     def drop(self, problem_id: str) -> None:

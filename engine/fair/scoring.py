@@ -28,8 +28,8 @@ import re
 import statistics
 from collections.abc import Sequence
 
-MIN_SCORE = 1
-MAX_SCORE = 5
+from engine.config import MAX_SCORE, MIN_SCORE
+
 AGGREGATIONS = ("mean", "median", "min")
 PRIOR_WEIGHT = 10.0  # pseudo-scores at the pooled mean/sd before a reviewer's own count
 MIN_SD = 0.25  # a reviewer who always gives the same score is not stretched without bound
@@ -112,12 +112,12 @@ def decided(
     """
     if pending < 0:
         raise ValueError(f"pending must be >= 0, not {pending}")
-    rule = {"threshold": threshold, "min_valid": min_valid, "aggregation": aggregation}
     valid = valid_scores(received)
     outcomes: set[bool | None] = set()
     for k in range(pending + 1):
-        outcomes.add(verdict(valid + [MIN_SCORE] * k, **rule))
-        outcomes.add(verdict(valid + [MAX_SCORE] * k, **rule))
+        for extreme in (MIN_SCORE, MAX_SCORE):
+            scores = valid + [extreme] * k
+            outcomes.add(verdict(scores, threshold=threshold, min_valid=min_valid, aggregation=aggregation))
         if len(outcomes) > 1:
             return None
     (only,) = outcomes

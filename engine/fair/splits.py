@@ -18,7 +18,11 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+from engine.config import DatasetSection
+from engine.errors import UsageError
+from engine.jsonfile import read_json_object
 from engine.rundir.store import read_manifest
 
 RECORD = "fair_training.json"
@@ -32,7 +36,7 @@ def ids_digest(ids: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def manifest_fields(dataset, problem_ids: Iterable[str]) -> dict:
+def manifest_fields(dataset: DatasetSection, problem_ids: Iterable[str]) -> dict[str, Any]:
     """The manifest's provenance keys for a run over ``problem_ids`` of a ``[dataset]`` section."""
     ids = set(problem_ids)
     return {
@@ -69,11 +73,25 @@ def write_training_record(folder: str | Path, record: dict) -> Path:
 
 
 def find_training_record(folder: str | Path) -> dict | None:
-    """The record of a trained folder: in it, or in its parent (``OUT/adapter`` -> ``OUT``)."""
+    """The record of a trained folder: in it, or in its parent (``OUT/adapter`` -> ``OUT``).
+    A damaged one is ``UsageError`` naming it (exit 2): the overlap check must not pass blind."""
     for f in (Path(folder), Path(folder).parent):
         if (f / RECORD).is_file():
-            return json.loads((f / RECORD).read_text())
+            return check_record(f / RECORD, read_json_object(f / RECORD, HINT))
     return None
+
+
+HINT = "restore it from the training output, or delete it to skip the overlap check"
+
+
+def check_record(path: Path, record: dict) -> dict:
+    """``record`` if its ``problem_ids`` is a list of strings and ``runs`` a list of objects."""
+    ids, runs = record.get("problem_ids", []), record.get("runs", [])
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise UsageError(f"{path}: field 'problem_ids': expected a list of strings; {HINT}")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        raise UsageError(f"{path}: field 'runs': expected a list of objects; {HINT}")
+    return record
 
 
 def overlaps(record: dict, problems: Iterable, split: str) -> dict[str, list[str]]:

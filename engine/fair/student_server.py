@@ -17,37 +17,12 @@ import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
+from engine.config import RunConfig, endpoint_address
 from engine.errors import ConfigError, UsageError
 from engine.services import Services
 
-if TYPE_CHECKING:
-    from engine.config import RunConfig
-
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 STARTUP_TIMEOUT_S = 900.0  # loading the model (and vLLM's warm-up) can take minutes
-
-
-def endpoint_address(cfg: RunConfig) -> tuple[str, int]:
-    """The student endpoint's ``(host, port)``; ValueError (naming the field) unless it is loopback
-    with a port and /v1. ``engine.config.validate`` calls it, so a bad config fails at load."""
-    ep = cfg.endpoints[cfg.student.endpoint]
-    url = urlsplit(ep.base_url)
-    where = f"endpoints.{cfg.student.endpoint}.base_url"
-    if url.hostname not in LOOPBACK or url.port is None:
-        raise ValueError(
-            f"{where}: with student.adapter the run serves the student itself, so it must be a loopback "
-            f"URL with a port (http://127.0.0.1:8001/v1), not {ep.base_url!r}"
-        )
-    if not url.path.rstrip("/").endswith("/v1"):
-        raise ValueError(f"{where}: the served student answers under /v1, not {url.path or '/'!r}")
-    if "/" in ep.model or "=" in ep.model:
-        raise ValueError(
-            f"endpoints.{cfg.student.endpoint}.model: {ep.model!r} names the served adapter: no '/' or '='"
-        )
-    return url.hostname, url.port
 
 
 def serve_argv(cfg: RunConfig) -> list[str]:

@@ -25,7 +25,9 @@ from __future__ import annotations
 import re
 
 from engine.errors import ConfigError
+from engine.options import RayOptions
 
+WORKER_CPUS = 0.5  # what a worker actor asks of the cluster (the driver checks that they fit)
 _HOSTPORT = re.compile(r"^(?P<host>[A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
 
 
@@ -44,16 +46,13 @@ def check_address(address: str) -> str:
     return address
 
 
-def check_args(args: object) -> None:
-    """``--workers`` / ``--block-size`` only make sense with ``--ray``."""
-    ray = getattr(args, "ray", None)
+def check_ray(ray: RayOptions | None, *, batch: bool) -> None:
+    """``--ray``'s address is one we can join, and a Batch API endpoint is not sent to a cluster
+    (``--workers`` / ``--block-size`` without ``--ray``: ``engine.flagcheck``)."""
     if ray is None:
-        for flag, attr in (("--workers", "workers"), ("--block-size", "block_size")):
-            if getattr(args, attr, None) is not None:
-                raise ConfigError(f"{flag} needs --ray (e.g. --ray local {flag} ...)")
         return
-    check_address(ray)
-    if getattr(args, "mode", None) == "batch":
+    check_address(ray.address)
+    if batch:
         raise ConfigError("--mode batch is not supported with --ray (a Batch API needs no cluster)")
 
 

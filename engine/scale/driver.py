@@ -28,24 +28,29 @@ import collections
 import contextlib
 import logging
 import os
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
 from engine.errors import AbortRun, ConfigError, FairError, one_line
 from engine.progress import Progress
 from engine.request.metrics import MetricsServer
-from engine.rundir.store import RunStore, atomic_write, recover_partial
-from engine.scale import check_address, import_ray
-from engine.scale.metrics import ClusterMetrics, serve_cluster
+from engine.rundir.store import atomic_write, recover_partial
+from engine.rundir.verify import check_run_dir
+from engine.scale import WORKER_CPUS, check_address, import_ray
+from engine.scale.metrics import ClusterMetrics
 from engine.scale.plan import Block, Plan
+from engine.scale.results import BlockResult
+
+R = TypeVar("R", bound=BlockResult)  # what a block attempt returns (RunBlockResult, GenerateBlockResult)
 
 PER_WORKER = 2  # blocks in flight per worker
 MAX_DEATHS = 3  # workers a block may kill in a row before the run stops
+LOCAL_CPUS = max(2, os.cpu_count() or 2)  # what `--ray local` starts Ray with
+PLACE_S = 120.0  # how long the workers may take to be placed before the run stops, saying so
 COMPLETE = frozenset({"done", "done_with_failures"})
 
 
@@ -79,6 +84,8 @@ class Driver:
         self.ray_start_s = 0.0
         self.ray_stop_s = 0.0
         self.metrics = False  # workers keep request numbers for /metrics (engine.scale.metrics)
+        if self.address == "local":  # known before Ray starts: say so at once
+            self._check_room(LOCAL_CPUS, LOCAL_CPUS, "this machine (--ray local)")
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> Driver:
@@ -90,7 +97,7 @@ class Driver:
             "log_to_driver": False,
         }
         if self.address == "local":
-            ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), **kwargs)
+            ray.init(address="local", num_cpus=LOCAL_CPUS, **kwargs)
         else:
             _token_auth_like_ray_start()
             try:
@@ -99,6 +106,10 @@ class Driver:
                 raise ConfigError(
                     f"--ray {self.address}: cannot join the cluster: {one_line(str(exc), 200)}"
                 ) from None
+        if self.address != "local":
+            total = float(ray.cluster_resources().get("CPU", 0))
+            free = float(ray.available_resources().get("CPU", 0))
+            self._check_room(total, free, f"the cluster at {self.address}")
         from engine.scale.limiter import Limiter
 
         self.pid_dir.mkdir(parents=True, exist_ok=True)
@@ -106,16 +117,37 @@ class Driver:
         self.limiter = Limiter.remote(self.limits, str(self.pid_dir), budget)
         for _ in range(self.n):
             self._spawn()
-        ray.get([w.pid.remote() for w in self.pool] + [self.limiter.pid.remote()])
+        try:
+            ray.get([w.pid.remote() for w in self.pool] + [self.limiter.pid.remote()], timeout=PLACE_S)
+        except ray.exceptions.GetTimeoutError:
+            raise ConfigError(
+                f"--workers {self.n}: the workers were not all placed within {PLACE_S:.0f} s (each asks "
+                f"{WORKER_CPUS} CPU; the cluster has {ray.available_resources().get('CPU', 0):g} free); "
+                "use fewer --workers"
+            ) from None
         self.ray_start_s = time.monotonic() - t0
         return self
+
+    def _check_room(self, total: float, free: float, where: str) -> None:
+        """``ConfigError`` (exit 2) when ``--workers`` asks more CPUs than ``where`` has at all:
+        Ray would wait for them forever, silently. (CPUs busy now but not for good: ``start``
+        waits ``PLACE_S`` for the workers to be placed, then says so.)"""
+        need = self.n * WORKER_CPUS
+        if need > total + 1e-9:
+            room = int(total / WORKER_CPUS + 1e-9)
+            raise ConfigError(
+                f"--workers {self.n}: each worker asks {WORKER_CPUS} CPU, {need:g} in all, but {where} "
+                f"has {total:g} CPUs ({free:g} free now): room for {room} workers; use --workers "
+                f"{max(1, room)} or fewer"
+            )
 
     def _spawn(self, slot: int | None = None) -> None:
         from engine.scale.worker import BlockWorker
 
         name = f"w{self.spawned}"
         self.spawned += 1
-        actor = BlockWorker.remote(name, self.limiter, self.endpoints, str(self.pid_dir), self.metrics)
+        worker: Any = BlockWorker  # a ray.remote class: `.remote` is Ray's
+        actor = worker.remote(name, self.limiter, self.endpoints, str(self.pid_dir), self.metrics)
         if slot is None:
             self.pool.append(actor)
             self.names.append(name)
@@ -151,15 +183,16 @@ class Driver:
         self,
         blocks: list[Block],
         submit: Callable[[Any, Block, int], Any],
-        done: Callable[[Block, dict[str, Any]], None] | None = None,
-    ) -> list[dict[str, Any]]:
-        """Run ``blocks`` to completion; ``submit(actor, block, epoch)`` starts one attempt;
-        ``done(block, result)`` hears of each block that completed (progress, freeing its input)."""
+        done: Callable[[Block, R], None],
+    ) -> list[R]:
+        """Run ``blocks`` to completion; ``submit(actor, block, epoch)`` starts one attempt (a Ray
+        ref to its ``BlockResult``); ``done(block, result)`` hears of each block that completed
+        (progress, freeing its input)."""
         ray = self.ray
         pending = collections.deque(blocks)
         inflight: dict[Any, tuple[Block, int, Any]] = {}  # ref -> (block, slot, actor)
         load = [0] * self.n
-        results: list[dict[str, Any]] = []
+        results: list[R] = []
         while pending or inflight:
             for slot in range(self.n):
                 while pending and load[slot] < PER_WORKER and not self._isolated(slot, inflight):
@@ -175,7 +208,7 @@ class Driver:
                 if self.pool[slot] is actor:
                     load[slot] -= 1
                 try:
-                    res = ray.get(ref)
+                    res: R = ray.get(ref)
                 except ray.exceptions.RayActorError:
                     self._dead(slot, actor, load)
                     self._retry(block, "its worker died", pending, inflight)
@@ -183,11 +216,11 @@ class Driver:
                 except ray.exceptions.RayTaskError as exc:
                     self._retry(block, one_line(str(exc.cause if exc.cause else exc), 300), pending, inflight)
                     continue
-                status = res["status"]
+                status = res.status
                 if status == "aborted":
-                    raise _Stop(AbortRun(f"block {block.id}: {res['error']}"), [*results, res])
+                    raise Stop(AbortRun(f"block {block.id}: {res.error}"), [*results, res])
                 if status == "config_error":
-                    raise _Stop(ConfigError(f"block {block.id}: {res['error']}"), [*results, res])
+                    raise Stop(ConfigError(f"block {block.id}: {res.error}"), [*results, res])
                 if status == "fenced":
                     continue
                 if status == "budget":  # the cap: the blocks in flight finish, no new one starts
@@ -197,8 +230,7 @@ class Driver:
                     continue
                 self.deaths.pop(block.id, None)
                 results.append(res)
-                if done is not None:
-                    done(block, res)
+                done(block, res)
         return results
 
     def _isolated(self, slot: int, inflight: dict) -> bool:
@@ -219,7 +251,7 @@ class Driver:
     def _retry(self, block: Block, why: str, pending: collections.deque, inflight: dict) -> None:
         self.deaths[block.id] += 1
         if self.deaths[block.id] >= MAX_DEATHS:
-            raise _Stop(
+            raise Stop(
                 FairError(
                     f"block {block.id} (items {block.start}-{block.start + block.count - 1}) failed "
                     f"{MAX_DEATHS} attempts in a row ({why}); see {self.run_dir}/blocks"
@@ -242,16 +274,16 @@ def _token_auth_like_ray_start() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-class _Stop(Exception):
+class Stop(Exception):
     """Carries the error that ends the run out of ``Driver.run``."""
 
-    def __init__(self, error: FairError, results: list[dict[str, Any]]):
+    def __init__(self, error: FairError, results: list[BlockResult]):
         super().__init__(str(error))
         self.error = error
         self.results = results
 
 
-def _attempt_endpoints(run_dir: Path) -> dict[str, dict[str, Any]]:
+def attempt_endpoints(run_dir: Path) -> dict[str, dict[str, Any]]:
     """The endpoint counters of every attempt (all epochs: what was paid was paid), summed."""
     snaps = []
     for path in (Path(run_dir) / "blocks").glob("b*.e*.json"):
@@ -262,7 +294,7 @@ def _attempt_endpoints(run_dir: Path) -> dict[str, dict[str, Any]]:
     return merge_endpoints(snaps)
 
 
-def _attempt_snapshot(run_dir: Path, writer: str) -> dict[str, Any]:
+def attempt_snapshot(run_dir: Path, writer: str) -> dict[str, Any]:
     """One attempt's endpoint counters, summed over its endpoints (``{}`` if unreadable)."""
     try:
         snap = orjson.loads((Path(run_dir) / "blocks" / f"{writer}.json").read_bytes()).get("endpoints")
@@ -272,16 +304,6 @@ def _attempt_snapshot(run_dir: Path, writer: str) -> dict[str, Any]:
     for stats in (snap or {}).values():
         summed.update({k: v for k, v in stats.items() if isinstance(v, (int, float)) and v is not None})
     return dict(summed)
-
-
-def _count_calls(bar: Progress, stats: Mapping[str, Any]) -> None:
-    """Add a finished block's request counters to the progress display."""
-    bar.calls += int(stats.get("calls", 0))
-    bar.cached_calls += int(stats.get("cache_hits", 0))
-    bar.http_429 += int(stats.get("http_429", 0))
-    bar.retries += int(stats.get("retries", 0))
-    bar.tokens += int(stats.get("prompt_tokens", 0)) + int(stats.get("completion_tokens", 0))
-    bar.cost_usd += float(stats.get("cost_usd", 0.0))
 
 
 def done_blocks(run_dir: Path, ok: frozenset[str] = COMPLETE) -> set[str]:
@@ -319,118 +341,8 @@ def merge_endpoints(snapshots: list[dict[str, dict[str, Any]]]) -> dict[str, dic
     return out
 
 
-# -- fair generate --ray ------------------------------------------------------------------------
-
-
-def generate(args: Any, endpoint: Any) -> int:
-    """``fair generate ... --ray``: same records and exit codes as the single-process run."""
-    from engine.generate import ENDPOINT, KIND, report
-    from engine.scale.plan import GENERATE_BLOCK, generate_plan, read_lines, settle
-
-    out, input_path = Path(args.output), Path(args.input)
-    if not input_path.is_file():
-        raise ConfigError(f"--input {input_path}: no such file")
-    _refuse_single_process(out)
-    plan = settle(out, lambda size: generate_plan(input_path, size), args.block_size, GENERATE_BLOCK)
-    finished = done_blocks(out)
-    todo = [b for b in plan.blocks if b.id not in finished]
-    opts = {"max_tokens": args.max_tokens, "temperature": args.temperature, "n": args.n, "seed": args.seed}
-    limits = {ENDPOINT: (endpoint.concurrency, endpoint.rpm, endpoint.tpm)}
-    driver = Driver(out, args.ray, args.workers or 2, limits, [ENDPOINT])
-    bar = Progress(plan.items, label="responses", enabled=not args.no_progress)
-    t0 = time.monotonic()
-    status, results, stop = "interrupted", [], None
-    t_run = 0.0
-    metrics = serve_cluster(driver, getattr(args, "metrics_port", None), stages=False)
-    try:
-        driver.start()
-        t_run = time.monotonic()
-        bar.resumed = RunStore(out).open([KIND]).count(KIND)
-
-        def submit(actor: Any, block: Block, epoch: int) -> Any:
-            lines = list(read_lines(input_path, block))
-            return actor.generate.remote(
-                str(out), str(input_path), endpoint, block.id, epoch, lines, opts, not args.no_cache
-            )
-
-        def done(block: Block, res: dict[str, Any]) -> None:
-            bar.advance(res["ok"] + res["failed"])
-            _count_calls(bar, res)
-
-        with bar:
-            results = driver.run(todo, submit, done)
-        status = "done"
-    except _Stop as exc:
-        stop, results = exc.error, exc.results
-        status = "aborted" if isinstance(exc.error, AbortRun) else "interrupted"
-    finally:
-        run_s = time.monotonic() - t_run if t_run else 0.0  # start-up and shut-down are apart
-        _close(metrics)
-        driver.stop()
-        elapsed = time.monotonic() - t0
-        seal_all(out, [KIND])
-        store = RunStore(out).open([KIND])
-        summary = _generate_summary(results, plan, store.count(KIND), status, elapsed, endpoint)
-        if summary["failed"] or summary["bad_lines"] or summary["duplicate_ids"]:
-            summary["status"] = status = "done_with_failures" if status == "done" else status
-        summary["ray"] = _ray_fields(driver, plan, len(todo), run_s)
-        summary["ray"]["limiter"] = _proxy_counters(results)
-        store.close(
-            status, {"generate": summary, "endpoints": _attempt_endpoints(out), "ray": summary["ray"]}
-        )
-    if stop is not None:
-        raise stop
-    return report(
-        summary,
-        f"fair: {summary['records']} records in {os.fspath(out)}/responses ({summary['ok']} new ok, "
-        f"{len(plan.blocks) - len(todo)} of {len(plan.blocks)} blocks already done) in "
-        f"{summary['elapsed_s']:.1f}s on Ray with {driver.n} workers (start-up {driver.ray_start_s:.1f}s)",
-    )
-
-
-def _generate_summary(
-    results: list[dict[str, Any]], plan: Plan, records: int, status: str, elapsed: float, endpoint: Any
-) -> dict[str, Any]:
-    summed = collections.Counter()
-    failures: list[str] = []
-    for r in results:
-        for key in ("ok", "failed", "skipped_existing", "calls", "cache_hits", "http_429", "retries",
-                    "prompt_tokens", "completion_tokens", "cost_usd"):  # fmt: skip
-            summed[key] += r.get(key, 0)
-        failures += r.get("failures", [])[: 20 - len(failures)]
-    done = summed["ok"] + summed["failed"]
-    return {
-        "status": status,
-        "endpoint": {"provider": endpoint.provider, "base_url": endpoint.base_url, "model": endpoint.model},
-        "records": records,
-        **{k: summed[k] for k in ("ok", "failed", "skipped_existing")},
-        "bad_lines": plan.bad_lines,
-        "duplicate_ids": plan.duplicate_ids,
-        "elapsed_s": round(elapsed, 3),
-        "records_per_s": round(done / elapsed, 2) if elapsed > 0 else 0.0,
-        **{
-            k: summed[k]
-            for k in ("calls", "cache_hits", "http_429", "retries", "prompt_tokens", "completion_tokens")
-        },
-        "cost_usd": round(summed["cost_usd"], 6),
-        "failures": failures,
-    }
-
-
-def _proxy_counters(results: list[dict[str, Any]]) -> dict[str, int]:
-    """Limiter traffic of the workers that reported (each worker's counters are cumulative)."""
-    last: dict[str, dict[str, int]] = {}
-    for r in results:
-        if r.get("proxy"):
-            last[r["worker"]] = r["proxy"]
-    out: dict[str, int] = {}
-    for counters in last.values():
-        for key, value in counters.items():
-            out[key] = out.get(key, 0) + value
-    return out
-
-
-def _ray_fields(driver: Driver, plan: Plan, todo: int, run_s: float) -> dict[str, Any]:
+def ray_fields(driver: Driver, plan: Plan, todo: int, run_s: float) -> dict[str, Any]:
+    """The manifest's ``ray`` table: where, how many workers and blocks, how long."""
     return {
         "address": driver.address,
         "workers": driver.n,
@@ -444,15 +356,19 @@ def _ray_fields(driver: Driver, plan: Plan, todo: int, run_s: float) -> dict[str
     }
 
 
-def _close(metrics: tuple[MetricsServer, ClusterMetrics] | None) -> None:
+def close_metrics(metrics: tuple[MetricsServer, ClusterMetrics] | None) -> None:
     """Stop serving ``/metrics`` (before Ray stops: a scrape must not call into it then)."""
     if metrics is not None:
         metrics[1].close()
         metrics[0].close()
 
 
-def _refuse_single_process(out: Path) -> None:
-    """A run directory a single process wrote has no block plan: its shards belong to no block."""
+def refuse_single_process(out: Path) -> None:
+    """A run directory a single process wrote has no block plan: its shards belong to no block.
+    Then the rules of ``fair status`` (``engine.rundir.verify``): a newer schema, or a shard
+    that the manifest or a done block's manifest lists missing or changed, is refused (exit 2,
+    naming it; ``fair repair`` marks such a block to be redone, adopting what is left)."""
+    check_run_dir(out)
     if (out / "manifest.json").exists() and not (out / "blocks" / "plan.json").exists():
         raise ConfigError(
             f"{out} was written by a single-process run (no blocks/plan.json): resume it without "
@@ -460,94 +376,11 @@ def _refuse_single_process(out: Path) -> None:
         )
 
 
-# -- fair run --ray -----------------------------------------------------------------------------
-
-
-def run(args: Any, cfg: Any, run_dir: Path) -> int:
-    """``fair run CONFIG --ray``: the FAIR pipeline over blocks of problems."""
-    from engine.config import dump_config
-    from engine.fair import datasets, splits
-    from engine.fair.budget import BudgetReached
-    from engine.fair.pipeline import KINDS, _BadLines, _more_bad
-    from engine.fair.report import write_report
-    from engine.scale.plan import RUN_BLOCK, ProblemBlocks, run_plan, settle
-
-    _refuse_single_process(run_dir)
-    if any(ep.mode == "batch" for ep in cfg.endpoints.values()):
-        raise ConfigError(
-            'endpoints with mode = "batch" are not supported with --ray (a Batch API needs no cluster)'
-        )
-    if getattr(args, "estimate", False):  # the pilot as blocks, then the projection
-        from engine.scale.estimate import estimate
-
-        return estimate(args, cfg, run_dir)
-    bad = _BadLines()  # the first pass (ids only, for the plan) reports bad lines; the second is quiet
-
-    def ids() -> Iterator[str]:
-        return (p.id for p in datasets.iter_problems(cfg.dataset, errors=bad))
-
-    plan = settle(run_dir, lambda size: run_plan(ids(), cfg.dataset.name, size), args.block_size, RUN_BLOCK)
-    _more_bad(bad)
-    finished = done_blocks(run_dir, frozenset({"done"}))
-    todo = [b for b in plan.blocks if b.id not in finished]
-    feed = ProblemBlocks(
-        datasets.iter_problems(cfg.dataset, errors=_BadLines(report=False)), plan, {b.id for b in todo}
-    )
-    bar = Progress(plan.items, label="problems", enabled=not args.no_progress)
-    bar.resumed = sum(b.count for b in plan.blocks if b.id in finished)
-
-    def done(block: Block, res: dict[str, Any]) -> None:
-        feed.drop(block.id)
-        bar.advance(block.count)
-        _count_calls(bar, _attempt_snapshot(run_dir, f"{block.id}.e{res['epoch']}"))
-
-    (run_dir / "config.toml").write_bytes(dump_config(cfg))
-    limits = {n: (ep.concurrency, ep.rpm, ep.tpm) for n, ep in cfg.endpoints.items()}
-    cap = cfg.run.max_cost_usd
-    driver = Driver(run_dir, args.ray, args.workers or 2, limits, list(cfg.endpoints), cap)
-    status, results, stop = "interrupted", [], None
-    t_run = 0.0
-    metrics = serve_cluster(driver, getattr(args, "metrics_port", None), stages=True)
-    try:
-        driver.start()
-        t_run = time.monotonic()
-        with bar:
-            results = driver.run(
-                todo, lambda a, b, e: a.run.remote(str(run_dir), cfg, b.id, e, feed.get(b)), done
-            )
-        failed = [p for r in results for p in r["failed_problems"]]
-        status = "budget" if driver.budget_stopped else "done_with_failures" if failed else "done"
-    except _Stop as exc:
-        stop, results = exc.error, exc.results
-        status = "aborted" if isinstance(exc.error, AbortRun) else "interrupted"
-    finally:
-        run_s = time.monotonic() - t_run if t_run else 0.0  # start-up and shut-down are apart
-        _close(metrics)
-        driver.stop()
-        seal_all(run_dir, KINDS)
-        store = RunStore(run_dir).open(KINDS)
-        endpoints = _attempt_endpoints(run_dir)
-        spent = sum(float(e.get("cost_usd") or 0.0) for e in endpoints.values())  # every attempt, every run
-        store.close(status, {
-            "problems_total": plan.items, "endpoints": endpoints,
-            **splits.manifest_fields(cfg.dataset, store.ids("problems")),
-            "budget": {"cap_usd": cap, "spent_usd": round(spent, 6)},
-            "ray": _ray_fields(driver, plan, len(todo), run_s),
-        })  # fmt: skip
-        write_report(run_dir)
-    if stop is not None:
-        raise stop
-    if driver.budget_stopped:
-        raise BudgetReached(
-            f"run.max_cost_usd = {cap:g} reached (${spent:.4f} spent in {run_dir}); raise it and run "
-            "again to go on (nothing is paid twice)"
-        )
-    print(f"run directory: {run_dir}", file=sys.stderr)
-    failed = [p for r in results for p in r["failed_problems"]]
-    if failed:
-        print(
-            f"fair: {len(failed)} problems failed (listed in {run_dir}/failures); run again to retry them",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+def count_calls(bar: Progress, stats: Mapping[str, Any]) -> None:
+    """Add a finished block's request counters to the progress display."""
+    bar.calls += int(stats.get("calls", 0))
+    bar.cached_calls += int(stats.get("cache_hits", 0))
+    bar.http_429 += int(stats.get("http_429", 0))
+    bar.retries += int(stats.get("retries", 0))
+    bar.tokens += int(stats.get("prompt_tokens", 0)) + int(stats.get("completion_tokens", 0))
+    bar.cost_usd += float(stats.get("cost_usd", 0.0))

@@ -11,60 +11,42 @@ directory's trace; ``wall_s_online`` scales the pilot's wall time (Ray start-up 
 
 from __future__ import annotations
 
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
-from engine.errors import AbortRun
+from engine.config import RunConfig, dump_config
+from engine.errors import AbortRun, FairError
+from engine.fair.budget import project
+from engine.fair.estimate import projection
+from engine.fair.pipeline import KINDS
+from engine.options import Outcome, RayOptions, RunOptions
 from engine.rundir.store import RunStore, iter_raw
-from engine.scale.driver import (
-    Driver,
-    _attempt_endpoints,
-    _refuse_single_process,
-    _Stop,
-    done_blocks,
-    seal_all,
-)
+from engine.scale.driver import Driver, Stop, attempt_endpoints, done_blocks, seal_all
+from engine.scale.fairrun import block_feed, check_fair, fair_plan
 from engine.scale.plan import Block
+from engine.scale.results import RunBlockResult
 
 
-def estimate(args: Any, cfg: Any, run_dir: Path) -> int:
-    """Run the pilot blocks, print the projection, write ``estimate.json``; 0, or the run's error."""
-    from engine.config import dump_config
-    from engine.fair import datasets
-    from engine.fair.budget import project, render
-    from engine.fair.pipeline import KINDS, _BadLines, _more_bad
-    from engine.scale.plan import RUN_BLOCK, ProblemBlocks, run_plan, settle
-
-    _refuse_single_process(run_dir)
-    bad = _BadLines()
-
-    def ids() -> Iterator[str]:
-        return (p.id for p in datasets.iter_problems(cfg.dataset, errors=bad))
-
-    plan = settle(run_dir, lambda size: run_plan(ids(), cfg.dataset.name, size), args.block_size, RUN_BLOCK)
-    _more_bad(bad)
-    pilot = min(args.pilot, plan.items)
+def estimate(opts: RunOptions, ray: RayOptions, cfg: RunConfig, run_dir: Path) -> Outcome:
+    """Run the pilot blocks, write ``estimate.json``; the projection (or the run's error)."""
+    check_fair(cfg, run_dir)
+    plan = fair_plan(cfg, run_dir, ray.block_size)
+    pilot = min(opts.pilot, plan.items)
     share = {b.id: min(b.count, pilot - b.start) for b in plan.blocks if b.start < pilot}
     finished = done_blocks(run_dir, frozenset({"done"}))
     todo = [b for b in plan.blocks if b.id in share and b.id not in finished]
-    feed = ProblemBlocks(
-        datasets.iter_problems(cfg.dataset, errors=_BadLines(report=False)), plan, {b.id for b in todo}
-    )
+    feed = block_feed(cfg, plan, todo)
     (run_dir / "config.toml").write_bytes(dump_config(cfg))
     limits = {n: (ep.concurrency, ep.rpm, ep.tpm) for n, ep in cfg.endpoints.items()}
-    workers = max(1, min(args.workers or 2, len(todo)))
-    driver = Driver(run_dir, args.ray, workers, limits, list(cfg.endpoints), cfg.run.max_cost_usd)
+    workers = max(1, min(ray.workers or 2, len(todo)))
+    driver = Driver(run_dir, ray.address, workers, limits, list(cfg.endpoints), cfg.run.max_cost_usd)
 
     def submit(actor: Any, block: Block, epoch: int) -> Any:
         n = share[block.id]
         return actor.run.remote(str(run_dir), cfg, block.id, epoch, feed.get(block)[:n], n < block.count)
 
-    def done(block: Block, res: dict[str, Any]) -> None:
+    def done(block: Block, res: RunBlockResult) -> None:
         feed.drop(block.id)
 
     status, stop, wall = "interrupted", None, 0.0
@@ -75,23 +57,24 @@ def estimate(args: Any, cfg: Any, run_dir: Path) -> int:
             driver.run(todo, submit, done)
             wall = time.monotonic() - t0
         status = "pilot"
-    except _Stop as exc:
+    except Stop as exc:
         stop = exc.error
         status = "aborted" if isinstance(exc.error, AbortRun) else "interrupted"
     finally:
         driver.stop()
         seal_all(run_dir, KINDS)
         store = RunStore(run_dir).open(KINDS)
-        store.close(status, {"problems_total": plan.items, "endpoints": _attempt_endpoints(run_dir)})
+        store.close(status, {"problems_total": plan.items, "endpoints": attempt_endpoints(run_dir)})
+    return _projection(cfg, run_dir, plan.items, pilot, wall, f"{len(share)} of {len(plan.blocks)}", stop)
+
+
+def _projection(cfg: RunConfig, run_dir: Path, total: int, pilot: int, wall: float, piloted: str,
+                stop: FairError | None) -> Outcome:  # fmt: skip
     if stop is not None:
-        raise stop
+        return Outcome(run_dir, "aborted", error=stop)
     covered = sum(1 for _ in iter_raw(run_dir, "problems"))  # a re-estimate reads the same trace
-    est = project(cfg, run_dir, plan.items, covered or pilot, wall)
-    (run_dir / "estimate.json").write_bytes(msgspec.json.format(msgspec.json.encode(est)))
-    print(render(est))
-    print(
-        f"run directory: {run_dir} (the full run with --ray resumes from the pilot; "
-        f"{len(share)} of {len(plan.blocks)} blocks piloted)",
-        file=sys.stderr,
+    est = project(cfg, run_dir, total, covered or pilot, wall)
+    line = (
+        f"run directory: {run_dir} (the full run with --ray resumes from the pilot; {piloted} blocks piloted)"
     )
-    return 0
+    return projection(run_dir, est, line)

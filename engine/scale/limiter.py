@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import random
@@ -121,7 +122,7 @@ class LimiterState:
                 continue
             task = asyncio.ensure_future(admission.acquire(est))
             waiting[req] = task
-            task.add_done_callback(lambda t, req=req: self._granted(key, req, t))
+            task.add_done_callback(functools.partial(self._granted, key, req))
         if waiting and not ready:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(HOLD_S):

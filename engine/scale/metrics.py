@@ -50,8 +50,10 @@ class WorkerMetrics:
 
     def end_job(self, stage_counts: Callable[[], Mapping[tuple[str, str], float]]) -> None:
         self.jobs.remove(stage_counts)
+        done = self.stages_done if self.stages_done is not None else {}
         for key, value in stage_counts().items():
-            self.stages_done[key] = self.stages_done.get(key, 0) + value  # type: ignore[index]
+            done[key] = done.get(key, 0) + value
+        self.stages_done = done
 
     def snapshot(self, rates: Mapping[str, float | None]) -> Sample:
         stages = None

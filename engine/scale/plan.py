@@ -14,39 +14,42 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from engine.errors import ConfigError, InputError, one_line
+from engine.generate import parse_line
+from engine.inputs import BadLines
 from engine.rundir.schema import Problem
 from engine.rundir.store import atomic_write
 
 GENERATE_BLOCK = 1000  # input lines per block (fair generate)
 RUN_BLOCK = 25  # problems per block (fair run)
-MAX_REPORTED = 20
+
+
+NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class Block(msgspec.Struct, frozen=True):
     id: str  # "b00000"
-    start: int  # index of its first item (generate: 0-based line index)
-    count: int  # items (generate: raw lines) in it
+    start: NonNeg  # index of its first item (generate: 0-based line index)
+    count: Annotated[int, msgspec.Meta(ge=1)]  # items (generate: raw lines) in it
     ids_sha256: str  # sha256 of its ids, "\n"-joined, in input order
-    offset: int = 0  # generate: byte offset of its first line in the input
+    offset: NonNeg = 0  # generate: byte offset of its first line in the input
     skip: tuple[int, ...] = ()  # generate: 1-based line numbers that repeat an earlier id
 
 
 class Plan(msgspec.Struct):
     kind: Literal["generate", "run"]
     source: str  # the input file or dataset it was made from (informative)
-    block_size: int
-    items: int  # ids in the plan
+    block_size: Annotated[int, msgspec.Meta(ge=1)]
+    items: NonNeg  # ids in the plan
     blocks: list[Block]
-    bad_lines: int = 0
-    duplicate_ids: int = 0
+    bad_lines: NonNeg = 0
+    duplicate_ids: NonNeg = 0
 
 
 def plan_path(run_dir: Path) -> Path:
@@ -64,11 +67,10 @@ def _digest(ids: list[str]) -> str:
 def generate_plan(input_path: Path, block_size: int, report: bool = True) -> Plan:
     """Cut an input JSONL into blocks of ``block_size`` lines; bad lines are reported here, once
     (``file:line: why``), and skipped by the workers; a repeated id is skipped where it repeats."""
-    from engine.generate import parse_line
-
     blocks: list[Block] = []
     first_seen: dict[str, int] = {}
     bad = dups = 0
+    reported = BadLines(report)  # bad and duplicate lines, as the single-process run names them
     ids: list[str] = []
     skip: list[int] = []
     offset = start_offset = 0
@@ -94,23 +96,20 @@ def generate_plan(input_path: Path, block_size: int, report: bool = True) -> Pla
                 record_id, _ = parse_line(raw, f"{input_path}:{lineno}")
             except InputError as exc:
                 bad += 1
-                if report and bad <= MAX_REPORTED:
-                    print(f"fair: skipped input line: {one_line(str(exc))}", file=sys.stderr)
+                reported.append(exc)
                 continue
             first = first_seen.setdefault(record_id, lineno)
             if first != lineno:
                 dups += 1
                 skip.append(lineno)
-                if report and dups <= MAX_REPORTED:
-                    print(
-                        f"fair: skipped input line: {input_path}:{lineno}: duplicate id "
-                        f"{one_line(record_id, 80)!r} (first on line {first})",
-                        file=sys.stderr,
-                    )
+                reported.skip(
+                    f"{input_path}:{lineno}: duplicate id {one_line(record_id, 80)!r} (first on line {first})"
+                )
                 continue
             ids.append(record_id)
     if lineno:
         close(lineno)
+    reported.close()
     return Plan("generate", str(input_path), block_size, len(first_seen), blocks, bad, dups)
 
 
@@ -150,21 +149,41 @@ def settle(run_dir: Path, make: Callable[[int], Plan], size_flag: int | None, de
             "drop --block-size or use a new run directory"
         )
     fresh = make(stored.block_size)
-    where = f"{run_dir} was planned"
+    verify(stored, fresh, path)
+    return stored
+
+
+def verify(stored: Plan, fresh: Plan, path: Path) -> None:
+    """``stored`` must be exactly the plan the input gives now (every block's ids and their
+    digest, start, size, byte offset and skipped lines; the totals): an edited plan would read
+    lines twice and others never. ``ConfigError`` (exit 2) naming ``path`` and the difference."""
     if stored.kind != fresh.kind:
-        raise ConfigError(f"{path}: {where} for `fair {stored.kind}`, not `fair {fresh.kind}`")
-    for old, new in zip(stored.blocks, fresh.blocks, strict=False):
-        if old.ids_sha256 != new.ids_sha256 or old.count != new.count or old.skip != new.skip:
-            raise ConfigError(
-                f"{fresh.source}: the input changed since {path} was made (block {old.id}, items "
-                f"{old.start}-{old.start + old.count - 1}, has other ids); use a new run directory"
-            )
+        raise ConfigError(f"{path}: planned for `fair {stored.kind}`, not `fair {fresh.kind}`")
     if len(stored.blocks) != len(fresh.blocks):
         raise ConfigError(
-            f"{fresh.source}: the input changed since {path} was made ({len(stored.blocks)} blocks "
-            f"then, {len(fresh.blocks)} now); use a new run directory"
+            f"{path}: {len(stored.blocks)} blocks, but the input ({fresh.source}) gives "
+            f"{len(fresh.blocks)}: the input changed or the plan was edited; use a new run directory"
         )
-    return stored
+    for i, (old, new) in enumerate(zip(stored.blocks, fresh.blocks, strict=True)):
+        if old.ids_sha256 != new.ids_sha256 or old.count != new.count:
+            raise ConfigError(
+                f"{path}: block {i} ({old.id}, items {old.start}-{old.start + old.count - 1}) holds other "
+                f"ids than the input ({fresh.source}) gives now: the input changed or the plan was edited; "
+                "use a new run directory"
+            )
+        for field in old.__struct_fields__:
+            if getattr(old, field) != getattr(new, field):
+                raise ConfigError(
+                    f"{path}: block {i} `{field}` is {one_line(str(getattr(old, field)), 80)}, the input "
+                    f"gives {one_line(str(getattr(new, field)), 80)}: the plan was edited; use a new run "
+                    "directory (or restore the plan)"
+                )
+    for field in ("items", "bad_lines", "duplicate_ids"):
+        if getattr(stored, field) != getattr(fresh, field):
+            raise ConfigError(
+                f"{path}: `{field}` is {getattr(stored, field)}, the input gives {getattr(fresh, field)}: "
+                "the input changed or the plan was edited; use a new run directory"
+            )
 
 
 class ProblemBlocks:

@@ -19,22 +19,29 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from engine.config import EndpointConfig, RunConfig
-from engine.errors import AbortRun, ConfigError, FairError
-from engine.generate import ENDPOINT, KIND, _summary, _Work, _worker
+from engine.errors import AbortRun, ConfigError, FairError, InputError
+from engine.fair.budget import BudgetReached
+from engine.fair.pipeline import KINDS, Job, JobParts
+from engine.generate import ENDPOINT, KIND, Work, answer_lines, parse_line, run_summary
+from engine.options import RequestOptions
 from engine.progress import Progress
-from engine.request.client import Engine, Lane
-from engine.request.executor import HttpExecutor, Reply
+from engine.request.client import Engine
+from engine.request.executor import HttpExecutor, Reply, Target
 from engine.rundir.schema import Problem
 from engine.rundir.store import RunStore, recover_partial, shard_paths
+from engine.scale import WORKER_CPUS
+from engine.scale.budget import SharedBudget
 from engine.scale.limiter import AdmissionProxy
 from engine.scale.metrics import WorkerMetrics
+from engine.scale.results import GenerateBlockResult, RunBlockResult
+from engine.types import Message
 
 START_BATCH = 32  # a block starts its tasks this many at a time (the limiter's cold start: 32)
 
@@ -94,17 +101,14 @@ class FencedStore(RunStore):
                     recover_partial(path)
 
 
-class _BlockLines(_Work):
-    """``generate._Work`` over one block's lines instead of a whole file."""
+class _BlockLines(Work):
+    """``generate.Work`` over one block's lines instead of a whole file."""
 
     def __init__(self, path: Path, lines: list[tuple[int, bytes]], store: RunStore):
         self._block_lines = lines
         super().__init__(path, store, report=False)  # the driver reported bad lines at plan time
 
-    def _read(self):  # type: ignore[no-untyped-def]
-        from engine.errors import InputError
-        from engine.generate import parse_line
-
+    def _read(self) -> Iterator[tuple[str, tuple[Message, ...]]]:
         for lineno, raw in self._block_lines:
             if not raw.strip():
                 continue
@@ -129,14 +133,14 @@ class KeptExecutor:
         self.inner = HttpExecutor()
         self.opened: set[str] = set()
 
-    async def open(self, lanes: Mapping[str, Lane]) -> None:
-        new = {name: lane for name, lane in lanes.items() if name not in self.opened}
+    async def open(self, targets: Mapping[str, Target]) -> None:
+        new = {name: t for name, t in targets.items() if name not in self.opened}
         if new:
             await self.inner.open(new)
             self.opened |= set(new)
 
-    async def send(self, lane: Lane, body: bytes, key: str | None = None) -> Reply:
-        return await self.inner.send(lane, body, key)
+    async def send(self, target: Target, body: bytes, key: str | None = None) -> Reply:
+        return await self.inner.send(target, body, key)
 
     async def close(self) -> None:
         pass
@@ -149,7 +153,7 @@ def _node() -> str:
         return socket.gethostname()
 
 
-@ray.remote(num_cpus=0.5, max_restarts=0, max_task_retries=0)
+@ray.remote(num_cpus=WORKER_CPUS, max_restarts=0, max_task_retries=0)
 class BlockWorker:
     """Runs blocks; one ``AdmissionProxy`` per endpoint shared by all its blocks."""
 
@@ -180,8 +184,8 @@ class BlockWorker:
 
     async def generate(
         self, out: str, input_path: str, endpoint: EndpointConfig, block: str, epoch: int,
-        lines: list[tuple[int, bytes]], opts: dict[str, Any], cache: bool,
-    ) -> dict[str, Any]:  # fmt: skip
+        lines: list[tuple[int, bytes]], opts: RequestOptions, cache: bool,
+    ) -> GenerateBlockResult:  # fmt: skip
         """One attempt at a ``fair generate`` block; returns its summary (``status`` says how it
         ended: done, done_with_failures, aborted, config_error, fenced)."""
         root = Path(out)
@@ -205,7 +209,7 @@ class BlockWorker:
         try:
             async with engine, asyncio.TaskGroup() as tg:
                 for i in range(max(1, min(endpoint.concurrency, len(lines)))):
-                    tg.create_task(_worker(engine, work, store, bar, **opts))
+                    tg.create_task(answer_lines(engine, work, store, bar, opts))
                     if i % START_BATCH == START_BATCH - 1:  # let the first asks go to the limiter
                         await asyncio.sleep(0)
             status = "done_with_failures" if work.failed or work.bad_lines else "done"
@@ -216,40 +220,43 @@ class BlockWorker:
         except* AbortRun as eg:
             status, error = "aborted", str(eg.exceptions[0])
         finally:
-            summary = _summary(work, engine, store, status, time.monotonic() - started, endpoint)
+            summary = run_summary(work, engine, store, status, time.monotonic() - started, endpoint)
             if status != "fenced":
                 store.close(status, {"generate": summary, "endpoints": engine.snapshot(), "block": block})
             mark.unlink(missing_ok=True)
         proxy = self.proxies[ENDPOINT].counters()
-        return {
-            **summary,
-            "block": block,
-            "epoch": epoch,
-            "error": error,
-            "worker": self.name,
-            "proxy": proxy,
-        }
+        return GenerateBlockResult(
+            status=status,
+            error=error,
+            block=block,
+            epoch=epoch,
+            worker=self.name,
+            summary=summary,
+            proxy=proxy,
+        )
 
     async def run(
         self, out: str, cfg: RunConfig, block: str, epoch: int, problems: list[Problem], pilot: bool = False
-    ) -> dict[str, Any]:
+    ) -> RunBlockResult:
         """One attempt at a ``fair run`` block: ``pipeline.Job`` on its problems (``pilot``: only
         the first of them, for ``--estimate``; the attempt is then stored as ``pilot``, not done)."""
-        from engine.fair.budget import BudgetReached
-        from engine.fair.pipeline import KINDS, Job
-        from engine.scale.budget import SharedBudget
-
         root = Path(out)
         store = FencedStore(root, block, epoch, pilot=pilot, shard_records=cfg.run.shard_records)
         mark = self._mark(store.writer)
         store.seal_predecessors([*KINDS, "trace"])
         cap = cfg.run.max_cost_usd
         budget = SharedBudget(self.limiter, store.writer, cap) if cap is not None else None
+        admissions = {ep: self.proxies[ep] for ep in cfg.endpoints if cfg.endpoints[ep].mode != "batch"}
+        parts = JobParts(executor=self.executor, admissions=admissions, observers=tuple(self.observers))
         job = Job(
-            cfg, root, progress=False, writer=store.writer, part=store.manifest_path,
-            admissions={ep: self.proxies[ep] for ep in cfg.endpoints if cfg.endpoints[ep].mode != "batch"},
-            executor=self.executor, budget=budget, observers=self.observers,
-        )  # fmt: skip
+            cfg,
+            root,
+            progress=False,
+            writer=store.writer,
+            part=store.manifest_path,
+            parts=parts,
+            budget=budget,
+        )
         job.store = store  # the same store, fenced
         self.metrics.add_job(job.stage_counts)
         status, error = "interrupted", None
@@ -267,10 +274,10 @@ class BlockWorker:
         finally:
             mark.unlink(missing_ok=True)
             self.metrics.end_job(job.stage_counts)
-            if budget is not None and job.ctx is not None:  # its last word to the ledger
+            if budget is not None and job.engine is not None:  # its last word to the ledger
                 with contextlib.suppress(ray.exceptions.RayError):
-                    await self.limiter.report.remote(store.writer, budget.mine(job.ctx.engine), job.finished)
-        return {
-            "status": status, "error": error, "block": block, "epoch": epoch, "worker": self.name,
-            "failed_problems": job.failed_problems, "counts": dict(job.ctx.counts) if job.ctx else {},
-        }  # fmt: skip
+                    await self.limiter.report.remote(store.writer, budget.mine(job.engine), job.finished)
+        return RunBlockResult(
+            status=status, error=error, block=block, epoch=epoch, worker=self.name,
+            failed_problems=job.failed_problems, counts=job.ctx.counts.as_dict() if job.ctx else {},
+        )  # fmt: skip

@@ -4,7 +4,7 @@ A template file has a ``### system`` and a ``### user`` section; ``{placeholders
 with ``str.format``. ``problem`` renders a Problem (question, plus passage and options for
 multiple choice), ``answer_format`` is the per-task answer instruction and ``error_type_format``
 asks a teacher for the student's error type (``engine.fair.errortypes``). Versions: ``v1`` (ours:
-answer-line instructions) and ``paper`` (the FAIR paper's prompts, DESIGN.md section 8: bare
+answer-line instructions) and ``paper`` (the FAIR paper's prompts (docs/architecture.md): bare
 "Let's think step by step", the gold as a hint in the mistake and review prompts). The version string
 goes into every record made from a template.
 """
@@ -15,6 +15,7 @@ import tomllib
 from functools import cache
 from pathlib import Path
 
+from engine.config import prompt_versions
 from engine.fair.errortypes import INSTRUCTION as ERROR_TYPE_FORMAT
 from engine.rundir.schema import Problem
 from engine.types import Message
@@ -76,8 +77,8 @@ def prompt_set(version: str = "v1") -> PromptSet:
 
 
 def versions(root: Path = ROOT) -> list[str]:
-    """Every prompt version shipped (folders of ``prompts/``)."""
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_"))
+    """Every prompt version shipped (folders of ``prompts/``; ``engine.config`` lists the same)."""
+    return prompt_versions(root)
 
 
 def identify_any(messages: list[dict] | tuple[Message, ...], prefer: str = "v1") -> str | None:

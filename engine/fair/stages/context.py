@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from engine.config import RunConfig
 from engine.fair.prompts import PromptSet
 from engine.fair.scoring import Calibration
+from engine.fair.stages.counts import StageCounts
 from engine.rundir.schema import Record
 from engine.types import ChatRequest, Completion
 
@@ -23,13 +23,16 @@ class Prior(Protocol):
     def get(self, record_id: str, /) -> Record | None: ...
 
 
+_NONE: dict[str, Record] = {}  # no prior records (a fresh run); never written to
+
+
 @dataclass
 class StageContext:
     engine: Completer
     cfg: RunConfig
     prompts: PromptSet
-    prior: Prior = field(default_factory=dict)  # records of unfinished problems (engine.fair.resume)
-    counts: Counter = field(default_factory=Counter)  # live figures for progress and report
+    prior: Prior = field(default_factory=lambda: _NONE)  # records of unfinished problems (fair.resume)
+    counts: StageCounts = field(default_factory=StageCounts)  # live figures for progress and report
     calibration: Calibration = field(default_factory=Calibration)  # aggregation = "calibrated"
 
     @property

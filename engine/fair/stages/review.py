@@ -14,7 +14,7 @@ from engine.errors import RequestError
 from engine.fair import scoring
 from engine.fair.stages.context import StageContext
 from engine.rundir.schema import Attempt, Problem, Review, Score
-from engine.types import ChatRequest
+from engine.types import ChatRequest, Message
 
 
 def reviewers_for(ctx: StageContext, author: str, target_id: str) -> list[str]:
@@ -30,7 +30,12 @@ def rule_kwargs(ctx: StageContext) -> dict:
 
 
 async def _one(
-    ctx: StageContext, problem: Problem, target_id: str, author: str, reviewer: str, messages
+    ctx: StageContext,
+    problem: Problem,
+    target_id: str,
+    author: str,
+    reviewer: str,
+    messages: tuple[Message, ...],
 ) -> Review | None:
     rid = f"{target_id}/review/{reviewer}"
     if (prior := ctx.reuse(rid)) is not None:
@@ -44,12 +49,12 @@ async def _one(
     try:
         done = await ctx.engine.complete(reviewer, request, "review")
     except RequestError as exc:
-        ctx.counts["review_errors"] += 1
-        ctx.counts[f"error:{type(exc).__name__}"] += 1
+        ctx.counts.review_errors += 1
+        ctx.counts.errors[type(exc).__name__] += 1
         return None  # a missing review counts as no valid score; the run goes on
     score = scoring.parse_score(done.text)
     if score is None:
-        ctx.counts["invalid_scores"] += 1
+        ctx.counts.invalid_scores += 1
     return Review(
         id=rid,
         problem_id=problem.id,
@@ -59,6 +64,7 @@ async def _one(
         text=done.text,
         score=score,
         prompt_version=ctx.version,
+        reasoning=done.choices[0].reasoning,
     )
 
 
@@ -91,7 +97,7 @@ async def review(
             early
             and scoring.decided([s.score for s in scores], len(order) - i, **rule_kwargs(ctx)) is not None
         ):
-            ctx.counts["reviews_saved"] += len(order) - i
+            ctx.counts.reviews_saved += len(order) - i
             break
         r = await _one(ctx, problem, target_id, author, reviewer, messages)
         if r is not None:

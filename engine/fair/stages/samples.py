@@ -1,6 +1,6 @@
 """Training samples: rationale-learning from accepted rationales, mistake-learning from explanations.
 
-Policy ``paper`` (DESIGN.md section 8): a problem with no accepted rationale gives no samples;
+Policy ``paper`` (docs/architecture.md): a problem with no accepted rationale gives no samples;
 otherwise one accepted rationale and one explanation per mistake, picked at random with a
 generator seeded by (run seed, problem id), so the pick never depends on completion order.
 Policy ``all``: every accepted rationale and every explanation, whatever was accepted.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Iterable
 
 from engine.fair.answers import extract_answer
 from engine.fair.errortypes import majority, strip_tag
@@ -27,7 +28,7 @@ def _rng(seed: int, problem_id: str) -> random.Random:
     return random.Random(zlib.crc32(f"{seed}:{problem_id}".encode()))
 
 
-def _msgs(messages) -> list[Msg]:
+def _msgs(messages: Iterable[Msg]) -> list[Msg]:
     return [Msg(m.role, m.content) for m in messages]
 
 
@@ -70,6 +71,7 @@ def build(
                 source_id=r.id,
                 prompt_version=ctx.version,
                 answer_line_added=added,
+                reasoning=r.reasoning,
             )
         )
     for m in mistakes:
@@ -90,6 +92,7 @@ def build(
                     source_id=f.id,
                     prompt_version=ctx.version,
                     error_type=tag,
+                    reasoning=f.reasoning,
                 )
             )
     return out

@@ -6,7 +6,7 @@ from engine.fair.answers import grade, states_answer
 from engine.fair.errortypes import UNKNOWN, parse_error_type
 from engine.fair.stages.context import StageContext
 from engine.rundir.schema import Attempt, Feedback, Problem, Rationale
-from engine.types import ChatRequest
+from engine.types import ChatRequest, Message
 
 
 def rationale_id(problem: Problem, teacher: str) -> str:
@@ -17,7 +17,7 @@ def feedback_id(attempt: Attempt, teacher: str) -> str:
     return f"{attempt.problem_id}/feedback/{teacher}/{attempt.sample_index}"
 
 
-def _request(ctx: StageContext, messages, max_tokens: int) -> ChatRequest:
+def _request(ctx: StageContext, messages: tuple[Message, ...], max_tokens: int) -> ChatRequest:
     t = ctx.cfg.teachers
     return ChatRequest(
         messages=messages, max_tokens=max_tokens, temperature=t.temperature, seed=ctx.cfg.run.seed
@@ -42,6 +42,7 @@ async def rationale(ctx: StageContext, problem: Problem, teacher: str) -> Ration
         gold_match=correct,  # with gold_check = "off" only recorded (report: judge quality)
         gold_stated=states_answer(done.text, problem.answer, problem.task),
         prompt_version=ctx.version,
+        reasoning=done.choices[0].reasoning,  # kept apart: grading and review read only the text
     )
 
 
@@ -55,7 +56,7 @@ async def feedback(ctx: StageContext, problem: Problem, teacher: str, mistake: A
     done = await ctx.engine.complete(teacher, request, "feedback")
     tag = parse_error_type(done.text)
     if tag == UNKNOWN:
-        ctx.counts["unknown_error_types"] += 1
+        ctx.counts.unknown_error_types += 1
     return Feedback(
         id=rid,
         problem_id=problem.id,
@@ -64,4 +65,5 @@ async def feedback(ctx: StageContext, problem: Problem, teacher: str, mistake: A
         text=done.text,
         prompt_version=ctx.version,
         error_type=tag,
+        reasoning=done.choices[0].reasoning,
     )
