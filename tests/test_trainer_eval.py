@@ -164,6 +164,7 @@ def test_eval_refuses_to_score_training_questions(datasets_dir, tmp_path, capsys
 
     test = load_problems(DatasetSection(name="svamp", split="test", limit=5), data_dir=datasets_dir)
     adapter = _trained_on(tmp_path / "leaky" / "adapter", [p.id for p in test[:3]])
+    (tmp_path / "leaky" / "adapter" / "adapter_config.json").write_text('{"r": 8}')  # (checked first)
     code = main(["eval", "--adapter", f"leaky={adapter}", "--datasets", "svamp", "--split", "test",
                  "--limit", "5", "--out", str(tmp_path / "eval")])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()

@@ -348,7 +348,7 @@ class BatchEngine:
         if not live:
             self._reset()
             return
-        assert self._mask is not None and self._next is not None
+        assert self._mask is not None and self._next is not None and self._cache is not None
         index = torch.tensor(live)
         self._cache.batch_select_indices(index)
         self._rows = [self._rows[i] for i in live]

@@ -96,6 +96,7 @@ def load_samples(run_dirs: Iterable[str | Path]) -> list[Sample]:
     """Every ``samples`` record of the run directories, deduplicated by id, in a stable order."""
     from engine.rundir.schema import Sample
     from engine.rundir.store import iter_records
+    from engine.rundir.targets import reasoning_mode, with_targets
 
     seen: dict[str, Sample] = {}
     for run_dir in run_dirs:
@@ -104,7 +105,8 @@ def load_samples(run_dirs: Iterable[str | Path]) -> list[Sample]:
             from engine.errors import UsageError
 
             raise UsageError(f"{path}: no such run directory")
-        for s in iter_records(path, "samples", Sample):
+        # the target as the run's [samples] reasoning says: the answer, or <think>trace</think> + answer
+        for s in with_targets(iter_records(path, "samples", Sample), reasoning_mode(path)):
             seen.setdefault(s.id, s)
     return sorted(seen.values(), key=lambda s: s.id)
 
@@ -173,7 +175,11 @@ def tokenize(samples: Iterable[Sample], tokenizer, max_seq_len: int) -> tuple[li
 
 def collate_packed(examples: Sequence[Example]) -> Batch:
     """One row, no padding; position ids restart per example (block-diagonal attention)."""
-    ids, targets, tasks, pos, bounds = [], [], [], [], [0]
+    ids: list[int] = []
+    targets: list[int] = []
+    tasks: list[int] = []
+    pos: list[int] = []
+    bounds = [0]
     for ex in examples:
         ids += ex.input_ids
         targets += ex.targets

@@ -22,7 +22,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from engine.rundir.schema import Problem
@@ -229,9 +229,36 @@ def pick_backend(backend: str, adapters: dict[str, str]) -> str:
 # -- the evaluation ----------------------------------------------------------------------------
 
 
+def _by_dataset(problems: dict[str, list[Problem]] | list[Problem] | None) -> dict[str, list[Problem]]:
+    """Problems by dataset name: a plain list is grouped by ``Problem.dataset``."""
+    if not isinstance(problems, list):
+        return problems or {}
+    grouped: dict[str, list[Problem]] = {}
+    for p in problems:
+        grouped.setdefault(p.dataset or "problems", []).append(p)
+    return grouped
+
+
+def _wrong_cases(texts: list[str], items: list[Problem], graded: list[dict]) -> list[dict]:
+    """The answers not strictly right, with what each grading read (written beside the report)."""
+    return [
+        {
+            "id": p.id,
+            "question": p.question,
+            "gold": p.answer,
+            "strict": g["strict"],
+            "flexible": g["flexible"],
+            "flexible_ok": g["flexible_ok"],
+            "text": t,
+        }
+        for t, p, g in zip(texts, items, graded, strict=True)
+        if not g["strict_ok"]
+    ]
+
+
 def evaluate(
     model: str | None = None,
-    adapters: dict[str, str | Path] | None = None,
+    adapters: Mapping[str, str | Path] | None = None,
     problems: dict[str, list[Problem]] | list[Problem] | None = None,
     *,
     include_base: bool = True,
@@ -255,16 +282,12 @@ def evaluate(
     a model trained on the paper's prompts is tested with them.
     """
     adapters_s = {k: str(v) for k, v in (adapters or {}).items()}
-    if isinstance(problems, list):
-        grouped: dict[str, list[Problem]] = {}
-        for p in problems:
-            grouped.setdefault(p.dataset or "problems", []).append(p)
-        problems = grouped
-    problems = problems or {}
+    problems = _by_dataset(problems)
     names = (["base"] if include_base else []) + list(adapters_s)
     if "base" in adapters_s:
         raise ValueError("'base' is reserved for the model without adapter")
     chosen = pick_backend(backend, adapters_s)
+    gen: VLLMGenerator | HFGenerator
     if chosen == "vllm":
         gen = VLLMGenerator(
             model, adapters_s, gpu_memory_utilization=gpu_memory_utilization, max_lora_rank=max_lora_rank
@@ -284,19 +307,7 @@ def evaluate(
             n_tokens += n
             graded = [grade(t, p) for t, p in zip(texts, items, strict=True)]
             results[name][dataset] = {mode: accuracy(graded, mode) for mode in MODES}
-            wrong[(name, dataset)] = [
-                {
-                    "id": p.id,
-                    "question": p.question,
-                    "gold": p.answer,
-                    "strict": g["strict"],
-                    "flexible": g["flexible"],
-                    "flexible_ok": g["flexible_ok"],
-                    "text": t,
-                }
-                for t, p, g in zip(texts, items, graded, strict=True)
-                if not g["strict_ok"]
-            ]
+            wrong[(name, dataset)] = _wrong_cases(texts, items, graded)
     elapsed = time.perf_counter() - t0
     summary: dict = {
         "results": results,
@@ -431,16 +442,18 @@ def check_overlap(
 def cli_main(args) -> int:
     from engine.config import DatasetSection
     from engine.fair.datasets import load_problems
+    from engine.jsonfile import read_json_object
 
     adapters = parse_adapters(args.adapter)
+    for path in adapters.values():  # first: before the data, and not after minutes of loading a model
+        if not _is_adapter(path):
+            raise FileNotFoundError(f"--adapter {path}: not a LoRA adapter folder (no adapter_config.json)")
+        read_json_object(Path(path) / "adapter_config.json")  # readable, else one line naming it
     problems = {
         name: load_problems(DatasetSection(name=name, split=args.split, limit=args.limit))
         for name in (d.strip() for d in args.datasets.split(",") if d.strip())
     }
     notes = check_overlap(adapters, problems, args.split, allow=getattr(args, "allow_overlap", False))
-    for path in adapters.values():  # now, not after minutes of loading the base model (then a traceback)
-        if not _is_adapter(path):
-            raise FileNotFoundError(f"--adapter {path}: not a LoRA adapter folder (no adapter_config.json)")
     summary = evaluate(
         args.model,
         adapters,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +149,7 @@ def per_token_loss(model, batch: Batch, chunk: int = 8192) -> tuple[torch.Tensor
     keep = batch.targets != IGNORE_INDEX
     targets = batch.targets[keep]
     task = batch.task_ids[keep]
-    inputs = {
+    inputs: dict[str, Any] = {
         "input_ids": batch.input_ids,
         "position_ids": batch.position_ids,
         "attention_mask": batch.attention_mask,

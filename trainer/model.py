@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,7 +79,9 @@ def load_student(
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     path, kwargs = resolve_model(name)
     tok = load_tokenizer(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **kwargs)
+    # transformers types its wrapped ``from_pretrained`` as taking the class first; a path is right
+    load = AutoModelForCausalLM.from_pretrained
+    model: Any = load(path, dtype=dtype, attn_implementation="sdpa", **kwargs)  # type: ignore[arg-type]
     if "gguf_file" in kwargs:
         _save_cache(model, tok)
     model.to(device)
@@ -115,8 +118,10 @@ def _save_cache(model, tok) -> None:
 def ensure_architectures(folder: str | Path) -> list[str]:
     """``architectures`` of a model folder's ``config.json``, written in from ``model_type`` when
     missing (vLLM picks the model class from it; transformers does not need it)."""
+    from engine.jsonfile import read_json_object
+
     path = Path(folder) / "config.json"
-    cfg = json.loads(path.read_text())
+    cfg = read_json_object(path)  # a hand-edited config: one line naming it, exit 2
     if cfg.get("architectures"):
         return cfg["architectures"]
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

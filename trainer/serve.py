@@ -39,6 +39,8 @@ from aiohttp import web
 
 from engine.server_thread import ServerThread
 from engine.wire import ChatCompletionRequest, RequestInvalid, parse_chat_request
+from trainer import vllm_backend
+from trainer.adapters import parse_adapters
 
 if TYPE_CHECKING:
     from trainer.batching import BatchEngine, GenerationResult, SamplingParams
@@ -59,26 +61,6 @@ def _error(status: int, message: str, *, param: str | None = None, code: str | N
 
 def _json(payload: Any) -> web.Response:
     return web.Response(body=orjson.dumps(payload), content_type="application/json")
-
-
-def parse_adapters(adapter: str | Path | Sequence | Mapping | None) -> dict[str, Path]:
-    """``DIR``, ``NAME=DIR``, a list of those, or ``{name: dir}`` → ``{name: dir}``.
-
-    A bare ``DIR`` is served under its folder name (vLLM needs ``--lora-modules name=path``).
-    """
-    if adapter is None or adapter == "":
-        return {}
-    if isinstance(adapter, Mapping):
-        return {str(k): Path(v) for k, v in adapter.items()}
-    items = [adapter] if isinstance(adapter, str | Path) else list(adapter)
-    out: dict[str, Path] = {}
-    for item in items:
-        text = str(item)
-        name, sep, path = text.partition("=")
-        if not sep or not name or "/" in name:  # a path that merely contains "="
-            name, path = Path(text).resolve().name, text
-        out[name] = Path(path)
-    return out
 
 
 class StudentServer:
@@ -221,7 +203,7 @@ class StudentServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         """The batching counters for Prometheus (``fair_student_*``), always served."""
-        from engine.request.metrics import exposition  # prometheus-client only, not the request path
+        from engine.exposition import exposition  # prometheus-client only, not the request path
 
         assert self.engine is not None
         stats = self.engine.stats.as_dict()
@@ -388,16 +370,17 @@ def _settle(fut: asyncio.Future, result: GenerationResult | BaseException) -> No
 
 def cli_main(args) -> int:
     """``fair serve-student``: serve until SIGINT/SIGTERM."""
+    from engine.jsonfile import read_json_object
+
     backend = getattr(args, "backend", "cpu")
     if backend != "cpu":  # vllm, or auto: vllm when the `vllm` command is installed
-        from trainer import vllm_backend
-
         if backend == "vllm" or vllm_backend.have_vllm_command():
             return vllm_backend.serve_cli(args)
         print("fair serve-student: --backend auto: no `vllm` command, serving on CPU", file=sys.stderr)
     for path in parse_adapters(args.adapter).values():  # before minutes of model loading
         if not (path / "adapter_config.json").is_file():
             raise FileNotFoundError(f"--adapter {path}: not a LoRA adapter folder (no adapter_config.json)")
+        read_json_object(path / "adapter_config.json")  # readable, else one line naming it (exit 2)
     passive_openmp()
     threads = int(os.environ.get("FAIR_THREADS", "0")) or None
     server = StudentServer(
@@ -415,7 +398,12 @@ def cli_main(args) -> int:
     )
     server.start()
     names = [server.base_name, *server.adapters]
-    print(f"fair serve-student: serving {names} on {server.base_url}", file=sys.stderr, flush=True)
+    metrics = server.base_url.removesuffix("/v1") + "/metrics"  # (`--port 0`: the port picked)
+    print(
+        f"fair serve-student: serving {names} on {server.base_url} (metrics: {metrics})",
+        file=sys.stderr,
+        flush=True,
+    )
     done = threading.Event()
 
     def on_signal(signum, frame):

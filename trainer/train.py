@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import msgspec
 import torch
@@ -398,9 +398,20 @@ def _resume(r: Recipe, ckpt: Path | None) -> None:
     r.step, r.best_val, r.best_step = state["step"], state["best_val"], state["best_step"]
     r.tokens_seen = state.get("tokens_seen", 0)
     if r.metrics_path.exists():  # rows logged after the checkpoint will be logged again
-        rows = [json.loads(line) for line in r.metrics_path.read_text().splitlines() if line]
-        kept = [row for row in rows if row["step"] <= r.step]
+        kept = [row for row in _metric_rows(r.metrics_path) if row["step"] <= r.step]
         r.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in kept))
+
+
+def _metric_rows(path: Path) -> list[dict]:
+    """The readable rows of ``metrics.jsonl``: a line torn by a crash mid-write is dropped (the
+    steps after the checkpoint are logged again anyway), never a traceback on ``--resume``."""
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    return rows
 
 
 def setup(cfg: TrainConfig) -> Recipe:
@@ -463,7 +474,10 @@ def setup(cfg: TrainConfig) -> Recipe:
 # -- the recipe: the loop -----------------------------------------------------------------------
 
 
-def train_step(r: Recipe, autocast) -> tuple[list[D.Batch], TaskTokens, float, float, float, float]:
+StepFigures = tuple[list[D.Batch], TaskTokens, float, float, float, float]  # what train_step returns
+
+
+def train_step(r: Recipe, autocast) -> StepFigures:
     """One optimizer step: forward/backward every batch of the step, clip, update.
 
     Returns (batches, token counts, ce sum mistake, ce sum rationale, grad norm, lr)."""
@@ -489,10 +503,9 @@ def train_step(r: Recipe, autocast) -> tuple[list[D.Batch], TaskTokens, float, f
     return batches, n, ce_mis, ce_rat, float(grad_norm), lr
 
 
-def run_loop(r: Recipe, on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Steps until ``total_steps``, logging, validating and checkpointing; returns loop figures."""
+def _announce(r: Recipe, progress: Progress) -> None:
+    """The one line saying what this run trains, on how much data, where and from which step."""
     cfg = r.cfg
-    progress = Progress(r.total_steps, cfg.progress, start=r.step)
     n_trainable = sum(p.numel() for p in r.params)
     progress.note(
         f"fair train: {len(r.train_ex)} train / {len(r.val_ex)} val examples "
@@ -500,6 +513,57 @@ def run_loop(r: Recipe, on_step: Callable[[int, dict], None] | None = None) -> d
         f"params, {r.total_steps} steps ({cfg.batching} batches) on {r.device} ({r.dtype}), "
         f"resumed at step {r.step}"
     )
+
+
+def _train_row(r: Recipe, step: StepFigures, dt: float) -> dict:
+    """The metrics row of the optimizer step just taken in ``dt`` seconds (counts its tokens)."""
+    cfg = r.cfg
+    batches, n, ce_mis, ce_rat, grad_norm, lr = step
+    step_tokens = sum(b.n_tokens for b in batches)
+    r.tokens_seen += step_tokens
+    mis = ce_mis / n.mistake if n.mistake else None
+    rat = ce_rat / n.rationale if n.rationale else None
+    return {
+        "split": "train",
+        "step": r.step,
+        "epoch": r.step * cfg.grad_accum / r.units_per_epoch,
+        "lr": lr,
+        "loss": cfg.alpha * (mis or 0.0) + (1 - cfg.alpha) * (rat or 0.0),
+        "loss_mistake": mis,
+        "loss_rationale": rat,
+        "loss_tokens": (ce_mis + ce_rat) / max(1, n.mistake + n.rationale),
+        "tokens_mistake": n.mistake,
+        "tokens_rationale": n.rationale,
+        "tokens": step_tokens,
+        "tokens_per_s": step_tokens / dt,
+        "grad_norm": grad_norm,
+        "step_s": dt,
+    }
+
+
+def _validate_and_save(r: Recipe, log: IO[str], progress: Progress) -> dict | None:
+    """Validation (its row logged) and a checkpoint where the schedule says, after a step; the
+    validation row, or None when there was none."""
+    cfg = r.cfg
+    final = r.step == r.total_steps
+    val_row = None
+    if r.val_batches and (final or (cfg.eval_every and r.step % cfg.eval_every == 0)):
+        val_row = r.validate()
+        log.write(json.dumps({"split": "val", "step": r.step, **val_row}) + "\n")
+        log.flush()
+        progress.note(
+            f"step {r.step}: val loss {val_row['val_loss']:.4f} (best {r.best_val:.4f} @ {r.best_step})"
+        )
+    if final or (cfg.save_every and r.step % cfg.save_every == 0):
+        r.checkpoint()
+    return val_row
+
+
+def run_loop(r: Recipe, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Steps until ``total_steps``, logging, validating and checkpointing; returns loop figures."""
+    cfg = r.cfg
+    progress = Progress(r.total_steps, cfg.progress, start=r.step)
+    _announce(r, progress)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if r.on_gpu and r.dtype == torch.bfloat16 else None
     )
@@ -508,34 +572,11 @@ def run_loop(r: Recipe, on_step: Callable[[int, dict], None] | None = None) -> d
         with open(r.metrics_path, "a") as log:
             while r.step < r.total_steps:
                 t0 = time.perf_counter()
-                batches, n, ce_mis, ce_rat, grad_norm, lr = train_step(r, autocast)
-
-                # -- log ---------------------------------------------------------------
+                step = train_step(r, autocast)
                 if r.on_gpu:
                     torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-                step_tokens = sum(b.n_tokens for b in batches)
-                r.tokens_seen += step_tokens
+                last_row = row = _train_row(r, step, time.perf_counter() - t0)
                 steps_timed += 1
-                mis = ce_mis / n.mistake if n.mistake else None
-                rat = ce_rat / n.rationale if n.rationale else None
-                row = {
-                    "split": "train",
-                    "step": r.step,
-                    "epoch": r.step * cfg.grad_accum / r.units_per_epoch,
-                    "lr": lr,
-                    "loss": cfg.alpha * (mis or 0.0) + (1 - cfg.alpha) * (rat or 0.0),
-                    "loss_mistake": mis,
-                    "loss_rationale": rat,
-                    "loss_tokens": (ce_mis + ce_rat) / max(1, n.mistake + n.rationale),
-                    "tokens_mistake": n.mistake,
-                    "tokens_rationale": n.rationale,
-                    "tokens": step_tokens,
-                    "tokens_per_s": step_tokens / dt,
-                    "grad_norm": grad_norm,
-                    "step_s": dt,
-                }
-                last_row = row
                 if r.step % cfg.log_every == 0 or r.step == r.total_steps:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
@@ -543,19 +584,8 @@ def run_loop(r: Recipe, on_step: Callable[[int, dict], None] | None = None) -> d
                     progress.update(row, elapsed / steps_timed * (r.total_steps - r.step))
                     if on_step is not None:
                         on_step(r.step, row)
-
-                # -- validate, checkpoint ------------------------------------------------
-                final = r.step == r.total_steps
-                if r.val_batches and (final or (cfg.eval_every and r.step % cfg.eval_every == 0)):
-                    val_row = r.validate()
-                    log.write(json.dumps({"split": "val", "step": r.step, **val_row}) + "\n")
-                    log.flush()
-                    progress.note(
-                        f"step {r.step}: val loss {val_row['val_loss']:.4f} "
-                        f"(best {r.best_val:.4f} @ {r.best_step})"
-                    )
-                if final or (cfg.save_every and r.step % cfg.save_every == 0):
-                    r.checkpoint()
+                if (validated := _validate_and_save(r, log, progress)) is not None:
+                    val_row = validated
     except KeyboardInterrupt:
         # The weights and optimizer are those of the last completed step, unless the interrupt
         # landed inside optimizer.step() (then the last saved checkpoint stands).

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import get_args
 
 from engine.errors import UsageError
+from trainer.adapters import parse_adapters
 
 # vllm/config/lora.py: MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] (vLLM >= 0.10;
 # 0.6-0.9 accepted 8..256, older ones 8..64). The installed vLLM's own list wins when importable.
@@ -175,10 +176,14 @@ def serve_cli(args) -> int:
     import time
 
     from engine.services import Services
-    from trainer.serve import parse_adapters
 
     exe = vllm_executable()
     check_memory_utilization(args.gpu_memory_utilization)
+    if not args.port:  # `--port 0`: pick a free one here, since we must know where to wait for it
+        from engine.services import free_port
+
+        args.port = free_port()
+        print(f"fair serve-student: --port 0: using free port {args.port}", file=sys.stderr)
     adapters = {k: str(v) for k, v in parse_adapters(args.adapter).items()}
     model = model_folder(args.model)
     argv = serve_argv(
