@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 KIT="${GPU_KIT_DIR:-build/gpu-kit}"
 # pyproject.toml's dependencies that the image lacks (tests/test_gpu_kit.py keeps the two in step)
-PACKAGES=("msgspec>=0.18" "orjson>=3.9" "tenacity>=8.2" "tomli-w>=1.0")
+PACKAGES=("msgspec>=0.18" "orjson>=3.9" "tenacity>=8.2" "tomli-w>=1.0" "zstandard>=0.22")
 
 case "${1:-}" in
   prepare)

