@@ -16,14 +16,14 @@ import time
 from typing import Any
 
 BENCHMARKS = {
-    "throughput": "benchmarks.throughput",
-    "pipeline": "benchmarks.pipeline",
-    "train": "benchmarks.train",
-    "serve": "benchmarks.serve",
-    "replay-svamp": "benchmarks.replay_svamp",
-    "batch": "benchmarks.batch",
-    "scale": "benchmarks.scale",
-    "rundir": "benchmarks.rundir",
+    "throughput": "fairdistill.benchmarks.throughput",
+    "pipeline": "fairdistill.benchmarks.pipeline",
+    "train": "fairdistill.benchmarks.train",
+    "serve": "fairdistill.benchmarks.serve",
+    "replay-svamp": "fairdistill.benchmarks.replay_svamp",
+    "batch": "fairdistill.benchmarks.batch",
+    "scale": "fairdistill.benchmarks.scale",
+    "rundir": "fairdistill.benchmarks.rundir",
 }
 
 

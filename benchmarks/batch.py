@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks import format_table
+from fairdistill.benchmarks import format_table
 
 PORT = 19650
 
@@ -53,7 +53,7 @@ class _Sim:
     def __init__(self, port: int, profile: str):
         self.url = f"http://127.0.0.1:{port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "sim", "--port", str(port), "--profile", profile],
+            [sys.executable, "-m", "fairdistill", "sim", "--port", str(port), "--profile", profile],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -91,7 +91,7 @@ def _generate(sim: _Sim, provider: str, inp: Path, out: Path, *extra: str, kill_
     args = [
         sys.executable,
         "-m",
-        "engine.cli",
+        "fairdistill",
         "generate",
         "--endpoint",
         sim.url + ("/v1beta" if provider == "gemini" else "/v1"),
@@ -134,7 +134,7 @@ def _manifest(out: Path) -> dict:
 
 
 def _texts(out: Path) -> dict[str, list[str]]:
-    from engine.rundir.store import iter_raw
+    from fairdistill.engine.rundir.store import iter_raw
 
     return {r["id"]: r["texts"] for r in iter_raw(out, "responses")}
 
@@ -254,11 +254,11 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
 async def _fair_rounds(tmp: Path) -> list[dict[str, Any]]:
     """The FAIR job on the built-in problems, teachers in batch mode, early stop on and off."""
-    from engine.config import RunConfig, convert_config
-    from engine.fair.pipeline import Job
-    from engine.rundir.store import iter_raw
-    from engine.sim import ModelProfile, SimProfile, start_sim
-    from engine.sim.server import load_problems
+    from fairdistill.engine.config import RunConfig, convert_config
+    from fairdistill.engine.fair.pipeline import Job
+    from fairdistill.engine.rundir.store import iter_raw
+    from fairdistill.engine.sim import ModelProfile, SimProfile, start_sim
+    from fairdistill.engine.sim.server import load_problems
 
     probs = load_problems("builtin")
     teachers = {"t-a": ("openai", 0.9, 0.3), "t-b": ("anthropic", 0.7, 0.0), "t-c": ("gemini", 0.8, -0.8)}

@@ -26,7 +26,7 @@ msgspec/orjson), so it runs on a bare accelerator image; ``tests/test_gpu_kit.py
 a venv holding only torch, transformers, peft and accelerate.
 
     benchmarks/gpu_train.sh                   # on the GPU (under 5 minutes); JSON on the last line
-    python -m benchmarks.gpu_train --tiny     # the same code path on CPU in a minute
+    python -m fairdistill.benchmarks.gpu_train --tiny     # the same code path on CPU in a minute
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def peak_flops(device_name: str, override: float | None) -> float | None:
 
 def packed_batch(vocab: int, tokens: int, min_len: int, max_len: int, seed: int = 0):
     """One packed row of ``tokens`` random-token examples with lengths in [min_len, max_len]."""
-    from trainer.data import IGNORE_INDEX, Example, collate_packed
+    from fairdistill.trainer.data import IGNORE_INDEX, Example, collate_packed
 
     rng = random.Random(seed)
     examples, left = [], tokens
@@ -120,7 +120,7 @@ def step_flops(model, cfg, batch, full: bool) -> tuple[float, float]:
 def build(cfg, full: bool, compiled: bool, args, device: str, dtype):
     import torch
 
-    from trainer.loss import enable_packed_attention
+    from fairdistill.trainer.loss import enable_packed_attention
 
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM
@@ -150,7 +150,7 @@ def one_run(cfg, full: bool, compiled: bool, args, device: str, dtype, peak: flo
     """Build, warm up and time one configuration; the batch halves on out-of-memory."""
     import torch
 
-    from trainer.loss import TaskTokens, micro_loss
+    from fairdistill.trainer.loss import TaskTokens, micro_loss
 
     tokens = args.batch_tokens
     while True:

@@ -50,4 +50,4 @@ ARGS=("$@")
 if [ -n "${OUT:-}" ]; then
   ARGS+=(--out "$OUT/gpu_train.json")
 fi
-exec timeout 290 "$PY" -m benchmarks.gpu_train "${ARGS[@]}"
+exec timeout 290 "$PY" -m fairdistill.benchmarks.gpu_train "${ARGS[@]}"

@@ -37,12 +37,12 @@ from pathlib import Path
 
 import msgspec
 
-from engine.config import RunConfig, convert_config
-from engine.fair.pipeline import Job
-from engine.request.trace import TraceEvent
-from engine.rundir.schema import Problem
-from engine.rundir.store import iter_records
-from engine.sim import ModelProfile, SimProfile, start_sim
+from fairdistill.engine.config import RunConfig, convert_config
+from fairdistill.engine.fair.pipeline import Job
+from fairdistill.engine.request.trace import TraceEvent
+from fairdistill.engine.rundir.schema import Problem
+from fairdistill.engine.rundir.store import iter_records
+from fairdistill.engine.sim import ModelProfile, SimProfile, start_sim
 
 # Skills are the gold-match rates of the paper's released SVAMP rationales (gpt 69 %, gemini 63 %,
 # mistral 57 %, computed with engine.fair.answers), so the gold check rejects as often as it would there.
@@ -225,8 +225,8 @@ def _rss_mb(pid: int) -> float:
 
 
 def run_memory(args: argparse.Namespace) -> dict:
-    from benchmarks.throughput import _id_index_mb
-    from engine.sim import SimThread
+    from fairdistill.benchmarks.throughput import _id_index_mb
+    from fairdistill.engine.sim import SimThread
 
     n = args.problems or (20_000 if args.quick else 200_000)
     in_flight = args.max_in_flight or 256
@@ -239,7 +239,7 @@ def run_memory(args: argparse.Namespace) -> dict:
             spec = {"base_url": sim.base_url, "run_dir": str(Path(tmp) / "run"), "problems": n}
             spec["max_in_flight"] = in_flight
             proc = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.pipeline", "--memory-child", json.dumps(spec)],
+                [sys.executable, "-m", "fairdistill.benchmarks.pipeline", "--memory-child", json.dumps(spec)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )

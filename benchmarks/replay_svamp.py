@@ -62,8 +62,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.errors import FairError, UsageError
-from engine.rundir.schema import Problem, Sample
+from fairdistill.engine.errors import FairError, UsageError
+from fairdistill.engine.rundir.schema import Problem, Sample
 
 RECIPES = ("fair", "single-teacher", "fair-no-mistake", "fair-paper", "fair-paired")
 TEACHERS = ("gpt", "gemini", "mistral")  # the replay profile's model names = the release's authors
@@ -135,8 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def find_data(data_dir: str | None) -> Path:
     """The datasets folder holding the release and SVAMP; ``DataMissing`` names what is absent."""
-    from engine.sim.replay import REPO_ROOT
-    from engine.sim.replay import data_dir as default_dir
+    from fairdistill.engine.sim.replay import REPO_ROOT
+    from fairdistill.engine.sim.replay import data_dir as default_dir
 
     explicit = data_dir or os.environ.get("FAIR_DATA_DIR")  # named: no silent fallback elsewhere
     root = Path(explicit) if explicit else default_dir()
@@ -153,8 +153,8 @@ def find_data(data_dir: str | None) -> Path:
 
 def held_out(data: Path, train: list[Problem], n: int | None, seed: int) -> list[Problem]:
     """SVAMP questions whose text is not a replayed training question; a seeded subset of ``n``."""
-    from engine.fair.datasets import load_svamp
-    from engine.sim.content import norm
+    from fairdistill.engine.fair.datasets import load_svamp
+    from fairdistill.engine.sim.content import norm
 
     seen = {norm(p.question).lower() for p in train}
     pool = [p for p in load_svamp(data / SVAMP_FILE) if norm(p.question).lower() not in seen]
@@ -170,7 +170,7 @@ def held_out(data: Path, train: list[Problem], n: int | None, seed: int) -> list
 def job_config(sim_url: str, seed: int, gold_check: str = "reject", paper: bool = False):
     """The committee job; ``paper``: the paper's configuration (``examples/paper.toml``: paper
     prompts with the gold hint in review, no gold check, texts kept as written)."""
-    from engine.config import RunConfig, convert_config
+    from fairdistill.engine.config import RunConfig, convert_config
 
     endpoints = {t: {"base_url": sim_url, "model": t} for t in TEACHERS}
     endpoints["student"] = {"base_url": sim_url, "model": "student"}
@@ -208,9 +208,9 @@ def run_pipeline(
     out: Path, data: Path, problems: list[Problem], seed: int, gold_check: str, paper: bool = False
 ) -> dict:
     """The FAIR job over the replayed committee; returns its figures (and the run directory)."""
-    from engine.fair.pipeline import Job
-    from engine.fair.report import summarize
-    from engine.services import Services, free_port
+    from fairdistill.engine.fair.pipeline import Job
+    from fairdistill.engine.fair.report import summarize
+    from fairdistill.engine.services import Services, free_port
 
     run_dir = out / ("run-paper" if paper else "run")
     t0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
@@ -257,8 +257,8 @@ def paper_agreement(run_dir: Path, replay) -> dict:
     gold number in their last line: counted apart, a heuristic."""
     import re
 
-    from engine.fair.answers import is_correct
-    from engine.rundir.store import iter_raw
+    from fairdistill.engine.fair.answers import is_correct
+    from fairdistill.engine.rundir.store import iter_raw
 
     items = {it.id: it for it in replay.items.values()}
     paper_ok = gold_but_ok = gold_in_last_line = review_but_ok = 0
@@ -300,10 +300,10 @@ def recipe_samples(
     run_dir: Path, problems: list[Problem], teacher: str, paper_run: Path | None = None
 ) -> dict[str, list[Sample]]:
     """The samples each recipe trains on, from the committee runs' records."""
-    from engine.fair.prompts import prompt_set
-    from engine.rundir.schema import Msg, Rationale
-    from engine.rundir.store import iter_records
-    from trainer.data import load_samples
+    from fairdistill.engine.fair.prompts import prompt_set
+    from fairdistill.engine.rundir.schema import Msg, Rationale
+    from fairdistill.engine.rundir.store import iter_records
+    from fairdistill.trainer.data import load_samples
 
     committee = load_samples([run_dir])
     by_id = {p.id: p for p in problems}
@@ -343,8 +343,8 @@ BATCHING = {"fair": ("mixed", 2), "single-teacher": ("mixed", 1), "fair-no-mista
 
 def train_recipe(name: str, samples: list[Sample], out: Path, opts: dict, alpha: float) -> dict:
     """One recipe under the shared budget; returns its row (with wall and CPU seconds)."""
-    from trainer.data import write_run_dir
-    from trainer.train import TrainConfig, train
+    from fairdistill.trainer.data import write_run_dir
+    from fairdistill.trainer.train import TrainConfig, train
 
     run_dir = write_run_dir(out / "recipes" / name, samples)
     batching, scale = BATCHING[name]
@@ -405,7 +405,7 @@ def cut_at_limit(wrong_dir: Path, names: list[str], model: str | None, limit: in
     """Per model, the strictly-wrong answers whose text ran into ``max_new_tokens``: a cap that is
     too short shows up here. Approximate: the decoded text is re-tokenized (prose comes back to
     the same length within a token or two; runs of whitespace merge into fewer tokens)."""
-    from trainer.model import load_tokenizer
+    from fairdistill.trainer.model import load_tokenizer
 
     tok = load_tokenizer(model)
     out = {}
@@ -492,7 +492,7 @@ def run(args: argparse.Namespace) -> dict:
         shutil.rmtree(out / sub, ignore_errors=True)  # a benchmark starts clean (no resume, no cache)
     out.mkdir(parents=True, exist_ok=True)
 
-    from engine.sim.replay import ReplayData
+    from fairdistill.engine.sim.replay import ReplayData
 
     replay = ReplayData.load(data)
     all_train = replay.problems("svamp")
@@ -514,7 +514,7 @@ def run(args: argparse.Namespace) -> dict:
         pipeline_paper.update(paper_agreement(Path(pipeline_paper["run_dir"]), replay))
         done = []
         if opts["size"] == "tiny" and not opts["model"]:
-            from trainer.model import save_tiny_student
+            from fairdistill.trainer.model import save_tiny_student
 
             opts["model"] = save_tiny_student(out / "tiny-model")
 
@@ -531,7 +531,7 @@ def run(args: argparse.Namespace) -> dict:
             trained[name] = train_recipe(name, sets[name], out, opts, alphas.get(name, opts["alpha"]))
     training = [trained[name] for name in RECIPES if name in trained]
 
-    from trainer.evaluate import evaluate
+    from fairdistill.trainer.evaluate import evaluate
 
     adapters = {row["recipe"]: row["adapter"] for row in training if row["recipe"] in models}
     print(f"\n== evaluating {', '.join(m for m in ('base', *RECIPES) if m in models)} on {len(evalset)} "
@@ -665,7 +665,7 @@ def _accuracy_rows(result: dict) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    from benchmarks import format_table
+    from fairdistill.benchmarks import format_table
 
     p, e, b = result["pipeline"], result["evaluation"], result["budget"]
     return "\n".join(
@@ -701,7 +701,7 @@ def table(result: dict) -> str:
 
 
 def write_report(out: Path, result: dict, ev: dict) -> Path:
-    from trainer.evaluate import report_markdown
+    from fairdistill.trainer.evaluate import report_markdown
 
     p, b = result["pipeline"], result["budget"]
 

@@ -41,18 +41,18 @@ FAST_SIM = 'name = "bench-rundir"\ndefault_model = "echo"\n[models.echo]\nconten
 _HWM = "int(next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')).split()[1]) / 1024"
 _OPEN = f"""
 import json, sys, time
-from engine.rundir.store import RunStore
+from fairdistill.engine.rundir.store import RunStore
 t = time.perf_counter()
 store = RunStore(sys.argv[1]).open(["responses"])
 took = time.perf_counter() - t
 ids = store.ids("responses")
 print(json.dumps({{"s": took, "n": len(ids), "index_bytes": ids.hashes.nbytes(), "peak_rss_mb": {_HWM}}}))
 """
-_BASE = f"import json; import engine.rundir.store; print(json.dumps({{'peak_rss_mb': {_HWM}}}))"
+_BASE = f"import json; import fairdistill.engine.rundir.store; print(json.dumps({{'peak_rss_mb': {_HWM}}}))"
 _FAIR = f"""
 import atexit, os, sys
 atexit.register(lambda: open(os.environ["FAIR_BENCH_HWM"], "w").write(str({_HWM})))
-from engine.cli import main
+from fairdistill.engine.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _synthetic(out: Path, n: int, compress: str) -> dict[str, Any]:
     """Write ``n`` responses through the real store, then measure opening it twice and status."""
-    from engine.rundir.schema import Response
-    from engine.rundir.store import RunStore
+    from fairdistill.engine.rundir.schema import Response
+    from fairdistill.engine.rundir.store import RunStore
 
     t0 = time.perf_counter()
     store = RunStore(out, compress=compress).open(["responses"])
@@ -103,7 +103,7 @@ def _synthetic(out: Path, n: int, compress: str) -> dict[str, Any]:
     shutil.move(out / "index", out.parent / f"{out.name}-index")
     scanned = _child(_OPEN, str(out))
     shutil.move(out.parent / f"{out.name}-index", out / "index")
-    status_s, status_rc = _timed([sys.executable, "-m", "engine.cli", "status", str(out)])
+    status_s, status_rc = _timed([sys.executable, "-m", "fairdistill", "status", str(out)])
     base = _child(_BASE)
     return {
         "write_s": round(write_s, 2),
@@ -122,7 +122,7 @@ def _synthetic(out: Path, n: int, compress: str) -> dict[str, Any]:
 
 
 def _generate_arm(work: Path, lines: int) -> dict[str, Any]:
-    from benchmarks.throughput import simulator
+    from fairdistill.benchmarks.throughput import simulator
 
     inp = work / "in.jsonl"
     with open(inp, "w") as f:
@@ -130,7 +130,7 @@ def _generate_arm(work: Path, lines: int) -> dict[str, Any]:
             f.write(json.dumps({"id": f"req-{i:09d}", "prompt": f"Write one sentence about {i}."}) + "\n")
     out = work / "gen"
     with simulator(work, FAST_SIM) as url:
-        cmd = [sys.executable, "-m", "engine.cli", "generate", "--endpoint", url, "--model", "echo",
+        cmd = [sys.executable, "-m", "fairdistill", "generate", "--endpoint", url, "--model", "echo",
                "--input", str(inp), "--output", str(out), "--no-progress", "--concurrency", "64",
                "--compress", "zstd"]  # fmt: skip
         first_s, first_rc, first_rss = _timed(cmd, rss=True)
@@ -138,7 +138,7 @@ def _generate_arm(work: Path, lines: int) -> dict[str, Any]:
         with open(inp, "a") as f:  # the input changed: every line is read again, the index says what exists
             f.write(json.dumps({"id": "one-more", "prompt": "One more."}) + "\n")
         resume_s, resume_rc, resume_rss = _timed(cmd, rss=True)
-    status_s, status_rc = _timed([sys.executable, "-m", "engine.cli", "status", str(out)])
+    status_s, status_rc = _timed([sys.executable, "-m", "fairdistill", "status", str(out)])
     parts = {p.name: _bytes(p) if p.is_dir() else p.stat().st_size for p in out.iterdir()}
     return {
         "first_run_s": round(first_s, 2),

@@ -44,8 +44,8 @@ from typing import Any
 
 import orjson
 
-from benchmarks.throughput import _http, simulator
-from engine.rundir.store import iter_raw, read_manifest
+from fairdistill.benchmarks.throughput import _http, simulator
+from fairdistill.engine.rundir.store import iter_raw, read_manifest
 
 RPM = 3000
 TARGETS = {
@@ -189,7 +189,7 @@ def fair(args: list[str], sim: str | None = None, watch=None) -> tuple[int, str,
     """``fair ARGS`` in a child; samples the simulator's counters every ``SAMPLE_S``; ``watch()`` True
     kills (SIGKILL) the child's process group."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", *args],
+        [sys.executable, "-m", "fairdistill", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env={**os.environ, **LOOPBACK},
@@ -289,7 +289,7 @@ def _say(text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from engine.scale import import_ray
+    from fairdistill.engine.scale import import_ray
 
     import_ray()  # ConfigError (exit 2) with the install line when ray is missing
     s = sizes(args.quick)
@@ -422,7 +422,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _fair_arms(work: Path, s: dict[str, Any], result: dict[str, Any]) -> bool:
     """FAIR on the committee profile (faults off): single, 2 workers, 2 workers with a kill."""
-    from engine.sim import profiles  # the profile files live beside it
+    from fairdistill.engine.sim import profiles  # the profile files live beside it
 
     committee = (Path(profiles.__file__).parent / "profiles" / "committee.toml").read_text()
     # faults off, so every run makes the same calls; latency and limits as they are

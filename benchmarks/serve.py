@@ -154,12 +154,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> dict:
-    from trainer.serve import StudentServer, passive_openmp
+    from fairdistill.trainer.serve import StudentServer, passive_openmp
 
     passive_openmp()  # as `fair serve-student` does; applies to both sides of the comparison
     import torch
 
-    from trainer.model import load_student
+    from fairdistill.trainer.model import load_student
 
     quick = bool(getattr(args, "quick", False))
     max_tokens = getattr(args, "max_tokens", None) or (24 if quick else 64)

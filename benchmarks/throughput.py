@@ -255,8 +255,8 @@ def _write_input(path: Path, start: int, n: int) -> None:
 async def _engine(
     base_url: str, model: str, start: int, n: int, concurrency: int, workdir: Path, cache: bool, name: str
 ) -> dict[str, Any]:
-    from engine.config import EndpointConfig
-    from engine.generate import generate
+    from fairdistill.engine.config import EndpointConfig
+    from fairdistill.engine.generate import generate
 
     inp = workdir / f"{name}.jsonl"
     out = workdir / name
@@ -354,7 +354,7 @@ def simulator(workdir: Path, profile_text: str = SIM_PROFILE):
     port = _free_port()
     log = (workdir / "sim.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "sim", "--profile", str(profile), "--port", str(port)],
+        [sys.executable, "-m", "fairdistill", "sim", "--profile", str(profile), "--port", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -386,7 +386,7 @@ def simulator(workdir: Path, profile_text: str = SIM_PROFILE):
 def _run_child(spec: dict[str, Any], timeline_url: str | None = None) -> tuple[dict[str, Any], list]:
     """One arm in a fresh interpreter; optionally samples the sim's counters every second."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.throughput", "--child", json.dumps(spec)],
+        [sys.executable, "-m", "fairdistill.benchmarks.throughput", "--child", json.dumps(spec)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -689,7 +689,7 @@ def run_memory(args: argparse.Namespace) -> dict[str, Any]:
             }
             print(f"bench throughput --memory: generate over {total} records...", file=sys.stderr, flush=True)
             proc = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks.throughput", "--child", json.dumps(child)],
+                [sys.executable, "-m", "fairdistill.benchmarks.throughput", "--child", json.dumps(child)],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )
@@ -776,7 +776,7 @@ SHAPE_COLUMNS = [
 
 
 def table(result: dict[str, Any]) -> str:
-    from benchmarks import format_result, format_table
+    from fairdistill.benchmarks import format_result, format_table
 
     if "rows" not in result:
         return format_result(result)

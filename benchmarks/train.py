@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.rundir.schema import Msg, Problem, Sample
+from fairdistill.engine.rundir.schema import Msg, Problem, Sample
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,8 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def fair_release_samples(limit: int) -> list[Sample] | None:
     """Samples built from the paper's released SVAMP rationales and feedback, or None if absent."""
-    from engine.fair.datasets import default_data_dir
-    from engine.fair.prompts import prompt_set
+    from fairdistill.engine.fair.datasets import default_data_dir
+    from fairdistill.engine.fair.prompts import prompt_set
 
     root = default_data_dir()
     folder = root / "fair-release" if root else None
@@ -119,8 +119,8 @@ def _trainer_baseline(model_name, groups, lr: float, seed: int, out: Path, flat:
         TrainingArguments,
     )
 
-    from trainer.data import IGNORE_INDEX
-    from trainer.model import load_student
+    from fairdistill.trainer.data import IGNORE_INDEX
+    from fairdistill.trainer.model import load_student
 
     torch.manual_seed(seed)
     model, tok = load_student(model_name)
@@ -184,9 +184,9 @@ def _per_token_equality(model_name, group, pad_id: int) -> float:
     """Max |Δ| of per-token CE between the packed and the padded layout of one batch."""
     import torch
 
-    from trainer.data import collate_packed, collate_padded
-    from trainer.loss import per_token_loss
-    from trainer.model import load_student
+    from fairdistill.trainer.data import collate_packed, collate_padded
+    from fairdistill.trainer.loss import per_token_loss
+    from fairdistill.trainer.model import load_student
 
     model, _ = load_student(model_name)
     model.eval()
@@ -199,9 +199,9 @@ def _per_token_equality(model_name, group, pad_id: int) -> float:
 def run(args) -> dict:
     import torch
 
-    from trainer import data as D
-    from trainer.model import load_tokenizer
-    from trainer.train import TrainConfig, train
+    from fairdistill.trainer import data as D
+    from fairdistill.trainer.model import load_tokenizer
+    from fairdistill.trainer.train import TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -25,28 +25,28 @@ from typing import Any
 
 import msgspec
 
-from engine import clihelp
-from engine import config as C
-from engine.errors import AbortRun, ConfigError, FairError, UsageError, one_line
-from engine.extras import missing_extra
-from engine.flagcheck import check_flags
+from fairdistill.engine import clihelp
+from fairdistill.engine import config as C
+from fairdistill.engine.errors import AbortRun, ConfigError, FairError, UsageError, one_line
+from fairdistill.engine.extras import missing_extra
+from fairdistill.engine.flagcheck import check_flags
 
 # command -> "module:function"; the function takes the parsed args and returns an exit code.
 # Modules are imported only when their command runs, so `fair run` never imports torch.
 HANDLERS = {
-    "demo": "recipes.demo:main",
-    "run": "engine.cliopts:run",  # typed options, then engine.launch
-    "generate": "engine.cliopts:generate",
-    "status": "engine.fair.status:cli_main",
-    "sim": "engine.sim.server:cli_main",
-    "serve-student": "trainer.serve:cli_main",
-    "train": "trainer.train:cli_main",
-    "eval": "trainer.evaluate:cli_main",
-    "export": "engine.rundir.export:cli_main",
+    "demo": "fairdistill.recipes.demo:main",
+    "run": "fairdistill.engine.cliopts:run",  # typed options, then engine.launch
+    "generate": "fairdistill.engine.cliopts:generate",
+    "status": "fairdistill.engine.fair.status:cli_main",
+    "sim": "fairdistill.engine.sim.server:cli_main",
+    "serve-student": "fairdistill.trainer.serve:cli_main",
+    "train": "fairdistill.trainer.train:cli_main",
+    "eval": "fairdistill.trainer.evaluate:cli_main",
+    "export": "fairdistill.engine.rundir.export:cli_main",
     "bench": "benchmarks:cli_main",
-    "repair": "engine.rundir.repair:cli_main",
-    "batches": "engine.request.batch.cli:cli_main",
-    "init": "engine.starter:cli_main",
+    "repair": "fairdistill.engine.rundir.repair:cli_main",
+    "batches": "fairdistill.engine.request.batch.cli:cli_main",
+    "init": "fairdistill.engine.starter:cli_main",
 }
 
 # OSErrors that are the user's to fix (a path, a port): exit 2 and one line, no log file.

@@ -11,12 +11,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from engine.config import EndpointConfig, convert_flags
-from engine.errors import ConfigError
-from engine.launch.generate import launch_generate
-from engine.launch.run import launch_run
-from engine.options import PILOT, GenerateOptions, RayOptions, RequestOptions, RunOptions
-from engine.request.providers import redact
+from fairdistill.engine.config import EndpointConfig, convert_flags
+from fairdistill.engine.errors import ConfigError
+from fairdistill.engine.launch.generate import launch_generate
+from fairdistill.engine.launch.run import launch_run
+from fairdistill.engine.options import PILOT, GenerateOptions, RayOptions, RequestOptions, RunOptions
+from fairdistill.engine.request.providers import redact
 
 ENDPOINT = "default"  # the one endpoint of `fair generate`
 

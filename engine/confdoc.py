@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 
-from engine import config as C
+from fairdistill.engine import config as C
 
 # set from the table key, never written by hand: left out of the reference and the starter
 HIDDEN = {("endpoints.NAME", "name")}

@@ -38,8 +38,8 @@ from urllib.parse import urlsplit
 import msgspec
 from msgspec import Meta
 
-from engine.accepts import check_endpoint  # the model table (a pure module)
-from engine.errors import ConfigError
+from fairdistill.engine.accepts import check_endpoint  # the model table (a pure module)
+from fairdistill.engine.errors import ConfigError
 
 T = TypeVar("T")
 MIN_SCORE, MAX_SCORE = 1, 5  # a peer review's valid scores (engine.fair.scoring reads them here)

@@ -15,7 +15,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from engine.errors import UsageError
+from fairdistill.engine.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -35,19 +35,19 @@ from typing import Any
 
 import msgspec
 
-from engine.config import EndpointConfig
-from engine.errors import AbortRun, ConfigError, InputError, RequestError, one_line
-from engine.inputs import MAX_REPORTED, BadLines
-from engine.options import Outcome, RequestOptions
-from engine.progress import Progress
-from engine.request.cache import looks_usable
-from engine.request.client import Engine
-from engine.request.metrics import serve_engine
-from engine.rundir.idset import HashSet64, id_hash
-from engine.rundir.schema import Response
-from engine.rundir.store import RunStore, read_manifest, shard_paths
-from engine.rundir.verify import check_run_dir
-from engine.types import ChatRequest, Message, response_record
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.errors import AbortRun, ConfigError, InputError, RequestError, one_line
+from fairdistill.engine.inputs import MAX_REPORTED, BadLines
+from fairdistill.engine.options import Outcome, RequestOptions
+from fairdistill.engine.progress import Progress
+from fairdistill.engine.request.cache import looks_usable
+from fairdistill.engine.request.client import Engine
+from fairdistill.engine.request.metrics import serve_engine
+from fairdistill.engine.rundir.idset import HashSet64, id_hash
+from fairdistill.engine.rundir.schema import Response
+from fairdistill.engine.rundir.store import RunStore, read_manifest, shard_paths
+from fairdistill.engine.rundir.verify import check_run_dir
+from fairdistill.engine.types import ChatRequest, Message, response_record
 
 ENDPOINT = "default"
 KIND = "responses"
@@ -293,7 +293,7 @@ def _engine(
     parts: dict[str, Any] = {}
     workers = endpoint.concurrency
     if endpoint.mode == "batch":
-        from engine.request.batch.executor import BatchExecutor, Unmetered  # only for batch mode
+        from fairdistill.engine.request.batch.executor import BatchExecutor, Unmetered  # only for batch mode
 
         parts = {"executor": BatchExecutor(out), "admissions": {ENDPOINT: Unmetered()}}
         workers = max(1, min(total, endpoint.batch.max_items * endpoint.batch.max_open))
@@ -324,7 +324,7 @@ async def _answer_all(
     try:
         async with asyncio.TaskGroup() as tg:
             if streamed:  # batch mode: no coroutine per waiting line (engine.request.batch.feed)
-                from engine.request.batch.feed import feed
+                from fairdistill.engine.request.batch.feed import feed
 
                 req = msgspec.structs.asdict(opts)
                 tg.create_task(feed(engine, ENDPOINT, work, store, bar, KIND, **req))

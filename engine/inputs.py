@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Protocol
 
-from engine.errors import InputError, one_line
+from fairdistill.engine.errors import InputError, one_line
 
 MAX_REPORTED = 20  # lines named one by one (per reporter); failures listed in a summary, too
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engine.errors import UsageError
+from fairdistill.engine.errors import UsageError
 
 
 def read_json_object(path: str | Path, hint: str = "fix or remove it") -> dict[str, Any]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import msgspec
 
-from engine.config import EndpointConfig
-from engine.errors import FairError
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.errors import FairError
 
 PILOT = 20  # problems in an ``--estimate`` pilot unless ``--pilot`` says
 

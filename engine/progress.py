@@ -33,8 +33,8 @@ from rich.progress import Progress as RichProgress
 from rich.table import Column
 from rich.text import Text
 
-from engine.request.events import Call, Observer
-from engine.types import Completion
+from fairdistill.engine.request.events import Call, Observer
+from fairdistill.engine.types import Completion
 
 
 class Progress(Observer):

@@ -40,7 +40,7 @@ class Services:
         self, name: str, argv: list[str], health_url: str, timeout: float = 300.0, *, grace: float = 10.0
     ) -> None:
         """Start ``fair ARGV...`` (a ``fair`` subcommand) and wait until ``health_url`` answers 200."""
-        cmd = [sys.executable, "-m", "engine.cli", *argv]
+        cmd = [sys.executable, "-m", "fairdistill", *argv]
         self.start_process(name, cmd, health_url, timeout, grace=grace)
 
     def start_process(

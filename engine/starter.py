@@ -18,9 +18,9 @@ from typing import Any
 
 import msgspec
 
-from engine import confdoc
-from engine.config import RunConfig, convert_config
-from engine.errors import UsageError
+from fairdistill.engine import confdoc
+from fairdistill.engine.config import RunConfig, convert_config
+from fairdistill.engine.errors import UsageError
 
 
 @dataclass(frozen=True)

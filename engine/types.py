@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import msgspec
 
-from engine.rundir.schema import Msg as Message  # the one message Struct: records and requests alike
-from engine.rundir.schema import Response
+from fairdistill.engine.rundir.schema import (
+    Msg as Message,  # the one message Struct: records and requests alike
+)
+from fairdistill.engine.rundir.schema import Response
 
 __all__ = ["ChatRequest", "Choice", "Completion", "Message", "Usage", "response_record", "user"]
 

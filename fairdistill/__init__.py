@@ -12,10 +12,33 @@ like a TOML file), ``read`` (a run directory's records; ``.to_dataset()``), ``tr
 (Jupyter) by running in a worker thread. ``python -m fairdistill`` is the ``fair`` command.
 """
 
-from engine.errors import AbortRun, ConfigError, FairError, UsageError
-from fairdistill.api import Config, Run, agenerate, arun, generate, run
-from fairdistill.records import Records, read
-from fairdistill.training import evaluate, train
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported on first use (__getattr__ below)
+    from fairdistill.api import Config, Run, agenerate, arun, generate, run
+    from fairdistill.engine.errors import AbortRun, ConfigError, FairError, UsageError
+    from fairdistill.records import Records, read
+    from fairdistill.training import evaluate, train
+
+_HOME = {
+    **dict.fromkeys(("Config", "Run", "agenerate", "arun", "generate", "run"), "fairdistill.api"),
+    **dict.fromkeys(("AbortRun", "ConfigError", "FairError", "UsageError"), "fairdistill.engine.errors"),
+    **dict.fromkeys(("Records", "read"), "fairdistill.records"),
+    **dict.fromkeys(("evaluate", "train"), "fairdistill.training"),
+}
+
+
+def __getattr__(name: str) -> object:
+    """The public names, imported when first used: `import fairdistill.trainer.data` (a GPU image
+    without msgspec) does not pull in the API."""
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AbortRun",

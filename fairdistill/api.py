@@ -18,12 +18,12 @@ from typing import Any
 import msgspec
 import orjson
 
-from engine.config import EndpointConfig, RunConfig, check_output_dir, convert_config, load_config
-from engine.errors import ConfigError
-from engine.options import GenerateOptions, RequestOptions
-from engine.rundir.schema import Response
-from engine.rundir.store import iter_records
 from fairdistill._loop import run_sync
+from fairdistill.engine.config import EndpointConfig, RunConfig, check_output_dir, convert_config, load_config
+from fairdistill.engine.errors import ConfigError
+from fairdistill.engine.options import GenerateOptions, RequestOptions
+from fairdistill.engine.rundir.schema import Response
+from fairdistill.engine.rundir.store import iter_records
 
 Inputs = str | os.PathLike | Iterable[str | Mapping[str, Any]]
 
@@ -48,7 +48,7 @@ class Config:
     3.0
     >>> Config(endpoints={}, student={"endpoint": "x"}, teachers={"endpoints": []})
     Traceback (most recent call last):
-    engine.errors.ConfigError: fairdistill.Config: student.endpoint 'x' is not in [endpoints]
+    fairdistill.engine.errors.ConfigError: fairdistill.Config: student.endpoint 'x' is not in [endpoints]
     """
 
     def __new__(cls, **tables: Any) -> RunConfig:  # type: ignore[misc]
@@ -98,7 +98,7 @@ def run(config: RunConfig | str | os.PathLike, run_dir: str | os.PathLike | None
 async def arun(config: RunConfig | str | os.PathLike, run_dir: str | os.PathLike | None = None, *,
                progress: bool = False) -> Run:  # fmt: skip
     """``run`` as a coroutine, for code that already runs an event loop."""
-    from engine.launch.run import run_config
+    from fairdistill.engine.launch.run import run_config
 
     cfg = config if isinstance(config, RunConfig) else load_config(config)
     default = Path("runs") / (Path(config).stem if not isinstance(config, RunConfig) else "job")
@@ -122,7 +122,7 @@ def generate(inputs: Inputs, *, base_url: str, model: str, output: str | os.Path
     [('0', True, 1), ('1', True, 1)]
     >>> generate(["hi"], base_url=sim_url, model="gpt-sim", concurrency=0)
     Traceback (most recent call last):
-    engine.errors.ConfigError: fairdistill.generate: Expected `int` >= 1 - at `concurrency`
+    fairdistill.engine.errors.ConfigError: fairdistill.generate: Expected `int` >= 1 - at `concurrency`
     """
     return run_sync(lambda: agenerate(inputs, base_url=base_url, model=model, output=output,
                                       progress=progress, **options))  # fmt: skip
@@ -134,7 +134,7 @@ REQUEST_OPTIONS = ("max_tokens", "temperature", "n", "seed", "cache")
 async def agenerate(inputs: Inputs, *, base_url: str, model: str, output: str | os.PathLike | None = None,
                     progress: bool = False, **options: Any) -> list[Response]:  # fmt: skip
     """``generate`` as a coroutine (``await fairdistill.agenerate(...)`` in a notebook)."""
-    from engine.launch.generate import generate_run
+    from fairdistill.engine.launch.generate import generate_run
 
     request = {k: options.pop(k) for k in REQUEST_OPTIONS if k in options}
     cache = request.pop("cache", True)

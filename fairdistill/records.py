@@ -13,9 +13,9 @@ from typing import Any
 
 import msgspec
 
-from engine.errors import UsageError
-from engine.rundir.schema import KINDS, Record
-from engine.rundir.store import iter_records
+from fairdistill.engine.errors import UsageError
+from fairdistill.engine.rundir.schema import KINDS, Record
+from fairdistill.engine.rundir.store import iter_records
 
 
 class Records:

@@ -12,12 +12,12 @@ from typing import Any
 
 import msgspec
 
-from engine.errors import ConfigError, UsageError
+from fairdistill.engine.errors import ConfigError, UsageError
 
 
 def _trainer(module: str) -> Any:
     try:
-        return importlib.import_module(f"trainer.{module}")
+        return importlib.import_module(f"fairdistill.trainer.{module}")
     except ImportError as exc:
         raise UsageError(
             f"fairdistill.{module}: needs the train extra: pip install 'fairdistill[train]' ({exc})"
@@ -44,8 +44,8 @@ def evaluate(adapters: dict[str, str | os.PathLike] | None = None, *, datasets: 
     """Accuracy of the base model and ``adapters`` ({name: folder}) on the benchmarks' test split,
     as ``fair eval`` does (``options``: ``model``, ``backend``, ``max_new_tokens``, ``out``...)."""
     e = _trainer("evaluate")
-    from engine.config import DatasetSection
-    from engine.fair.datasets import load_problems
+    from fairdistill.engine.config import DatasetSection
+    from fairdistill.engine.fair.datasets import load_problems
 
     names = [d.strip() for d in datasets.split(",") if d.strip()]
     problems = {n: load_problems(DatasetSection(name=n, split="test", limit=limit)) for n in names}

@@ -19,12 +19,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from engine.config import DatasetSection, RunConfig, convert_config
-from engine.fair.datasets import load_problems
-from engine.fair.pipeline import Job
-from engine.fair.report import render_markdown, summarize
-from engine.rundir.schema import Problem
-from engine.services import Services, free_port
+from fairdistill.engine.config import DatasetSection, RunConfig, convert_config
+from fairdistill.engine.fair.datasets import load_problems
+from fairdistill.engine.fair.pipeline import Job
+from fairdistill.engine.fair.report import render_markdown, summarize
+from fairdistill.engine.rundir.schema import Problem
+from fairdistill.engine.services import Services, free_port
 
 TEACHERS = ["gpt-sim", "claude-sim", "gemini-sim"]
 
@@ -114,8 +114,8 @@ def main(args) -> int:
     n_samples = sum(run_summary["samples"].values())
     train_result, eval_result = None, None
     if n_samples:
-        from trainer.evaluate import evaluate
-        from trainer.train import TrainConfig, train
+        from fairdistill.trainer.evaluate import evaluate
+        from fairdistill.trainer.train import TrainConfig, train
 
         _say(f"training LoRA on {n_samples} samples")
         t0 = time.monotonic()
@@ -175,7 +175,7 @@ def write_demo_report(out: Path, run_summary: dict, train_result, eval_result, t
         if plot.exists():
             parts += ["", f"![losses]({plot.relative_to(out)})"]
     if eval_result:
-        from trainer.evaluate import report_markdown
+        from fairdistill.trainer.evaluate import report_markdown
 
         parts += ["", "## Held-back accuracy, base vs trained", "", report_markdown(eval_result).strip()]
     parts += ["", "## Time", ""] + [f"- {k}: {v:.1f}" for k, v in timings.items()]

@@ -10,7 +10,7 @@
 #                                     # build/gpu-kit/site-<python version>, then run CMD with that
 #                                     # folder and the repository on PYTHONPATH
 #
-# e.g. scripts/gpu-kit.sh exec python3 -m engine.cli train runs/demo/run --out runs/train
+# e.g. scripts/gpu-kit.sh exec python3 -m fairdistill train runs/demo/run --out runs/train
 # GPU_KIT_PY sets the target Python of `prepare` (default 3.12); PYTHON the interpreter of `exec`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 
-from engine.request.executor import Reply, SendError, Target
+from fairdistill.engine.request.executor import Reply, SendError, Target
 
 
 class UrllibExecutor:

@@ -38,7 +38,7 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from engine.rundir.store import iter_raw
+from fairdistill.engine.rundir.store import iter_raw
 
 Action = str | tuple
 
@@ -313,11 +313,11 @@ def records(out: Path) -> dict[str, dict]:
 
 
 async def fair(*args: str, env: dict | None = None, kill_when=None) -> tuple[int, str, str]:
-    """Run `python -m engine.cli ...` as a child; ``kill_when()`` true -> SIGKILL it."""
+    """Run `python -m fairdistill ...` as a child; ``kill_when()`` true -> SIGKILL it."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "engine.cli",
+        "fairdistill",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

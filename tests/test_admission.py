@@ -8,13 +8,13 @@ import time
 import pytest
 from fakeserver import FakeServer
 
-import engine.request.client as client_mod
-from engine.config import EndpointConfig
-from engine.request.admission import Admission
-from engine.request.buckets import TokenBucket
-from engine.request.client import Engine
-from engine.request.mirror import LimitMirror
-from engine.types import ChatRequest, user
+import fairdistill.engine.request.client as client_mod
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.request.admission import Admission
+from fairdistill.engine.request.buckets import TokenBucket
+from fairdistill.engine.request.client import Engine
+from fairdistill.engine.request.mirror import LimitMirror
+from fairdistill.engine.types import ChatRequest, user
 
 
 @pytest.fixture(autouse=True)
@@ -174,7 +174,7 @@ async def test_429_storm_without_headers_is_survived_and_every_call_answered():
 
 async def test_permanent_429_storm_gives_up_instead_of_looping(monkeypatch):
     monkeypatch.setattr(client_mod, "MAX_RATE_LIMITED", 5)
-    from engine.errors import RequestError
+    from fairdistill.engine.errors import RequestError
 
     async with (
         FakeServer(
@@ -336,9 +336,9 @@ async def test_hidden_limits_of_every_shape_without_headers(shape, window, n):
     700 calls done after 60 s against the sliding window, where 10.8 s suffice."""
     import tomllib
 
-    from benchmarks.throughput import ideal_s, shape_profile
-    from engine.sim import start_sim
-    from engine.sim.profiles import profile_from_dict
+    from fairdistill.benchmarks.throughput import ideal_s, shape_profile
+    from fairdistill.engine.sim import start_sim
+    from fairdistill.engine.sim.profiles import profile_from_dict
 
     profile = profile_from_dict(tomllib.loads(shape_profile(window)))
     async with start_sim(profile) as sim:

@@ -9,7 +9,7 @@ from fractions import Fraction
 
 import pytest
 
-from engine.fair.answers import (
+from fairdistill.engine.fair.answers import (
     canonical_number,
     extract_answer,
     format_number,
@@ -314,7 +314,7 @@ def test_gsm8k_agreement_other_answer_lines(datasets_dir, rewrite, mode):
 
 def _last_number(text: str) -> str | None:
     """The grader before the final-statement rule: an answer marker, else the last number."""
-    from engine.fair.answers import _NUMBER, _clean, _render
+    from fairdistill.engine.fair.answers import _NUMBER, _clean, _render
 
     explicit = extract_answer(text, "numeric", mode="strict")
     if explicit is not None:
@@ -332,8 +332,8 @@ def test_final_statement_gold_check_on_the_fair_release(datasets_dir):
     """
     from collections import Counter
 
-    from engine.fair.answers import final_statement, states_answer
-    from engine.fair.scoring import verdict
+    from fairdistill.engine.fair.answers import final_statement, states_answer
+    from fairdistill.engine.fair.scoring import verdict
 
     path = need_file(datasets_dir / "fair-release" / "Llama-2-7b-chat-hf_svamp_rationale_round0.json")
     table: Counter = Counter()

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 import fairdistill
-from engine.config import load_config
-from engine.errors import ConfigError
-from engine.rundir.reader import shard_lines
-from engine.rundir.store import shard_paths
-from engine.services import Services, free_port
+from fairdistill.engine.config import load_config
+from fairdistill.engine.errors import ConfigError
+from fairdistill.engine.rundir.reader import shard_lines
+from fairdistill.engine.rundir.store import shard_paths
+from fairdistill.engine.services import Services, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

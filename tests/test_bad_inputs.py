@@ -22,10 +22,10 @@ import orjson
 import pytest
 import tomli_w
 
-from engine.cli import main
-from engine.rundir.store import iter_raw, shard_paths
-from engine.sim import ModelProfile, SimProfile
-from engine.sim.server import SimThread
+from fairdistill.engine.cli import main
+from fairdistill.engine.rundir.store import iter_raw, shard_paths
+from fairdistill.engine.sim import ModelProfile, SimProfile
+from fairdistill.engine.sim.server import SimThread
 from tests.fakeserver import FakeServerThread, Seen, raw, write_input
 
 # -- running `fair` in-process -------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_a_key_pasted_into_api_key_env_is_not_echoed(tmp_path):
 
 
 def test_the_base_config_itself_is_valid(tmp_path):
-    from engine.config import load_config
+    from fairdistill.engine.config import load_config
 
     path = tmp_path / "job.toml"
     path.write_text(tomli_w.dumps(base_config()))
@@ -409,7 +409,7 @@ QUESTIONS = {
 
 @pytest.fixture(scope="module")
 def sim():
-    from engine.rundir.schema import Problem
+    from fairdistill.engine.rundir.schema import Problem
 
     probs = [
         Problem(id=k, question=q, answer=a, task="numeric", dataset="t") for k, (q, a) in QUESTIONS.items()
@@ -1080,7 +1080,7 @@ def _boom(args) -> int:
 
 @pytest.mark.parametrize("debug", [False, True])
 def test_an_unexpected_exception_is_one_line_and_a_log(tmp_path, monkeypatch, debug):
-    import engine.cli
+    from fairdistill import engine
 
     monkeypatch.setitem(engine.cli.HANDLERS, "status", "tests.test_bad_inputs:_boom")
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "FAIR_DEBUG": "1" if debug else "0"}
@@ -1124,7 +1124,7 @@ def _tear(path: Path, n: int, keep: float, fill: bytes = b"\x00") -> bytes:
 
 
 def test_repair_round_trip_on_a_fair_run(tmp_path):
-    from engine.rundir.schema import Problem
+    from fairdistill.engine.rundir.schema import Problem
 
     probs = [
         Problem(id=f"p{i:02d}", question=f"Tom has {i + 2} apples and gets {i + 5} more. How many?",

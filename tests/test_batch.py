@@ -15,10 +15,10 @@ import orjson
 import pytest
 from fakeserver import fair, records, write_input
 
-from engine.config import BatchConfig, EndpointConfig
-from engine.generate import generate
-from engine.rundir.store import read_manifest
-from engine.sim.server import SimServer
+from fairdistill.engine.config import BatchConfig, EndpointConfig
+from fairdistill.engine.generate import generate
+from fairdistill.engine.rundir.store import read_manifest
+from fairdistill.engine.sim.server import SimServer
 
 PROVIDERS = ["openai", "anthropic"]
 FAST = {"linger_s": 0.05, "poll_s": 0.05}
@@ -299,7 +299,7 @@ async def test_two_batches_matching_a_lost_anthropic_create_stop_with_exit_1(tmp
 
 
 async def test_refused_credentials_on_a_control_call_abort_with_exit_3_and_no_key_in_the_run_dir(tmp_path):
-    from engine.sim.profiles import load_profile
+    from fairdistill.engine.sim.profiles import load_profile
 
     secret = "sk-test-secret-key-0123456789"
     prof = msgspec.structs.replace(load_profile("default"), api_key=secret)
@@ -324,7 +324,7 @@ async def test_refused_credentials_on_a_control_call_abort_with_exit_3_and_no_ke
 
 
 async def test_journal_torn_last_line_is_cut_and_a_garbage_line_is_exit_2(tmp_path):
-    from engine.request.batch.journal import Journal
+    from fairdistill.engine.request.batch.journal import Journal
 
     j = Journal(tmp_path)
     j.write("open", "L1", lane="default")
@@ -362,8 +362,8 @@ async def test_bad_batch_flags_are_exit_2_naming_the_field(tmp_path, flags, word
 
 
 def test_toml_batch_fields_are_checked_naming_the_endpoint_and_field(tmp_path):
-    from engine.config import load_config
-    from engine.errors import ConfigError
+    from fairdistill.engine.config import load_config
+    from fairdistill.engine.errors import ConfigError
 
     base = (Path(__file__).parents[1] / "examples" / "sim-gsm8k.toml").read_text()
     for extra, words in [
@@ -450,7 +450,7 @@ async def test_ctrl_c_leaves_the_batch_running_says_so_and_the_rerun_collects_it
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "engine.cli",
+            "fairdistill",
             *cli_args(sim, "openai", inp, out),
             stderr=asyncio.subprocess.PIPE,
         )
@@ -515,8 +515,8 @@ async def test_identical_requests_are_one_item_and_a_rerun_after_sigkill_pays_no
 
 
 async def test_identical_concurrent_calls_share_one_send_online_too(tmp_path):
-    from engine.request.client import Engine
-    from engine.types import ChatRequest, Message
+    from fairdistill.engine.request.client import Engine
+    from fairdistill.engine.types import ChatRequest, Message
 
     req = ChatRequest(messages=[Message("user", "question 7")], max_tokens=50, temperature=0.7)
     async with SimServer("default") as sim:
@@ -548,9 +548,9 @@ async def test_a_lost_create_matching_two_running_batches_mid_run_stops_with_exi
 
 
 async def test_when_the_first_of_identical_calls_is_cancelled_the_second_takes_its_item_over(tmp_path):
-    from engine.request.batch.executor import BatchExecutor, Unmetered
-    from engine.request.client import Engine
-    from engine.types import ChatRequest, Message
+    from fairdistill.engine.request.batch.executor import BatchExecutor, Unmetered
+    from fairdistill.engine.request.client import Engine
+    from fairdistill.engine.types import ChatRequest, Message
 
     req = ChatRequest(messages=[Message("user", "question 8")], max_tokens=50)
     async with SimServer("default") as sim:
@@ -579,7 +579,7 @@ def test_slots_table_agrees_with_a_dict_through_adds_takes_and_reuse():
     deletion keeps every remaining id findable; freed slots are reused."""
     import random
 
-    from engine.request.batch.slots import OPEN, Slots, pack
+    from fairdistill.engine.request.batch.slots import OPEN, Slots, pack
 
     rng = random.Random(5)
     slots, model = Slots(), {}  # cid -> (slot, token)
@@ -606,7 +606,7 @@ def test_slots_table_agrees_with_a_dict_through_adds_takes_and_reuse():
 def test_slots_deletion_in_a_cluster_that_wraps_around_the_table_keeps_the_rest_findable():
     import itertools
 
-    from engine.request.batch.slots import Slots
+    from fairdistill.engine.request.batch.slots import Slots
 
     counter = itertools.count()
 
@@ -626,7 +626,7 @@ def test_slots_deletion_in_a_cluster_that_wraps_around_the_table_keeps_the_rest_
 
 
 def test_custom_ids_pack_round_trip_and_foreign_ids_are_not_ours():
-    from engine.request.batch.slots import CidList, pack, unpack
+    from fairdistill.engine.request.batch.slots import CidList, pack, unpack
 
     ids = [f"fd{i:040x}" for i in range(5)] + [f"fd{'ab' * 20}-0", f"fd{'cd' * 20}-123456789"]
     blob = b"".join(pack(c) for c in ids)  # type: ignore[misc]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from test_pipeline import TEACHERS, config, problems, profile, run
 
-from engine.fair.report import render_markdown, summarize
-from engine.rundir.store import iter_raw, iter_records, read_manifest
-from engine.sim import start_sim
+from fairdistill.engine.fair.report import render_markdown, summarize
+from fairdistill.engine.rundir.store import iter_raw, iter_records, read_manifest
+from fairdistill.engine.sim import start_sim
 
 WIRES = {"t-good": "openai", "t-mid": "anthropic", "t-harsh": "gemini"}
 

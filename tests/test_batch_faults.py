@@ -19,9 +19,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from fakeserver import fair, records, write_input
 
-from engine.request.batch.executor import DOWNLOAD_TRIES
-from engine.rundir.store import read_manifest
-from engine.sim.server import SimServer
+from fairdistill.engine.request.batch.executor import DOWNLOAD_TRIES
+from fairdistill.engine.rundir.store import read_manifest
+from fairdistill.engine.sim.server import SimServer
 
 PROVIDERS = ["openai", "anthropic", "gemini"]
 ROUTES = {  # "METHOD path" of each kind of batch call, on the three wires

@@ -19,12 +19,12 @@ from test_batch import cli_args as _cli_args
 from test_batch import endpoint as _endpoint
 from test_batch import texts
 
-from engine.config import EndpointConfig
-from engine.generate import generate
-from engine.request.batch.gemini import GeminiBatchWire
-from engine.request.batch.wire import TRANSIENT, file_lines
-from engine.rundir.store import read_manifest
-from engine.sim.server import SimServer
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.generate import generate
+from fairdistill.engine.request.batch.gemini import GeminiBatchWire
+from fairdistill.engine.request.batch.wire import TRANSIENT, file_lines
+from fairdistill.engine.rundir.store import read_manifest
+from fairdistill.engine.sim.server import SimServer
 
 
 def base(sim: SimServer) -> str:
@@ -147,7 +147,7 @@ async def test_wire_keeps_the_key_on_its_host_and_server_names_out_of_paths(tmp_
     it), and a batch name that is not a plain id never reaches a URL."""
     from aiohttp import web
 
-    from engine.request.batch.wire import ControlError
+    from fairdistill.engine.request.batch.wire import ControlError
 
     async def start(request: web.Request) -> web.Response:
         return web.Response(headers={"X-Goog-Upload-URL": "http://198.51.100.7/upload/v1beta/files?id=1"})
@@ -280,7 +280,7 @@ async def test_lost_create_reply_is_found_by_display_name_live_and_after_a_kill(
 async def test_refused_credentials_exit_3_and_no_key_in_the_run_dir(tmp_path):
     """Google refuses a wrong key with a 400 whose reason is API_KEY_INVALID, a missing one with
     a 403: both abort the run (exit 3) at the first control call, before anything is paid."""
-    from engine.sim.profiles import load_profile
+    from fairdistill.engine.sim.profiles import load_profile
 
     secret = "AIzaSyTestSecretKey0123456789abcdef"
     prof = msgspec.structs.replace(load_profile("default"), api_key=secret)

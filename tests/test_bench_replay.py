@@ -15,10 +15,10 @@ from tests.conftest import missing_data
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from benchmarks import replay_svamp
-from engine.rundir.store import iter_raw
-from engine.sim.content import norm
-from engine.sim.replay import ReplayData, data_dir
+from fairdistill.benchmarks import replay_svamp
+from fairdistill.engine.rundir.store import iter_raw
+from fairdistill.engine.sim.content import norm
+from fairdistill.engine.sim.replay import ReplayData, data_dir
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def bench(tmp_path_factory) -> tuple[dict, Path, Path]:
     if data is None or not all((data / f).is_file() for f in replay_svamp.RELEASE_FILES):
         missing_data("FAIR release data absent: set FAIR_DATA_DIR or provide ../shared/datasets")
     try:
-        from trainer.model import load_tokenizer
+        from fairdistill.trainer.model import load_tokenizer
 
         load_tokenizer()  # the tiny model borrows SmolLM2's tokenizer
     except (FileNotFoundError, OSError) as exc:

@@ -6,13 +6,13 @@ import pytest
 from fakeserver import fair
 from test_pipeline import config, profile
 
-from engine.config import dump_config
-from engine.fair.budget import BudgetReached
-from engine.fair.estimate import estimate
-from engine.fair.pipeline import Job
-from engine.rundir.store import read_manifest
-from engine.sim import start_sim
-from engine.sim.server import load_problems
+from fairdistill.engine.config import dump_config
+from fairdistill.engine.fair.budget import BudgetReached
+from fairdistill.engine.fair.estimate import estimate
+from fairdistill.engine.fair.pipeline import Job
+from fairdistill.engine.rundir.store import read_manifest
+from fairdistill.engine.sim import start_sim
+from fairdistill.engine.sim.server import load_problems
 
 DATASET = {"name": "builtin", "split": "all"}
 

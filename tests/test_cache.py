@@ -12,11 +12,11 @@ import time
 
 from fakeserver import FakeServer
 
-from engine.config import EndpointConfig
-from engine.request.cache import ResponseCache, cache_key
-from engine.request.client import Engine
-from engine.rundir.idset import HashSet64, key_hash
-from engine.types import ChatRequest, Choice, Completion, Message, Usage, user
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.request.cache import ResponseCache, cache_key
+from fairdistill.engine.request.client import Engine
+from fairdistill.engine.rundir.idset import HashSet64, key_hash
+from fairdistill.engine.types import ChatRequest, Choice, Completion, Message, Usage, user
 
 
 def done(text: str) -> Completion:
@@ -100,7 +100,7 @@ async def test_buffered_writes_stay_bounded_when_puts_outrun_the_writer(tmp_path
     """Puts in a tight loop (faster than SQLite commits): the entries handed to the writer and not
     yet committed never exceed MAX_BUFFERED (they held every entry, ~450 B each, when the writer
     fell behind), and every entry is stored in the end."""
-    from engine.request import cache as cache_mod
+    from fairdistill.engine.request import cache as cache_mod
 
     cache = ResponseCache(tmp_path / "c.sqlite")
     most = 0
@@ -159,8 +159,8 @@ def test_sigkill_keeps_committed_entries_and_never_a_half_one(tmp_path):
     script = textwrap.dedent(
         f"""
         import asyncio, sys
-        from engine.request.cache import ResponseCache
-        from engine.types import Choice, Completion, Usage
+        from fairdistill.engine.request.cache import ResponseCache
+        from fairdistill.engine.types import Choice, Completion, Usage
         async def main():
             cache = ResponseCache({str(path)!r})
             c = Completion(choices=[Choice("x" * 2000, "stop")], usage=Usage(1, 1))

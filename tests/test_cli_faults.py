@@ -1,6 +1,6 @@
 """Never a traceback, never a hang; say what you do (issue 20), through the real ``fair`` command.
 
-Each test runs ``python -m engine.cli`` as a child process against a real server on loopback
+Each test runs ``python -m fairdistill`` as a child process against a real server on loopback
 (``tests/fakeserver.py``, the simulator, the student server) or on files it damaged itself:
 
 - a damaged user-editable JSON file (``dataset_info.json``, ``fair_training.json``,
@@ -28,17 +28,17 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.rundir.schema import Msg, Sample
-from engine.rundir.store import RunStore
-from engine.services import Services, free_port
+from fairdistill.engine.rundir.schema import Msg, Sample
+from fairdistill.engine.rundir.store import RunStore
+from fairdistill.engine.services import Services, free_port
 from tests.fakeserver import FakeServerThread, Seen, raw, records, write_input
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def fair(*args: str, timeout: float = 120, env: dict | None = None, code: str | None = None):
-    """``fair ARGS`` in a child (``python -m engine.cli``, or ``python -c CODE`` taking the args)."""
-    head = ["-c", code] if code else ["-m", "engine.cli"]
+    """``fair ARGS`` in a child (``python -m fairdistill``, or ``python -c CODE`` taking the args)."""
+    head = ["-c", code] if code else ["-m", "fairdistill"]
     return subprocess.run(
         [sys.executable, *head, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
@@ -147,7 +147,7 @@ class Hide:  # as if torch, transformers and peft were not installed
         if name.partition(".")[0] in {"torch", "transformers", "peft"}:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, Hide())
-from engine.cli import main
+from fairdistill.engine.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -179,7 +179,9 @@ def test_without_the_train_extra_say_which_to_install(tmp_path: Path, cmd: str):
 
 def test_a_missing_module_of_our_own_is_still_a_bug(tmp_path: Path):
     """Only the extras' third-party modules are mapped: anything else stays exit 70."""
-    code = HIDE.replace('{"torch", "transformers", "peft"}', '{"engine"} and name == "engine.fair.pipeline"')
+    code = HIDE.replace(
+        '{"torch", "transformers", "peft"}', '{"fairdistill"} and name == "fairdistill.engine.fair.pipeline"'
+    )
     proc = fair("run", str(tmp_path / "x.toml"), code=code, env={"XDG_CACHE_HOME": str(tmp_path)})
     assert proc.returncode == 70 and "internal error" in proc.stderr, proc.stderr
 
@@ -303,7 +305,7 @@ class Child:
 
     def __init__(self, *args: str, env: dict | None = None):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", *args], cwd=ROOT, stderr=subprocess.PIPE,
+            [sys.executable, "-m", "fairdistill", *args], cwd=ROOT, stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})},
         )  # fmt: skip
         self.lines: queue.Queue[str] = queue.Queue()
@@ -379,7 +381,7 @@ def test_run_metrics_port_zero_says_which_port(tmp_path: Path):
 
 
 def test_serve_student_port_zero_says_which_port(tmp_path: Path):
-    from trainer.model import save_tiny_student
+    from fairdistill.trainer.model import save_tiny_student
 
     tiny = save_tiny_student(tmp_path / "tiny")
     child = Child("serve-student", "--model", tiny, "--port", "0", env={"FAIR_THREADS": "1"})

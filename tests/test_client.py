@@ -9,14 +9,14 @@ import pytest
 from executors import UrllibExecutor
 from fakeserver import FakeServer
 
-import engine.request.client as client_mod
-from engine.config import EndpointConfig
-from engine.errors import AuthError, ConfigError, ReplyError, RequestError
-from engine.request.admission import Admission
-from engine.request.client import Engine
-from engine.request.events import Observer
-from engine.rundir.store import iter_raw
-from engine.types import ChatRequest, user
+import fairdistill.engine.request.client as client_mod
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.errors import AuthError, ConfigError, ReplyError, RequestError
+from fairdistill.engine.request.admission import Admission
+from fairdistill.engine.request.client import Engine
+from fairdistill.engine.request.events import Observer
+from fairdistill.engine.rundir.store import iter_raw
+from fairdistill.engine.types import ChatRequest, user
 
 
 @pytest.fixture(autouse=True)
@@ -320,7 +320,7 @@ def test_a_killed_runs_trace_shard_is_sealed_and_the_next_run_opens_its_own(tmp_
     last line cut and the shard sealed when the next run opens the folder."""
     import os
 
-    from engine.request.trace import Trace, TraceEvent
+    from fairdistill.engine.request.trace import Trace, TraceEvent
 
     event = TraceEvent(ts=1.0, endpoint="a", model="m", latency_s=0.1, status=200)
     killed = Trace(tmp_path / "trace")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_config
-from engine.errors import ConfigError
+from fairdistill.engine.config import load_config
+from fairdistill.engine.errors import ConfigError
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.toml"))
 

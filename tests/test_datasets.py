@@ -9,11 +9,11 @@ from fractions import Fraction
 
 import pytest
 
-from engine.config import DatasetSection
-from engine.errors import ConfigError, InputError
-from engine.fair import datasets
-from engine.fair.answers import normalize_gold
-from engine.fair.datasets import (
+from fairdistill.engine.config import DatasetSection
+from fairdistill.engine.errors import ConfigError, InputError
+from fairdistill.engine.fair import datasets
+from fairdistill.engine.fair.answers import normalize_gold
+from fairdistill.engine.fair.datasets import (
     load_builtin,
     load_gsm8k,
     load_jsonl,

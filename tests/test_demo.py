@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from fakeserver import fair
 
-from engine.rundir.store import iter_raw
+from fairdistill.engine.rundir.store import iter_raw
 
 
 def _children(pid: int) -> list[int]:
@@ -57,7 +57,7 @@ def test_demo_stops_every_server_on_ctrl_c_and_sigterm(tmp_path):
     for sig in (signal.SIGINT, signal.SIGTERM):
         out = tmp_path / sig.name
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "demo", "--sim-student", "--out", str(out)],
+            [sys.executable, "-m", "fairdistill", "demo", "--sim-student", "--out", str(out)],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,

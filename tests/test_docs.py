@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine import confdoc
-from engine.cli import build_parser
+from fairdistill.engine import confdoc
+from fairdistill.engine.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "docs" / "hooks"))
@@ -45,12 +45,12 @@ def test_every_command_and_flag_has_help_and_examples() -> None:
 
 def test_fair_help_speaks_to_a_user() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "fairdistill", "--help"], capture_output=True, text=True
     ).stdout
     assert "No logic lives here" not in out and "hand over to the library" not in out
     assert out.rstrip().splitlines()[-1].startswith("  fair run ")  # ends with an example
     run = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "run", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "fairdistill", "run", "--help"], capture_output=True, text=True
     )
     assert "TOML file" in run.stdout and "resumes it" in run.stdout and "--run-dir" in run.stdout
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import msgspec
 from fakeserver import write_input
 
-from engine.rundir.schema import Problem
-from engine.rundir.store import iter_raw
-from engine.sim import ModelProfile, SimProfile, start_sim
+from fairdistill.engine.rundir.schema import Problem
+from fairdistill.engine.rundir.store import iter_raw
+from fairdistill.engine.sim import ModelProfile, SimProfile, start_sim
 
 # Answers that left the simulator but were not yet committed when the kill landed (on the wire,
 # being parsed, or queued for the cache writer): the writer commits within ~1-5 ms, so at most a
@@ -30,7 +30,7 @@ async def _run(*args: str, sim=None, kill_at: int | None = None) -> tuple[int, i
     requests; returns (exit code, calls in flight at the kill). In flight = the gauge read at the
     kill plus the requests the simulator counts after it (sent before the kill, read later)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", *args,
+        sys.executable, "-m", "fairdistill", *args,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )  # fmt: skip
@@ -156,7 +156,7 @@ async def test_a_read_only_cache_is_one_line_naming_it_exit_2(tmp_path):
         cache.chmod(0o444)
         (tmp_path / "in.jsonl").write_bytes(inp.read_bytes() + b'{"id": "new", "prompt": "q"}\n')
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "engine.cli", *args, stderr=asyncio.subprocess.PIPE
+            sys.executable, "-m", "fairdistill", *args, stderr=asyncio.subprocess.PIPE
         )
         _, err = await proc.communicate()
     lines = err.decode().strip().splitlines()

@@ -8,11 +8,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.cli import main as fair
-from engine.errors import ConfigError
-from engine.rundir.export import FORMATS, export
-from engine.rundir.schema import Msg, Sample, Score
-from engine.rundir.store import RunStore
+from fairdistill.engine.cli import main as fair
+from fairdistill.engine.errors import ConfigError
+from fairdistill.engine.rundir.export import FORMATS, export
+from fairdistill.engine.rundir.schema import Msg, Sample, Score
+from fairdistill.engine.rundir.store import RunStore
 
 SYSTEM = "You are a careful problem solver."
 

@@ -40,7 +40,10 @@ def _copy_checkout(dest: Path) -> None:
     ).stdout.split(b"\0")
     for name in filter(None, (n.decode() for n in listed)):
         src = ROOT / name
-        if src.is_file():  # (a tracked file deleted in the working tree is not there to copy)
+        if src.is_symlink():  # fairdistill/engine -> ../engine (the mapped folders), as git has it
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).symlink_to(os.readlink(src))
+        elif src.is_file():  # (a tracked file deleted in the working tree is not there to copy)
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
 
@@ -66,7 +69,7 @@ def _pytest(checkout: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_the_copy_imports_its_own_code(checkout: Path):
     proc = subprocess.run(
-        [sys.executable, "-c", "import engine; print(engine.__file__)"],
+        [sys.executable, "-c", "import fairdistill.engine as e; print(e.__file__)"],
         cwd=checkout, env={**os.environ, "PYTHONPATH": str(checkout)}, capture_output=True, text=True,
     )  # fmt: skip
     assert Path(proc.stdout.strip()).resolve().is_relative_to(checkout.resolve()), proc.stdout

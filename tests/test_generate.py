@@ -8,11 +8,11 @@ import signal
 import pytest
 from fakeserver import FakeServer, fair, gen_args, records, write_input
 
-import engine.request.client as client_mod
-from engine.config import EndpointConfig
-from engine.errors import InputError
-from engine.generate import count_lines, generate, parse_line
-from engine.rundir.store import read_manifest
+import fairdistill.engine.request.client as client_mod
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.errors import InputError
+from fairdistill.engine.generate import count_lines, generate, parse_line
+from fairdistill.engine.rundir.store import read_manifest
 
 
 @pytest.fixture(autouse=True)

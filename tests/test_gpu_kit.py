@@ -84,7 +84,7 @@ def test_gpu_train_tiny_runs_in_the_image_venv(image_python: Path, tmp_path: Pat
 @pytest.mark.slow
 def test_gpu_kit_installs_the_missing_packages_offline(image_python: Path, tmp_path: Path) -> None:
     """``prepare`` (with an index) then ``exec`` (``--no-index``) makes the whole trainer importable."""
-    without = _run([str(image_python), "-c", "import trainer.train"])
+    without = _run([str(image_python), "-c", "import fairdistill.trainer.train"])
     assert "No module named 'msgspec'" in without.stderr
     kit = tmp_path / "kit"
     pyv = "{}.{}".format(*sys.version_info[:2])
@@ -92,7 +92,8 @@ def test_gpu_kit_installs_the_missing_packages_offline(image_python: Path, tmp_p
     if prep.returncode != 0 and "No matching distribution" in prep.stderr + prep.stdout:
         pytest.skip(f"no package index reachable for the kit's wheels: {prep.stderr[-300:]}")
     assert prep.returncode == 0, prep.stderr[-2000:]
-    code = "import engine.rundir.store, trainer.train, trainer.evaluate, msgspec; print(msgspec.__file__)"
+    mods = "fairdistill.engine.rundir.store, fairdistill.trainer.train, fairdistill.trainer.evaluate"
+    code = f"import {mods}, msgspec; print(msgspec.__file__)"
     proc = _run(
         ["bash", str(KIT_SCRIPT), "exec", str(image_python), "-c", code],
         GPU_KIT_DIR=str(kit),
@@ -131,7 +132,7 @@ def test_flops_match_a_hand_count() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from benchmarks.gpu_train import llama_1b_config, packed_batch, step_flops
+    from fairdistill.benchmarks.gpu_train import llama_1b_config, packed_batch, step_flops
 
     cfg = llama_1b_config(tiny=True)
     h, i = cfg.hidden_size, cfg.intermediate_size

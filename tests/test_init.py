@@ -9,17 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from engine import confdoc
-from engine.config import load_config
-from engine.rundir.store import read_manifest
-from engine.services import Services, free_port
+from fairdistill.engine import confdoc
+from fairdistill.engine.config import load_config
+from fairdistill.engine.rundir.store import read_manifest
+from fairdistill.engine.services import Services, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def fair(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "fairdistill", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import layers
+from fairdistill.engine import layers
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("engine", "trainer", "fairdistill")
@@ -47,9 +47,17 @@ def modules(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
     }
 
 
+MAPPED = re.compile(r"^fairdistill\.(?=(?:engine|trainer|benchmarks|recipes)(?:\.|$))")
+
+
+def short(name: str) -> str:
+    """``fairdistill.engine.x`` (the installed name) is ``engine.x`` (its folder) here."""
+    return MAPPED.sub("", name)
+
+
 def _base(module: str, path: Path, node: ast.ImportFrom) -> str:
     if not node.level:
-        return node.module or ""
+        return short(node.module or "")
     parts = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
     parts = parts[: len(parts) - (node.level - 1)]
     return ".".join([*parts, *([node.module] if node.module else [])])
@@ -61,16 +69,16 @@ def edges_of(module: str, path: Path, known: dict[str, Path], root: Path) -> lis
     where = str(path.relative_to(root))
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
         if isinstance(node, ast.Import):
-            out += [Edge(module, a.name, None, f"{where}:{node.lineno}") for a in node.names]
+            out += [Edge(module, short(a.name), None, f"{where}:{node.lineno}") for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = _base(module, path, node)
             for a in node.names:
-                sub = f"{base}.{a.name}"
+                sub = short(f"{base}.{a.name}")
                 out.append(Edge(module, sub if sub in known else base, a.name, f"{where}:{node.lineno}"))
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             m = ENTRY_POINT.match(node.value)
-            if m and m.group(1) in known:
-                out.append(Edge(module, m.group(1), None, f"{where}:{node.lineno}"))
+            if m and short(m.group(1)) in known:
+                out.append(Edge(module, short(m.group(1)), None, f"{where}:{node.lineno}"))
     return [e for e in out if e.imported in known and e.imported != module]
 
 

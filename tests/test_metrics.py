@@ -10,9 +10,9 @@ import pytest
 from fakeserver import FakeServer, write_input
 from prometheus_client.parser import text_string_to_metric_families
 
-import engine.request.client as client_mod
-from engine.config import EndpointConfig
-from engine.generate import generate
+import fairdistill.engine.request.client as client_mod
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.generate import generate
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +74,7 @@ async def test_generate_serves_metrics_during_the_run(tmp_path):
 
 
 async def test_a_busy_metrics_port_is_a_config_error(tmp_path):
-    from engine.errors import ConfigError
+    from fairdistill.engine.errors import ConfigError
 
     inp = write_input(tmp_path / "in.jsonl", 3)
     with socket.socket() as busy:
@@ -100,8 +100,8 @@ def scrape_url(url: str) -> dict[str, dict[tuple, float]]:
 async def test_a_fair_job_exports_its_stages(tmp_path):
     from test_pipeline import config, problems, profile
 
-    from engine.fair.pipeline import Job
-    from engine.sim import start_sim
+    from fairdistill.engine.fair.pipeline import Job
+    from fairdistill.engine.sim import start_sim
 
     probs = problems(40)
     port = free_port()
@@ -132,7 +132,7 @@ def test_serve_student_serves_metrics(tmp_path):
     pytest.importorskip("transformers")
     from test_serve import build_tiny
 
-    from trainer.serve import StudentServer
+    from fairdistill.trainer.serve import StudentServer
 
     tiny = build_tiny(tmp_path / "tiny")
     with StudentServer(model=str(tiny), max_batch=4) as srv:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import msgspec
 
-from engine.config import RunConfig, convert_config
-from engine.fair.errortypes import TYPES, majority, parse_error_type, strip_tag
-from engine.fair.report import summarize, write_report
-from engine.fair.splits import ids_digest
-from engine.rundir.schema import Sample
-from engine.rundir.store import iter_raw, iter_records, read_manifest
-from engine.sim import start_sim
+from fairdistill.engine.config import RunConfig, convert_config
+from fairdistill.engine.fair.errortypes import TYPES, majority, parse_error_type, strip_tag
+from fairdistill.engine.fair.report import summarize, write_report
+from fairdistill.engine.fair.splits import ids_digest
+from fairdistill.engine.rundir.schema import Sample
+from fairdistill.engine.rundir.store import iter_raw, iter_records, read_manifest
+from fairdistill.engine.sim import start_sim
 from tests.test_pipeline import config, problems, profile, run
 
 
@@ -82,8 +82,8 @@ def test_error_type_parsing():
 
 
 def test_answer_line_is_appended_only_when_missing():
-    from engine.fair.stages.samples import with_answer_line
-    from engine.rundir.schema import Problem
+    from fairdistill.engine.fair.stages.samples import with_answer_line
+    from fairdistill.engine.rundir.schema import Problem
 
     p = Problem(id="q", question="?", answer="52", task="numeric")
     free = "26 necklaces * 2 beads = 52 beads.\nSo Emily used a total of 52 beads for her 44 friends."
@@ -94,7 +94,7 @@ def test_answer_line_is_appended_only_when_missing():
 
 
 def test_states_answer():
-    from engine.fair.answers import states_answer
+    from fairdistill.engine.fair.answers import states_answer
 
     assert states_answer("So 3 * 6 = 18 apples.", "18", "numeric")
     assert not states_answer("So 3 * 6 = 19 apples.", "18", "numeric")

@@ -11,13 +11,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from engine.config import RunConfig, convert_config
-from engine.errors import BreakerTripped
-from engine.fair.pipeline import Job, JobParts
-from engine.fair.report import summarize
-from engine.rundir.schema import Attempt, Problem
-from engine.rundir.store import iter_records, read_manifest
-from engine.sim import ModelProfile, SimProfile, start_sim
+from fairdistill.engine.config import RunConfig, convert_config
+from fairdistill.engine.errors import BreakerTripped
+from fairdistill.engine.fair.pipeline import Job, JobParts
+from fairdistill.engine.fair.report import summarize
+from fairdistill.engine.rundir.schema import Attempt, Problem
+from fairdistill.engine.rundir.store import iter_records, read_manifest
+from fairdistill.engine.sim import ModelProfile, SimProfile, start_sim
 
 TEACHERS = {
     "t-good": ModelProfile(content="reasoning", skill=0.9, leniency=0.3),
@@ -198,7 +198,7 @@ async def _fair(*args: str, kill_after: float | None = None) -> int:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "engine.cli",
+        "fairdistill",
         *args,
         stderr=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.DEVNULL,
@@ -268,9 +268,9 @@ async def test_problems_stream_in_with_at_most_max_in_flight_held(tmp_path):
 
 
 def test_prior_records_are_indexed_and_read_one_problem_at_a_time(tmp_path):
-    from engine.fair.resume import PriorRecords
-    from engine.rundir.schema import ProblemDone
-    from engine.rundir.store import RunStore
+    from fairdistill.engine.fair.resume import PriorRecords
+    from fairdistill.engine.rundir.schema import ProblemDone
+    from fairdistill.engine.rundir.store import RunStore
 
     store = RunStore(tmp_path, shard_records=3).open(["attempts", "problems"])
     for pid in ("p1", "p2", "p3"):
@@ -300,7 +300,7 @@ async def test_an_injected_executor_and_shared_admission_leave_the_stages_unchan
     exactly the records of the default engine: the seams are below the stages."""
     from executors import UrllibExecutor
 
-    from engine.request.admission import Admission
+    from fairdistill.engine.request.admission import Admission
 
     probs = problems(20)
     async with start_sim(profile(), problems=probs) as sim:

@@ -8,10 +8,10 @@ import time
 
 from fakeserver import FakeServer
 
-from engine.config import EndpointConfig
-from engine.progress import Progress
-from engine.request.client import Engine
-from engine.types import ChatRequest, user
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.progress import Progress
+from fairdistill.engine.request.client import Engine
+from fairdistill.engine.types import ChatRequest, user
 
 
 async def answer_all(bar: Progress, n: int) -> None:

@@ -18,15 +18,15 @@ import tomli_w
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from engine.config import RunConfig, load_config
-from engine.errors import ConfigError, InputError, ReplyError
-from engine.fair.datasets import load_jsonl
-from engine.generate import parse_line
-from engine.request.providers import MAX_WAIT_S, sane_limits
-from engine.request.providers.anthropic import AnthropicProvider
-from engine.request.providers.gemini import GeminiProvider
-from engine.request.providers.openai import OpenAIProvider
-from engine.types import Completion
+from fairdistill.engine.config import RunConfig, load_config
+from fairdistill.engine.errors import ConfigError, InputError, ReplyError
+from fairdistill.engine.fair.datasets import load_jsonl
+from fairdistill.engine.generate import parse_line
+from fairdistill.engine.request.providers import MAX_WAIT_S, sane_limits
+from fairdistill.engine.request.providers.anthropic import AnthropicProvider
+from fairdistill.engine.request.providers.gemini import GeminiProvider
+from fairdistill.engine.request.providers.openai import OpenAIProvider
+from fairdistill.engine.types import Completion
 
 SETTINGS = settings(
     max_examples=400,

@@ -9,11 +9,11 @@ import msgspec
 import orjson
 import pytest
 
-from engine.config import EndpointConfig
-from engine.errors import ReplyError
-from engine.request.admission import parse_duration, parse_retry_after
-from engine.request.providers import error_message, make_provider, redact
-from engine.types import ChatRequest, Message, user
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.errors import ReplyError
+from fairdistill.engine.request.admission import parse_duration, parse_retry_after
+from fairdistill.engine.request.providers import error_message, make_provider, redact
+from fairdistill.engine.types import ChatRequest, Message, user
 
 KEY = "sk-test-SECRET123"
 
@@ -245,8 +245,8 @@ def test_server_durations_are_clamped_and_junk_dropped(headers, expected):
 def test_one_status_table_for_online_batch_and_admission(status, body, verdict, later):
     """The one table (``providers.status``): what the online engine, the Batch API items and
     control calls, and admission each make of a status."""
-    from engine.request.admission import Released, released
-    from engine.request.providers.status import Verdict, again_later, classify
+    from fairdistill.engine.request.admission import Released, released
+    from fairdistill.engine.request.providers.status import Verdict, again_later, classify
 
     assert classify(status, body) is Verdict[verdict]
     assert again_later(status) is later  # a batch item / control call: a later batch or poll

@@ -11,16 +11,16 @@ import orjson
 import pytest
 from fakeserver import FakeServer, fair
 
-import engine.request.client as client_mod
-from engine.accepts import refused_param
-from engine.config import EndpointConfig, ReasoningConfig, load_config
-from engine.errors import Blocked, ConfigError, RequestError
-from engine.request.client import Engine
-from engine.request.providers import make_provider
-from engine.rundir.schema import Msg, Sample
-from engine.rundir.store import iter_raw
-from engine.rundir.targets import reasoning_mode, with_targets
-from engine.types import ChatRequest, user
+import fairdistill.engine.request.client as client_mod
+from fairdistill.engine.accepts import refused_param
+from fairdistill.engine.config import EndpointConfig, ReasoningConfig, load_config
+from fairdistill.engine.errors import Blocked, ConfigError, RequestError
+from fairdistill.engine.request.client import Engine
+from fairdistill.engine.request.providers import make_provider
+from fairdistill.engine.rundir.schema import Msg, Sample
+from fairdistill.engine.rundir.store import iter_raw
+from fairdistill.engine.rundir.targets import reasoning_mode, with_targets
+from fairdistill.engine.types import ChatRequest, user
 
 
 @pytest.fixture(autouse=True)
@@ -378,7 +378,7 @@ async def test_a_gemini_safety_block_fails_its_record_saying_why_without_retries
 
 def test_fair_train_reads_think_targets_from_the_runs_config(tmp_path):
     pytest.importorskip("torch")
-    from trainer.data import load_samples, write_run_dir
+    from fairdistill.trainer.data import load_samples, write_run_dir
 
     s = Sample(
         id="p/sample/mistake/t/0",
@@ -402,10 +402,10 @@ async def test_in_batch_mode_items_refused_for_a_parameter_go_again_without_it(t
     """An OpenAI-wire model that refuses temperature, behind the Batch API: the first batch's items
     come back 400 naming it; they are re-queued without it (a new item each, not the refused one)
     and answered by a second batch. Nothing fails, the drop is said once."""
-    from engine.config import BatchConfig
-    from engine.request.batch.executor import BatchExecutor, Unmetered
-    from engine.sim import ModelProfile, SimProfile
-    from engine.sim.server import SimServer
+    from fairdistill.engine.config import BatchConfig
+    from fairdistill.engine.request.batch.executor import BatchExecutor, Unmetered
+    from fairdistill.engine.sim import ModelProfile, SimProfile
+    from fairdistill.engine.sim.server import SimServer
 
     profile = SimProfile(name="strict", models={"sim": ModelProfile(sampling=False)})
     async with SimServer(profile) as sim:

@@ -19,12 +19,12 @@ import pytest
 import tomli_w
 from fakeserver import fair
 
-from engine.config import load_config
-from engine.fair.datasets import load_builtin
-from engine.request.pricing import Prices
-from engine.rundir.store import iter_raw
-from engine.sim.profiles import load_profile
-from engine.sim.server import SimThread
+from fairdistill.engine.config import load_config
+from fairdistill.engine.fair.datasets import load_builtin
+from fairdistill.engine.request.pricing import Prices
+from fairdistill.engine.rundir.store import iter_raw
+from fairdistill.engine.sim.profiles import load_profile
+from fairdistill.engine.sim.server import SimThread
 
 PROBLEMS = int(os.environ.get("FAIR_REASONING_PROBLEMS", "8"))
 TEACHERS = ["gpt-sim", "claude-sim", "gemini-sim"]

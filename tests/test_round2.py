@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import vllm_standin
 
-from engine.rundir.store import iter_raw
-from engine.services import Services, free_port
+from fairdistill.engine.rundir.store import iter_raw
+from fairdistill.engine.services import Services, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ max_tokens = 256
 def fair(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**(env or os.environ), "FAIR_THREADS": "2"}
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "fairdistill", *args], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
 
@@ -79,7 +79,7 @@ def sim(tmp_path: Path):
 
 @pytest.mark.slow
 def test_round_two_serves_the_trained_adapter_itself(tmp_path: Path, sim: str) -> None:
-    from trainer.model import save_tiny_student
+    from fairdistill.trainer.model import save_tiny_student
 
     # round 1: the simulated student's mistakes -> samples
     r1 = tmp_path / "round1.toml"

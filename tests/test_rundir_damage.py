@@ -17,9 +17,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.rundir.store import iter_raw, shard_paths
-from engine.sim import ModelProfile, SimProfile
-from engine.sim.server import SimThread
+from fairdistill.engine.rundir.store import iter_raw, shard_paths
+from fairdistill.engine.sim import ModelProfile, SimProfile
+from fairdistill.engine.sim.server import SimThread
 from tests.test_bad_inputs import TEACHERS, clean, fair, job, one_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +197,7 @@ def test_a_bad_trace_line_is_named_and_repaired(sim, done_gen, edit):
 def test_status_into_a_closed_pipe_is_quiet(done_gen):
     _, out = done_gen
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "status", str(out)],
+        [sys.executable, "-m", "fairdistill", "status", str(out)],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     proc.stdout.close()  # `| head` that has gone already
@@ -269,7 +269,7 @@ def test_an_edited_plan_is_refused_before_any_block_runs(sim, tmp_path, edit):
 
 
 def _problems():
-    from engine.rundir.schema import Problem
+    from fairdistill.engine.rundir.schema import Problem
 
     return [
         Problem(id=f"p{i}", question=f"Ann has {i + 3} pens and buys {2 * i + 1} more. How many pens?",

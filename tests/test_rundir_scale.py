@@ -12,11 +12,11 @@ from pathlib import Path
 import orjson
 from fakeserver import write_input
 
-from engine.rundir import index as idindex
-from engine.rundir.reader import sha256
-from engine.rundir.schema import Problem, Response
-from engine.rundir.store import RunStore, iter_raw, read_manifest, shard_paths
-from engine.sim import ModelProfile, SimProfile, start_sim
+from fairdistill.engine.rundir import index as idindex
+from fairdistill.engine.rundir.reader import sha256
+from fairdistill.engine.rundir.schema import Problem, Response
+from fairdistill.engine.rundir.store import RunStore, iter_raw, read_manifest, shard_paths
+from fairdistill.engine.sim import ModelProfile, SimProfile, start_sim
 
 
 def _write(root: Path, ids: range, writer: str = "", compress: str = "none") -> None:
@@ -71,7 +71,7 @@ async def _fair(*args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "engine.cli",
+        "fairdistill",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -173,7 +173,7 @@ async def test_a_killed_zstd_fair_run_resumes_from_compressed_shards_to_the_same
                             "--no-progress"))[0] == 0  # fmt: skip
         job = _job(tmp_path, sim.base_url, "zstd")
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "engine.cli", "run", str(job), "--run-dir", str(out), "--no-progress",
+            sys.executable, "-m", "fairdistill", "run", str(job), "--run-dir", str(out), "--no-progress",
             stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         while proc.returncode is None and len(list((out / "attempts").glob("*.zst"))) < 3:
@@ -194,7 +194,7 @@ async def test_a_killed_zstd_fair_run_resumes_from_compressed_shards_to_the_same
 
 async def test_bench_rundir_reports_its_stable_keys_and_one_verdict_per_target():
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", "bench", "rundir", "--quick", "--json", "--records", "3000",
+        sys.executable, "-m", "fairdistill", "bench", "rundir", "--quick", "--json", "--records", "3000",
         "--lines", "400", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await proc.communicate()
@@ -220,7 +220,7 @@ async def test_compress_with_ray_is_refused_rather_than_ignored(tmp_path):
 def test_hash_sets_stay_under_16_bytes_an_id_however_they_are_sized_or_read():
     import io
 
-    from engine.rundir.idset import HashSet64, id_hash
+    from fairdistill.engine.rundir.idset import HashSet64, id_hash
 
     hashes = [id_hash(f"id-{i}") for i in range(20_000)]
     for expected in (0, 20_000, 5_000_000):  # unknown, right, far too high (a guess from bytes)
@@ -234,7 +234,7 @@ def test_hash_sets_stay_under_16_bytes_an_id_however_they_are_sized_or_read():
 
 async def _status(run_dir: Path) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engine.cli", "status", str(run_dir),
+        sys.executable, "-m", "fairdistill", "status", str(run_dir),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await proc.communicate()

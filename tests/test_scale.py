@@ -26,8 +26,8 @@ import orjson
 import pytest
 from fakeserver import FakeServer, FakeServerThread, records, write_input
 
-from engine.cli import main
-from engine.rundir.store import iter_raw, read_manifest
+from fairdistill.engine.cli import main
+from fairdistill.engine.rundir.store import iter_raw, read_manifest
 
 pytest.importorskip("ray")
 
@@ -98,7 +98,7 @@ def fair(
     """`fair ARGS` in a child (own process group, killed with it); ``watch()`` is polled while it
     runs, and the child is SIGKILLed when it returns True."""
     proc = subprocess.Popen(
-        [PY, "-m", "engine.cli", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [PY, "-m", "fairdistill", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**os.environ, **LOOPBACK, **(env or {})}, start_new_session=True,
     )  # fmt: skip
     try:
@@ -338,7 +338,7 @@ def test_fair_run_on_ray_same_records_as_single_process(cluster: str, tmp_path: 
     record kind equals the single-process run's; only the driver writes config.toml / report.md."""
     from test_pipeline import _write_job, problems, profile
 
-    from engine.sim import SimThread
+    from fairdistill.engine.sim import SimThread
 
     probs = problems(20)
     with SimThread(profile(), probs) as sim:
@@ -381,9 +381,9 @@ def test_engine_does_not_import_ray_without_the_flag() -> None:
 
 def test_a_fenced_attempt_stops_before_its_next_write(tmp_path: Path) -> None:
     """A zombie (an attempt whose block was handed on) never writes beside its successor."""
-    from engine.rundir.schema import Response
-    from engine.rundir.store import atomic_write
-    from engine.scale.worker import Fenced, FencedStore, fence_path
+    from fairdistill.engine.rundir.schema import Response
+    from fairdistill.engine.rundir.store import atomic_write
+    from fairdistill.engine.scale.worker import Fenced, FencedStore, fence_path
 
     fence = fence_path(tmp_path, "b00003")
     fence.parent.mkdir(parents=True)
@@ -460,9 +460,9 @@ def test_lending_stops_when_the_server_rate_limits(cluster: str, tmp_path: Path)
 
 def test_prior_records_of_a_block_read_only_its_own_shards(tmp_path: Path) -> None:
     """A block's resume indexes the shards of its own attempts, not every block's."""
-    from engine.fair.resume import PriorRecords
-    from engine.rundir.schema import Attempt
-    from engine.rundir.store import RunStore
+    from fairdistill.engine.fair.resume import PriorRecords
+    from fairdistill.engine.rundir.schema import Attempt
+    from fairdistill.engine.rundir.store import RunStore
 
     for block, pids in (("b00000", ("p1", "p2")), ("b00001", ("p3",))):
         store = RunStore(tmp_path, writer=f"{block}.e1", scope=f"{block}.").open(["attempts"])
@@ -482,9 +482,9 @@ def test_prior_records_of_a_block_read_only_its_own_shards(tmp_path: Path) -> No
 def test_problem_blocks_stream_the_dataset_in_block_order() -> None:
     """The driver reads a block's problems when it is handed out, keeps them until it is done,
     skips blocks done earlier, and stops (exit 2) when the stream no longer matches the plan."""
-    from engine.errors import ConfigError
-    from engine.rundir.schema import Problem
-    from engine.scale.plan import ProblemBlocks, run_plan
+    from fairdistill.engine.errors import ConfigError
+    from fairdistill.engine.rundir.schema import Problem
+    from fairdistill.engine.scale.plan import ProblemBlocks, run_plan
 
     def problems(n: int, rename: int = -1) -> Iterator[Problem]:
         for i in range(n):
@@ -538,8 +538,8 @@ def test_limiter_buckets_start_empty_however_long_they_waited() -> None:
     """Configured buckets are empty at the first request even when the limiter was built long
     before it: the refill since then must not go at once (the first 10 s window at 3,000 rpm
     carried 1.10x the limit when only the level at the last refill was emptied)."""
-    from engine.request.admission import Admission
-    from engine.scale.limiter import start_empty
+    from fairdistill.engine.request.admission import Admission
+    from fairdistill.engine.scale.limiter import start_empty
 
     idle, emptied = Admission(64, 600, None), Admission(64, 600, None)  # 10 requests a second
     for admission in (idle, emptied):
@@ -556,7 +556,7 @@ def test_a_request_dropped_before_its_acquire_arrives_takes_no_lease() -> None:
     request takes no lease (one granted to it would wait for a round trip that never comes)."""
     import asyncio
 
-    from engine.scale.limiter import LimiterState
+    from fairdistill.engine.scale.limiter import LimiterState
 
     async def scenario() -> None:
         lim = LimiterState({"ep": (2, None, None)})
@@ -576,7 +576,7 @@ def test_the_end_of_lending_answers_every_held_round_trip(monkeypatch: pytest.Mo
     not when its hold runs out, so no worker goes on reusing leases meanwhile."""
     import asyncio
 
-    from engine.scale import limiter
+    from fairdistill.engine.scale import limiter
 
     monkeypatch.setattr(limiter, "HOLD_S", 60.0)
 
@@ -603,7 +603,7 @@ def test_fair_run_on_ray_budget_cap_holds_across_workers_then_resumes(cluster: s
     finishes with the records of an uncapped run and nothing paid twice."""
     from test_pipeline import CONFIG_TOML, TEACHERS, problems, profile
 
-    from engine.sim import SimThread
+    from fairdistill.engine.sim import SimThread
 
     probs = problems(48)
     data = tmp_path / "problems.jsonl"
@@ -656,8 +656,8 @@ def test_fair_run_on_ray_budget_cap_holds_across_workers_then_resumes(cluster: s
 def test_the_ledger_admits_problems_of_every_worker_under_one_cap() -> None:
     """The single-process rule over all block attempts: at most PROBE problems until one has
     finished, then spent + committed + one more problem within the cap; the stop is for all."""
-    from engine.fair.budget import PROBE
-    from engine.scale.budget import Ledger
+    from fairdistill.engine.fair.budget import PROBE
+    from fairdistill.engine.scale.budget import Ledger
 
     ledger = Ledger(1.0, None)
     verdicts = [ledger.reserve(w, 0.0, 0)[0] for w in ("a", "b") * PROBE]
@@ -769,7 +769,7 @@ def test_fair_run_on_ray_metrics_port_exports_stages_of_every_worker(cluster: st
     from test_metrics import one, scrape
     from test_pipeline import _write_job, problems, profile
 
-    from engine.sim import SimThread
+    from fairdistill.engine.sim import SimThread
 
     probs = problems(24)
     out = tmp_path / "ray"
@@ -811,7 +811,7 @@ def test_estimate_on_ray_then_the_full_run_pays_the_pilot_once(cluster: str, tmp
     once for everything (pilot + rest = an uninterrupted run), with the same records."""
     from test_pipeline import _write_job, problems, profile
 
-    from engine.sim import SimThread
+    from fairdistill.engine.sim import SimThread
 
     probs = problems(20)
     kinds = ("attempts", "rationales", "feedback", "reviews", "samples", "failures", "problems")
@@ -819,7 +819,8 @@ def test_estimate_on_ray_then_the_full_run_pays_the_pilot_once(cluster: str, tmp
     def run(job: Path, out: Path, *extra: str, ray: bool = True) -> subprocess.CompletedProcess:
         scale = ["--ray", cluster, "--workers", "2", "--block-size", "5"] if ray else []
         return subprocess.run(
-            [PY, "-m", "engine.cli", "run", str(job), "--run-dir", str(out), "--no-progress", *scale, *extra],
+            [PY, "-m", "fairdistill", "run", str(job), "--run-dir", str(out), "--no-progress",
+             *scale, *extra],
             cwd=REPO, capture_output=True, text=True, env={**os.environ, **LOOPBACK}, timeout=240,
         )  # fmt: skip
 

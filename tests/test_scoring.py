@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from engine.fair.scoring import aggregate, decided, parse_score, verdict
+from fairdistill.engine.fair.scoring import aggregate, decided, parse_score, verdict
 from tests.conftest import missing_data
 
 # --------------------------------------------------------------------------------------------- parse_score
@@ -178,9 +178,9 @@ def test_fair_release_parity(datasets_dir):
 def test_calibrated_aggregation_on_the_fair_release(datasets_dir):
     """Calibrated vs the paper's rule on the released SVAMP reviews: how many verdicts change,
     and whether the accepted set states the gold more often. Reported (``-s``) either way."""
-    from engine.fair.answers import normalize_gold, states_answer
-    from engine.fair.scoring import calibrated_verdicts
-    from engine.sim.replay import REVIEWERS
+    from fairdistill.engine.fair.answers import normalize_gold, states_answer
+    from fairdistill.engine.fair.scoring import calibrated_verdicts
+    from fairdistill.engine.sim.replay import REVIEWERS
 
     path = datasets_dir / "fair-release" / "Llama-2-7b-chat-hf_svamp_rationale_round0.json"
     if not path.is_file():
@@ -220,7 +220,7 @@ def test_calibrated_verdicts_offline_are_order_free_live_ones_are_not():
     received before it, so the same item can get another verdict in another order (README)."""
     import random
 
-    from engine.fair.scoring import Calibration, calibrated_verdict, calibrated_verdicts
+    from fairdistill.engine.fair.scoring import Calibration, calibrated_verdict, calibrated_verdicts
 
     rng = random.Random(0)
     items = [[("lenient", rng.choice((4, 5))), ("harsh", rng.choice((2, 3, 4)))] for _ in range(60)]

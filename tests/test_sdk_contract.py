@@ -34,16 +34,16 @@ from openai.types.chat import ChatCompletion
 from openai.types.chat.completion_create_params import CompletionCreateParamsNonStreaming
 from sdk_types import problems
 
-from engine.config import EndpointConfig
-from engine.request.batch.anthropic import AnthropicBatchWire
-from engine.request.batch.gemini import GeminiBatchWire
-from engine.request.batch.openai import OpenAIBatchWire
-from engine.request.providers import make_provider
-from engine.sim import strict
-from engine.sim.profiles import profile_from_dict
-from engine.sim.server import SimThread
-from engine.types import ChatRequest
-from engine.types import Message as Msg
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.request.batch.anthropic import AnthropicBatchWire
+from fairdistill.engine.request.batch.gemini import GeminiBatchWire
+from fairdistill.engine.request.batch.openai import OpenAIBatchWire
+from fairdistill.engine.request.providers import make_provider
+from fairdistill.engine.sim import strict
+from fairdistill.engine.sim.profiles import profile_from_dict
+from fairdistill.engine.sim.server import SimThread
+from fairdistill.engine.types import ChatRequest
+from fairdistill.engine.types import Message as Msg
 
 KEY = "sk-sim-contract-0123456789"
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 from fakeserver import FakeServer, fair, gen_args, write_input
 
-import engine.request.client as client_mod
-from engine.config import EndpointConfig
-from engine.errors import AuthError, RequestError
-from engine.request.client import Engine
-from engine.types import ChatRequest, user
+import fairdistill.engine.request.client as client_mod
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.errors import AuthError, RequestError
+from fairdistill.engine.request.client import Engine
+from fairdistill.engine.types import ChatRequest, user
 
 KEY = "sk-test-SECRET123"
 ENV = "FAIR_TEST_API_KEY"

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 aiohttp = pytest.importorskip("aiohttp")
 
-from trainer.serve import StudentServer, parse_adapters  # noqa: E402
+from fairdistill.trainer.serve import StudentServer, parse_adapters  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -105,7 +105,7 @@ def adapter(tiny, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tiny):
-    from trainer.model import load_student
+    from fairdistill.trainer.model import load_student
 
     return load_student(str(tiny), device="cpu")
 
@@ -268,7 +268,7 @@ BAD_REQUESTS = [  # (body, the field the error names): checked by engine.wire's 
 async def test_both_servers_validate_requests_with_the_same_structs(server, which):
     """The student server and the simulator refuse the same bad fields with an OpenAI-shaped
     400 that names the field, and take text content parts and a string stop."""
-    from engine.sim import ModelProfile, SimProfile, start_sim
+    from fairdistill.engine.sim import ModelProfile, SimProfile, start_sim
 
     async with contextlib.AsyncExitStack() as stack:
         if which == "sim":
@@ -379,13 +379,13 @@ def test_cli_serves_until_sigterm(tiny, adapter):
     import sys
     import urllib.request
 
-    from engine.services import free_port
+    from fairdistill.engine.services import free_port
 
     port = free_port()
     cmd = [
         sys.executable,
         "-m",
-        "engine.cli",
+        "fairdistill",
         "serve-student",
         "--model",
         str(tiny),

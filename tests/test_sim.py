@@ -16,11 +16,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from engine.fair.answers import extract_answer, is_correct
-from engine.fair.prompts import prompt_set
-from engine.fair.scoring import parse_score
-from engine.rundir.schema import Problem
-from engine.sim import (
+from fairdistill.engine.fair.answers import extract_answer, is_correct
+from fairdistill.engine.fair.prompts import prompt_set
+from fairdistill.engine.fair.scoring import parse_score
+from fairdistill.engine.rundir.schema import Problem
+from fairdistill.engine.sim import (
     Burst,
     Faults,
     ModelProfile,
@@ -30,8 +30,8 @@ from engine.sim import (
     named_profiles,
     start_sim,
 )
-from engine.sim.replay import AUTHORS, REVIEWERS, ReplayData, ReplayDataMissing, norm
-from engine.sim.server import fmt_duration
+from fairdistill.engine.sim.replay import AUTHORS, REVIEWERS, ReplayData, ReplayDataMissing, norm
+from fairdistill.engine.sim.server import fmt_duration
 
 PROMPTS = prompt_set()
 
@@ -479,7 +479,7 @@ def test_fair_sim_runs_standalone_and_stops_on_sigterm():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "engine.cli", "sim", "--profile", "fast", "--port", str(port)]
+    cmd = [sys.executable, "-m", "fairdistill", "sim", "--profile", "fast", "--port", str(port)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         for _ in range(100):

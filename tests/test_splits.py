@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from engine.fair.splits import (
+from fairdistill.engine.fair.splits import (
     find_training_record,
     ids_digest,
     overlaps,
     training_record,
     write_training_record,
 )
-from engine.rundir.schema import Problem, Sample
+from fairdistill.engine.rundir.schema import Problem, Sample
 from tests.conftest import missing_data
 
 

@@ -7,8 +7,8 @@ import hashlib
 import orjson
 import pytest
 
-from engine.rundir.schema import Failure, Sample, Score
-from engine.rundir.store import RunStore, iter_records, read_manifest, shard_paths
+from fairdistill.engine.rundir.schema import Failure, Sample, Score
+from fairdistill.engine.rundir.store import RunStore, iter_records, read_manifest, shard_paths
 
 
 def _failure(i: int) -> Failure:
@@ -72,7 +72,7 @@ def test_writers_share_a_run_directory(tmp_path):
 
 def test_samples_load_with_hf_datasets(tmp_path):
     datasets = pytest.importorskip("datasets")
-    from engine.rundir.schema import Msg
+    from fairdistill.engine.rundir.schema import Msg
 
     store = RunStore(tmp_path).open(["samples"])
     for i in range(4):

@@ -7,12 +7,12 @@ import json
 import pytest
 
 torch = pytest.importorskip("torch")
-answers = pytest.importorskip("engine.fair.answers")
+answers = pytest.importorskip("fairdistill.engine.fair.answers")
 
 
-from engine.rundir.schema import Problem  # noqa: E402
-from trainer.evaluate import HFGenerator, accuracy, evaluate, grade, parse_adapters, wilson  # noqa: E402
-from trainer.model import save_tiny_student  # noqa: E402
+from fairdistill.engine.rundir.schema import Problem  # noqa: E402
+from fairdistill.trainer.evaluate import HFGenerator, accuracy, evaluate, grade, parse_adapters, wilson  # noqa: E402
+from fairdistill.trainer.model import save_tiny_student  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -67,7 +67,7 @@ def tiny_model(tmp_path_factory) -> str:
 def tiny_adapter(tiny_model, tmp_path_factory) -> str:
     from peft import LoraConfig, get_peft_model
 
-    from trainer.model import load_student
+    from fairdistill.trainer.model import load_student
 
     model, _ = load_student(tiny_model)
     model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -150,7 +150,7 @@ def test_base_and_adapter_outputs_differ_and_switching_back_restores_base(tiny_m
 
 
 def _trained_on(folder, ids: list[str]) -> str:
-    from engine.fair.splits import ids_digest, write_training_record
+    from fairdistill.engine.fair.splits import ids_digest, write_training_record
 
     folder.mkdir(parents=True, exist_ok=True)
     write_training_record(folder, {"runs": [], "problem_ids": ids, "problem_ids_sha256": ids_digest(ids)})
@@ -158,9 +158,9 @@ def _trained_on(folder, ids: list[str]) -> str:
 
 
 def test_eval_refuses_to_score_training_questions(datasets_dir, tmp_path, capsys):
-    from engine.cli import main
-    from engine.config import DatasetSection
-    from engine.fair.datasets import load_problems
+    from fairdistill.engine.cli import main
+    from fairdistill.engine.config import DatasetSection
+    from fairdistill.engine.fair.datasets import load_problems
 
     test = load_problems(DatasetSection(name="svamp", split="test", limit=5), data_dir=datasets_dir)
     adapter = _trained_on(tmp_path / "leaky" / "adapter", [p.id for p in test[:3]])
@@ -178,9 +178,9 @@ def test_eval_refuses_to_score_training_questions(datasets_dir, tmp_path, capsys
 def test_allow_overlap_scores_and_says_so_in_bold(datasets_dir, tiny_model, tiny_adapter, tmp_path):
     import shutil
 
-    from engine.cli import main
-    from engine.config import DatasetSection
-    from engine.fair.datasets import load_problems
+    from fairdistill.engine.cli import main
+    from fairdistill.engine.config import DatasetSection
+    from fairdistill.engine.fair.datasets import load_problems
 
     test = load_problems(DatasetSection(name="svamp", split="test", limit=2), data_dir=datasets_dir)
     adapter = tmp_path / "adapter"
@@ -199,10 +199,10 @@ def test_allow_overlap_scores_and_says_so_in_bold(datasets_dir, tiny_model, tiny
 
 def test_readme_workflow_is_leak_free(datasets_dir):
     """examples/committee.toml collects mistakes on GSM8K train; `fair eval` scores test by default."""
-    from engine.cli import build_parser
-    from engine.config import DatasetSection, load_config
-    from engine.fair.datasets import load_problems
-    from engine.fair.splits import overlaps
+    from fairdistill.engine.cli import build_parser
+    from fairdistill.engine.config import DatasetSection, load_config
+    from fairdistill.engine.fair.datasets import load_problems
+    from fairdistill.engine.fair.splits import overlaps
     from tests.conftest import ROOT
 
     cfg = load_config(ROOT / "examples" / "committee.toml")

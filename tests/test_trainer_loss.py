@@ -9,16 +9,16 @@ pytest.importorskip("transformers")
 
 import torch.nn.functional as F  # noqa: E402
 
-from trainer import data as D  # noqa: E402
-from trainer.loss import TaskTokens, combine, fair_loss, micro_loss, per_token_loss  # noqa: E402
-from trainer.model import tiny_llama  # noqa: E402
+from fairdistill.trainer import data as D  # noqa: E402
+from fairdistill.trainer.loss import TaskTokens, combine, fair_loss, micro_loss, per_token_loss  # noqa: E402
+from fairdistill.trainer.model import tiny_llama  # noqa: E402
 
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from trainer.model import load_tokenizer
+    from fairdistill.trainer.model import load_tokenizer
 
     return load_tokenizer()
 
@@ -99,7 +99,7 @@ def test_varlen_attention_equals_unpacked_in_values_and_gradients(model, example
     """The recipe's per-example SDPA gives what transformers' block-diagonal mask gives."""
     import copy
 
-    from trainer.loss import PACKED_ATTENTION, enable_packed_attention
+    from fairdistill.trainer.loss import PACKED_ATTENTION, enable_packed_attention
 
     varlen = copy.deepcopy(model)
     assert enable_packed_attention(varlen) and varlen.config._attn_implementation == PACKED_ATTENTION
@@ -164,7 +164,7 @@ def test_grad_accumulation_equals_one_big_batch(model, examples):
 
 
 def test_chunked_cross_entropy_matches_plain():
-    from trainer.loss import token_ce
+    from fairdistill.trainer.loss import token_ce
 
     torch.manual_seed(0)
     h = torch.randn(50, 8, requires_grad=True)

@@ -12,10 +12,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 
-from engine.errors import ConfigError  # noqa: E402
-from trainer import data as D  # noqa: E402
-from trainer.model import load_student, save_tiny_student  # noqa: E402
-from trainer.train import TrainConfig, get_lr, load_config, train  # noqa: E402
+from fairdistill.engine.errors import ConfigError  # noqa: E402
+from fairdistill.trainer import data as D  # noqa: E402
+from fairdistill.trainer.model import load_student, save_tiny_student  # noqa: E402
+from fairdistill.trainer.train import TrainConfig, get_lr, load_config, train  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -175,8 +175,8 @@ def test_real_smollm2_trains_and_reloads(tmp_path):
     summary = train(cfg)
     # the reference: the base model's own FAIR loss on the same batch (LoRA B starts at 0, so
     # step 1 sees exactly the base model); the trained adapter must do better on that batch
-    from trainer.loss import fair_loss
-    from trainer.model import load_tokenizer
+    from fairdistill.trainer.loss import fair_loss
+    from fairdistill.trainer.model import load_tokenizer
 
     tok = load_tokenizer(None)
     ex, _ = D.tokenize(D.load_samples([run]), tok, 256)
@@ -210,7 +210,7 @@ def test_paired_batching_gives_every_step_a_full_batch_of_each_task(tiny_model, 
 
 
 def test_trained_folders_record_their_runs_and_problem_ids(tiny_model, run_dir, tmp_path):
-    from engine.fair.splits import find_training_record, ids_digest
+    from fairdistill.engine.fair.splits import find_training_record, ids_digest
 
     train(config(tiny_model, run_dir, tmp_path, max_steps=1, val_fraction=0.2))
     trained = sorted({s.problem_id for s in D.load_samples([run_dir])})

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import vllm_standin
 
-from engine.errors import UsageError
-from engine.services import free_port
-from trainer import vllm_backend as V
+from fairdistill.engine.errors import UsageError
+from fairdistill.engine.services import free_port
+from fairdistill.trainer import vllm_backend as V
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,7 +79,7 @@ def test_model_folder_writes_the_missing_architectures(tmp_path: Path) -> None:
 
 
 def test_the_smollm2_cache_is_written_with_architectures(tmp_path: Path, monkeypatch) -> None:
-    from trainer.model import _save_cache, load_tokenizer, tiny_llama
+    from fairdistill.trainer.model import _save_cache, load_tokenizer, tiny_llama
 
     tok = load_tokenizer()
     model = tiny_llama(len(tok))
@@ -115,7 +115,7 @@ def test_vllm_serve_command_line(tmp_path: Path) -> None:
 
 def _fair(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-m", "fairdistill", *args], cwd=ROOT, env=env, capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
 
@@ -170,7 +170,7 @@ def test_serve_student_vllm_runs_vllm_serve_and_stops_it(tmp_path: Path, standin
     lora = adapter(tmp_path / "runs" / "train" / "adapter", r=12)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine.cli", "serve-student", "--backend", "vllm", "--model", str(model),
+        [sys.executable, "-m", "fairdistill", "serve-student", "--backend", "vllm", "--model", str(model),
          "--adapter", f"fair-r1={lora}", "--port", str(port), "--gpu-memory-utilization", "0.5"],
         cwd=ROOT, env=standin["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

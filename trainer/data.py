@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # msgspec/orjson stay out of the import path (the GPU image lacks them)
-    from engine.rundir.schema import Sample
+    from fairdistill.engine.rundir.schema import Sample
 
 IGNORE_INDEX = -100
 TASKS = ("rationale", "mistake")
@@ -94,15 +94,15 @@ class Batch:
 
 def load_samples(run_dirs: Iterable[str | Path]) -> list[Sample]:
     """Every ``samples`` record of the run directories, deduplicated by id, in a stable order."""
-    from engine.rundir.schema import Sample
-    from engine.rundir.store import iter_records
-    from engine.rundir.targets import reasoning_mode, with_targets
+    from fairdistill.engine.rundir.schema import Sample
+    from fairdistill.engine.rundir.store import iter_records
+    from fairdistill.engine.rundir.targets import reasoning_mode, with_targets
 
     seen: dict[str, Sample] = {}
     for run_dir in run_dirs:
         path = Path(run_dir)
         if not path.is_dir():
-            from engine.errors import UsageError
+            from fairdistill.engine.errors import UsageError
 
             raise UsageError(f"{path}: no such run directory")
         # the target as the run's [samples] reasoning says: the answer, or <think>trace</think> + answer
@@ -266,8 +266,8 @@ def synthetic_samples(n_problems: int, seed: int = 0, mistakes_per_problem: int 
     """FAIR-shaped samples without a FAIR run: arithmetic word problems rendered with the real
     ``solve`` / ``mistake`` prompts, and step-by-step responses of varied length (a few to a few
     dozen steps, like teacher rationales) that end with the instructed answer line."""
-    from engine.fair.prompts import prompt_set
-    from engine.rundir.schema import Msg, Problem, Sample
+    from fairdistill.engine.fair.prompts import prompt_set
+    from fairdistill.engine.rundir.schema import Msg, Problem, Sample
 
     rng = random.Random(seed)
     prompts = prompt_set()
@@ -330,7 +330,7 @@ def synthetic_samples(n_problems: int, seed: int = 0, mistakes_per_problem: int 
 
 def write_run_dir(run_dir: str | Path, samples: Iterable[Sample]) -> Path:
     """A minimal run directory holding only ``samples`` (what ``fair train`` reads)."""
-    from engine.rundir.store import RunStore
+    from fairdistill.engine.rundir.store import RunStore
 
     store = RunStore(run_dir).open(["samples"])
     for s in samples:

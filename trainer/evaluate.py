@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from engine.rundir.schema import Problem
+from fairdistill.engine.rundir.schema import Problem
 
 MODES = ("strict", "flexible")
 
@@ -47,7 +47,7 @@ def grade(text: str, problem: Problem) -> dict:
     """Both gradings of one generated text with the engine's own ``engine.fair.answers.grade``, as
     the pipeline grades: the options (a flexible choice answer may quote an option's text) and the
     question (a free-form final statement is read for the unit it asks about) are passed."""
-    from engine.fair.answers import grade as engine_grade
+    from fairdistill.engine.fair.answers import grade as engine_grade
 
     row: dict = {}
     for mode in MODES:
@@ -68,7 +68,7 @@ def accuracy(graded: Sequence[dict], mode: str) -> dict:
 
 
 def _chat(problem: Problem, version: str = "v1") -> list[dict]:
-    from engine.fair.prompts import prompt_set
+    from fairdistill.engine.fair.prompts import prompt_set
 
     return [{"role": m.role, "content": m.content} for m in prompt_set(version).render("solve", problem)]
 
@@ -81,7 +81,7 @@ class HFGenerator:
     """transformers ``generate``: one base model, LoRA adapters switched in place with peft."""
 
     def __init__(self, model: str | None, adapters: dict[str, str], device: str | None = None):
-        from trainer.model import load_student
+        from fairdistill.trainer.model import load_student
 
         self.model, self.tok = load_student(model, device=device)
         self.model.eval()
@@ -103,7 +103,7 @@ class HFGenerator:
 
     def _model_for(self, name: str):
         if name in self.full:
-            from trainer.model import load_student
+            from fairdistill.trainer.model import load_student
 
             if name not in self.loaded:
                 self.loaded = {name: load_student(self.full[name], device=str(self.model.device))[0].eval()}
@@ -168,7 +168,7 @@ class VLLMGenerator:
         gpu_memory_utilization: float | None = None,
         max_lora_rank: int | None = None,
     ):
-        from trainer import vllm_backend as V
+        from fairdistill.trainer import vllm_backend as V
 
         V.require_vllm()
         self.adapters = {k: str(v) for k, v in adapters.items()}
@@ -205,7 +205,7 @@ class VLLMGenerator:
 def pick_backend(backend: str, adapters: dict[str, str]) -> str:
     """``vllm`` asked for but not installed: exit 2 with the install hint (never a silent
     fallback); ``auto`` takes vLLM when it can and says so when it falls back to transformers."""
-    from trainer import vllm_backend
+    from fairdistill.trainer import vllm_backend
 
     if backend == "vllm":
         vllm_backend.require_vllm()
@@ -374,7 +374,7 @@ def report_markdown(summary: dict) -> str:
 
 
 def write_outputs(summary: dict, wrong: dict[tuple[str, str], list[dict]], out: Path) -> dict:
-    from trainer.plots import plot_accuracy
+    from fairdistill.trainer.plots import plot_accuracy
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "wrong").mkdir(exist_ok=True)
@@ -412,8 +412,8 @@ def check_overlap(
 ) -> list[str]:
     """Refuse (ConfigError, exit 2) to score a trained model on questions of its own training
     samples; with ``allow`` the overlaps become notes that the report prints in bold."""
-    from engine.errors import ConfigError
-    from engine.fair.splits import RECORD, find_training_record, overlaps
+    from fairdistill.engine.errors import ConfigError
+    from fairdistill.engine.fair.splits import RECORD, find_training_record, overlaps
 
     notes = []
     for name, path in adapters.items():
@@ -440,9 +440,9 @@ def check_overlap(
 
 
 def cli_main(args) -> int:
-    from engine.config import DatasetSection
-    from engine.fair.datasets import load_problems
-    from engine.jsonfile import read_json_object
+    from fairdistill.engine.config import DatasetSection
+    from fairdistill.engine.fair.datasets import load_problems
+    from fairdistill.engine.jsonfile import read_json_object
 
     adapters = parse_adapters(args.adapter)
     for path in adapters.values():  # first: before the data, and not after minutes of loading a model

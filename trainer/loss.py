@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer.data import IGNORE_INDEX, Batch
+from fairdistill.trainer.data import IGNORE_INDEX, Batch
 
 MISTAKE, RATIONALE = 1, 0
 

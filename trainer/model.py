@@ -118,7 +118,7 @@ def _save_cache(model, tok) -> None:
 def ensure_architectures(folder: str | Path) -> list[str]:
     """``architectures`` of a model folder's ``config.json``, written in from ``model_type`` when
     missing (vLLM picks the model class from it; transformers does not need it)."""
-    from engine.jsonfile import read_json_object
+    from fairdistill.engine.jsonfile import read_json_object
 
     path = Path(folder) / "config.json"
     cfg = read_json_object(path)  # a hand-edited config: one line naming it, exit 2

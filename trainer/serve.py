@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from engine.server_thread import ServerThread
-from engine.wire import ChatCompletionRequest, RequestInvalid, parse_chat_request
-from trainer import vllm_backend
-from trainer.adapters import parse_adapters
+from fairdistill.engine.server_thread import ServerThread
+from fairdistill.engine.wire import ChatCompletionRequest, RequestInvalid, parse_chat_request
+from fairdistill.trainer import vllm_backend
+from fairdistill.trainer.adapters import parse_adapters
 
 if TYPE_CHECKING:
-    from trainer.batching import BatchEngine, GenerationResult, SamplingParams
+    from fairdistill.trainer.batching import BatchEngine, GenerationResult, SamplingParams
 
 DEFAULT_STUDENT = "smollm2-135m"  # trainer.model.DEFAULT_STUDENT, without importing torch early
 
@@ -108,7 +108,7 @@ class StudentServer:
         passive_openmp()
         import torch
 
-        from trainer.batching import BatchEngine
+        from fairdistill.trainer.batching import BatchEngine
 
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -133,7 +133,7 @@ class StudentServer:
         self.stop()
 
     def _load(self):
-        from trainer.model import load_student
+        from fairdistill.trainer.model import load_student
 
         base_names: list[str] = []
         if self.model_arg is None or isinstance(self.model_arg, str | Path):
@@ -203,7 +203,7 @@ class StudentServer:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         """The batching counters for Prometheus (``fair_student_*``), always served."""
-        from engine.exposition import exposition  # prometheus-client only, not the request path
+        from fairdistill.engine.exposition import exposition  # prometheus-client only, not the request path
 
         assert self.engine is not None
         stats = self.engine.stats.as_dict()
@@ -246,7 +246,7 @@ class StudentServer:
             job_args = self._parse(parse_chat_request(await request.read()))
         except RequestInvalid as exc:
             return _error(exc.status, str(exc), param=exc.param, code=exc.code)
-        from trainer.batching import Job
+        from fairdistill.trainer.batching import Job
 
         prompt_ids, params, adapter, model_name, want_ids = job_args
         loop = asyncio.get_running_loop()
@@ -273,7 +273,7 @@ class StudentServer:
 
     def _parse(self, body: ChatCompletionRequest) -> tuple[list[int], SamplingParams, str | None, str, bool]:
         """What msgspec (``engine.wire``) cannot check: the model, unsupported options, the context."""
-        from trainer.batching import SamplingParams
+        from fairdistill.trainer.batching import SamplingParams
 
         chat = [{"role": m.role, "content": m.text()} for m in body.messages]
         model_name = body.model or self.base_name
@@ -370,7 +370,7 @@ def _settle(fut: asyncio.Future, result: GenerationResult | BaseException) -> No
 
 def cli_main(args) -> int:
     """``fair serve-student``: serve until SIGINT/SIGTERM."""
-    from engine.jsonfile import read_json_object
+    from fairdistill.engine.jsonfile import read_json_object
 
     backend = getattr(args, "backend", "cpu")
     if backend != "cpu":  # vllm, or auto: vllm when the `vllm` command is installed

@@ -48,10 +48,10 @@ from typing import IO, Literal
 import msgspec
 import torch
 
-from engine.errors import ConfigError, UsageError
-from engine.fair import splits
-from trainer import data as D
-from trainer.loss import TaskTokens, enable_packed_attention, micro_loss, per_token_loss
+from fairdistill.engine.errors import ConfigError, UsageError
+from fairdistill.engine.fair import splits
+from fairdistill.trainer import data as D
+from fairdistill.trainer.loss import TaskTokens, enable_packed_attention, micro_loss, per_token_loss
 
 # -- config -------------------------------------------------------------------------------------
 
@@ -216,7 +216,7 @@ class Progress:
     steps done, per-task loss, tokens/s, ETA; notes print above it."""
 
     def __init__(self, total: int, enabled: bool, start: int = 0):
-        from engine.progress import Progress as Bar
+        from fairdistill.engine.progress import Progress as Bar
 
         self.bar = Bar(total, label="step", enabled=enabled, requests=False)
         self.bar.resumed, self.start = start, start
@@ -352,7 +352,7 @@ def _setup_data(cfg: TrainConfig, tokenizer) -> tuple[list, list, list, dict, li
 
 def _setup_model(cfg: TrainConfig, ckpt: Path | None, device: str, dtype, on_gpu: bool):
     """The base model (+ LoRA), resumed weights if any, packing and checkpointing switched on."""
-    from trainer.model import load_student
+    from fairdistill.trainer.model import load_student
 
     if ckpt is not None and cfg.finetune == "lora":
         model, _ = load_student(
@@ -432,7 +432,7 @@ def setup(cfg: TrainConfig) -> Recipe:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
-    from trainer.model import load_tokenizer
+    from fairdistill.trainer.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     samples, train_ex, val_ex, stats, val_batches = _setup_data(cfg, tokenizer)
@@ -608,7 +608,7 @@ def finish(r: Recipe, loop: dict) -> dict:
     cfg = r.cfg
     final_dir = r.out / ("adapter" if cfg.finetune == "lora" else "model")
     r.save_weights(final_dir)
-    from trainer.plots import plot_losses
+    from fairdistill.trainer.plots import plot_losses
 
     plot = plot_losses(r.metrics_path, r.out / "loss.png")
     last, elapsed = loop["last_row"], loop["elapsed_s"]
@@ -696,7 +696,7 @@ def cli_main(args) -> int:
 
 def _check_inputs(inputs) -> None:
     """Each input is a run directory holding at least one sample (UsageError, exit 2, if not)."""
-    from engine.rundir.store import iter_records
+    from fairdistill.engine.rundir.store import iter_records
 
     for run_dir in map(Path, inputs):
         if not run_dir.is_dir():

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import get_args
 
-from engine.errors import UsageError
-from trainer.adapters import parse_adapters
+from fairdistill.engine.errors import UsageError
+from fairdistill.trainer.adapters import parse_adapters
 
 # vllm/config/lora.py: MaxLoRARanks = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] (vLLM >= 0.10;
 # 0.6-0.9 accepted 8..256, older ones 8..64). The installed vLLM's own list wins when importable.
@@ -105,7 +105,7 @@ def check_memory_utilization(value: float | None) -> float | None:
 def model_folder(name: str | None) -> str:
     """A local HF folder (or hub id) vLLM can load: the embedded GGUF is dequantized into the cache
     once; a local folder gets ``architectures`` written in when it lacks it."""
-    from trainer.model import ensure_architectures, load_student, resolve_model
+    from fairdistill.trainer.model import ensure_architectures, load_student, resolve_model
 
     path, kwargs = resolve_model(name)
     if "gguf_file" in kwargs:  # vLLM wants an HF folder: dequantize once into the cache
@@ -175,12 +175,12 @@ def serve_cli(args) -> int:
     """
     import time
 
-    from engine.services import Services
+    from fairdistill.engine.services import Services
 
     exe = vllm_executable()
     check_memory_utilization(args.gpu_memory_utilization)
     if not args.port:  # `--port 0`: pick a free one here, since we must know where to wait for it
-        from engine.services import free_port
+        from fairdistill.engine.services import free_port
 
         args.port = free_port()
         print(f"fair serve-student: --port 0: using free port {args.port}", file=sys.stderr)

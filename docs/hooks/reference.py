@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from engine import confdoc
-from engine.cli import build_parser
+from fairdistill.engine import confdoc
+from fairdistill.engine.cli import build_parser
 
 PAGES = {"reference/config.md": "config_page", "reference/cli.md": "cli_page"}
 

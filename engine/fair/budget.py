@@ -20,13 +20,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from engine.errors import AbortRun
-from engine.request.pricing import Prices
-from engine.rundir.store import iter_raw, read_manifest
+from fairdistill.engine.errors import AbortRun
+from fairdistill.engine.request.pricing import Prices
+from fairdistill.engine.rundir.store import iter_raw, read_manifest
 
 if TYPE_CHECKING:
-    from engine.config import RunConfig
-    from engine.request.client import Engine
+    from fairdistill.engine.config import RunConfig
+    from fairdistill.engine.request.client import Engine
 
 PROBE = 4  # problems at once until the first has finished and a cost per problem is known
 

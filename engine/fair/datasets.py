@@ -47,11 +47,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from engine.config import DatasetSection
-from engine.errors import ConfigError, InputError
-from engine.fair.answers import normalize_gold
-from engine.inputs import ErrorSink
-from engine.rundir.schema import Problem
+from fairdistill.engine.config import DatasetSection
+from fairdistill.engine.errors import ConfigError, InputError
+from fairdistill.engine.fair.answers import normalize_gold
+from fairdistill.engine.inputs import ErrorSink
+from fairdistill.engine.rundir.schema import Problem
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILTIN = Path(__file__).resolve().parent / "data" / "builtin.jsonl"

@@ -14,13 +14,13 @@ from typing import Any
 
 import msgspec
 
-from engine.config import RunConfig
-from engine.fair import datasets
-from engine.fair.budget import project, render
-from engine.fair.pipeline import Job, count_problems
-from engine.inputs import BadLines
-from engine.options import Outcome
-from engine.rundir.store import iter_raw
+from fairdistill.engine.config import RunConfig
+from fairdistill.engine.fair import datasets
+from fairdistill.engine.fair.budget import project, render
+from fairdistill.engine.fair.pipeline import Job, count_problems
+from fairdistill.engine.inputs import BadLines
+from fairdistill.engine.options import Outcome
+from fairdistill.engine.rundir.store import iter_raw
 
 
 async def estimate(cfg: RunConfig, run_dir: Path, pilot: int = 20) -> dict[str, Any]:

@@ -23,30 +23,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.config import RunConfig, dump_config
-from engine.errors import BreakerTripped, RequestError
-from engine.fair import datasets, splits
-from engine.fair.budget import Budget, BudgetGate, BudgetReached, spent_before
-from engine.fair.prompts import prompt_set
-from engine.fair.report import write_report
-from engine.fair.resume import PriorRecords
-from engine.fair.stages import review as review_stage
-from engine.fair.stages import samples as samples_stage
-from engine.fair.stages import student, teachers
-from engine.fair.stages.context import StageContext
-from engine.fair.stages.counts import StageCounts
-from engine.fair.stages.threshold import judge, skips_review
-from engine.inputs import BadLines
-from engine.options import Outcome
-from engine.progress import Progress
-from engine.request.client import Admitter, Engine
-from engine.request.events import Observer
-from engine.request.executor import Executor
-from engine.request.metrics import serve_engine
-from engine.rundir.index import StoredIds
-from engine.rundir.schema import Attempt, Failure, Feedback, Problem, ProblemDone, Rationale, Score
-from engine.rundir.store import RunStore
-from engine.rundir.verify import check_run_dir
+from fairdistill.engine.config import RunConfig, dump_config
+from fairdistill.engine.errors import BreakerTripped, RequestError
+from fairdistill.engine.fair import datasets, splits
+from fairdistill.engine.fair.budget import Budget, BudgetGate, BudgetReached, spent_before
+from fairdistill.engine.fair.prompts import prompt_set
+from fairdistill.engine.fair.report import write_report
+from fairdistill.engine.fair.resume import PriorRecords
+from fairdistill.engine.fair.stages import review as review_stage
+from fairdistill.engine.fair.stages import samples as samples_stage
+from fairdistill.engine.fair.stages import student, teachers
+from fairdistill.engine.fair.stages.context import StageContext
+from fairdistill.engine.fair.stages.counts import StageCounts
+from fairdistill.engine.fair.stages.threshold import judge, skips_review
+from fairdistill.engine.inputs import BadLines
+from fairdistill.engine.options import Outcome
+from fairdistill.engine.progress import Progress
+from fairdistill.engine.request.client import Admitter, Engine
+from fairdistill.engine.request.events import Observer
+from fairdistill.engine.request.executor import Executor
+from fairdistill.engine.request.metrics import serve_engine
+from fairdistill.engine.rundir.index import StoredIds
+from fairdistill.engine.rundir.schema import (
+    Attempt,
+    Failure,
+    Feedback,
+    Problem,
+    ProblemDone,
+    Rationale,
+    Score,
+)
+from fairdistill.engine.rundir.store import RunStore
+from fairdistill.engine.rundir.verify import check_run_dir
 
 KINDS = ["attempts", "rationales", "feedback", "reviews", "samples", "failures", "problems"]
 REUSED_KINDS = ["attempts", "rationales", "feedback", "reviews"]
@@ -68,7 +76,7 @@ def batch_parts(cfg: RunConfig, run_dir: Path, parts: JobParts) -> JobParts:
     given): those endpoints wait in batches, not in admission."""
     if parts.executor is not None or not any(ep.mode == "batch" for ep in cfg.endpoints.values()):
         return parts
-    from engine.request.batch.executor import BatchExecutor, Unmetered  # only for batch endpoints
+    from fairdistill.engine.request.batch.executor import BatchExecutor, Unmetered  # only for batch endpoints
 
     batch: dict[str, Admitter] = {n: Unmetered() for n, ep in cfg.endpoints.items() if ep.mode == "batch"}
     return JobParts(BatchExecutor(run_dir), {**batch, **(parts.admissions or {})}, parts.observers)

@@ -12,11 +12,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from engine.errors import DamagedRunError, UsageError
-from engine.fair.errortypes import TYPES, UNKNOWN, majority
-from engine.fair.splits import find_training_record
-from engine.rundir.store import iter_raw, read_manifest, shard_paths
-from engine.rundir.tracesum import TraceTotals, read_totals
+from fairdistill.engine.errors import DamagedRunError, UsageError
+from fairdistill.engine.fair.errortypes import TYPES, UNKNOWN, majority
+from fairdistill.engine.fair.splits import find_training_record
+from fairdistill.engine.rundir.store import iter_raw, read_manifest, shard_paths
+from fairdistill.engine.rundir.tracesum import TraceTotals, read_totals
 
 
 def summarize(run_dir: str | Path, digests: dict[str, str] | None = None) -> dict[str, Any]:

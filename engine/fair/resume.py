@@ -15,9 +15,9 @@ from pathlib import Path
 
 import msgspec
 
-from engine.rundir.reader import lines_at, shard_lines
-from engine.rundir.schema import KINDS, Record
-from engine.rundir.store import shard_paths
+from fairdistill.engine.rundir.reader import lines_at, shard_lines
+from fairdistill.engine.rundir.schema import KINDS, Record
+from fairdistill.engine.rundir.store import shard_paths
 
 
 class _Head(msgspec.Struct):

@@ -28,7 +28,7 @@ import re
 import statistics
 from collections.abc import Sequence
 
-from engine.config import MAX_SCORE, MIN_SCORE
+from fairdistill.engine.config import MAX_SCORE, MIN_SCORE
 
 AGGREGATIONS = ("mean", "median", "min")
 PRIOR_WEIGHT = 10.0  # pseudo-scores at the pooled mean/sd before a reviewer's own count

@@ -20,10 +20,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from engine.config import DatasetSection
-from engine.errors import UsageError
-from engine.jsonfile import read_json_object
-from engine.rundir.store import read_manifest
+from fairdistill.engine.config import DatasetSection
+from fairdistill.engine.errors import UsageError
+from fairdistill.engine.jsonfile import read_json_object
+from fairdistill.engine.rundir.store import read_manifest
 
 RECORD = "fair_training.json"
 

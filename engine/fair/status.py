@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from engine.errors import UsageError
-from engine.fair.report import render_markdown, summarize
-from engine.rundir.store import read_manifest
-from engine.rundir.verify import first_damage
+from fairdistill.engine.errors import UsageError
+from fairdistill.engine.fair.report import render_markdown, summarize
+from fairdistill.engine.rundir.store import read_manifest
+from fairdistill.engine.rundir.verify import first_damage
 
 
 def cli_main(args: argparse.Namespace) -> int:

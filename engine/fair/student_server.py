@@ -18,9 +18,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from engine.config import RunConfig, endpoint_address
-from engine.errors import ConfigError, UsageError
-from engine.services import Services
+from fairdistill.engine.config import RunConfig, endpoint_address
+from fairdistill.engine.errors import ConfigError, UsageError
+from fairdistill.engine.services import Services
 
 STARTUP_TIMEOUT_S = 900.0  # loading the model (and vLLM's warm-up) can take minutes
 

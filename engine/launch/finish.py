@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.options import Outcome
+from fairdistill.engine.options import Outcome
 
 
 def finish_run(outcome: Outcome) -> int:

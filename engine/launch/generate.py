@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from engine.config import check_output_dir
-from engine.generate import generate, generate_outcome
-from engine.launch.finish import finish_run
-from engine.options import GenerateOptions, Outcome
-from engine.scale import check_ray
+from fairdistill.engine.config import check_output_dir
+from fairdistill.engine.generate import generate, generate_outcome
+from fairdistill.engine.launch.finish import finish_run
+from fairdistill.engine.options import GenerateOptions, Outcome
+from fairdistill.engine.scale import check_ray
 
 
 def launch_generate(opts: GenerateOptions) -> int:
@@ -21,7 +21,7 @@ def launch_generate(opts: GenerateOptions) -> int:
 
 def _mode(opts: GenerateOptions) -> Outcome:
     if opts.ray is not None:  # scale-out: imports ray only now
-        from engine.scale.gen import run_generate
+        from fairdistill.engine.scale.gen import run_generate
 
         return run_generate(opts, opts.ray)
     summary = asyncio.run(generate_run(opts))

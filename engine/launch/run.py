@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from engine.config import RunConfig, check_output_dir, load_config
-from engine.fair.estimate import estimate_outcome
-from engine.fair.pipeline import fair_outcome, run_job
-from engine.fair.student_server import student_server
-from engine.launch.finish import finish_run
-from engine.options import Outcome, RunOptions
-from engine.scale import check_ray
+from fairdistill.engine.config import RunConfig, check_output_dir, load_config
+from fairdistill.engine.fair.estimate import estimate_outcome
+from fairdistill.engine.fair.pipeline import fair_outcome, run_job
+from fairdistill.engine.fair.student_server import student_server
+from fairdistill.engine.launch.finish import finish_run
+from fairdistill.engine.options import Outcome, RunOptions
+from fairdistill.engine.scale import check_ray
 
 
 def launch_run(opts: RunOptions) -> int:
@@ -27,8 +27,8 @@ def launch_run(opts: RunOptions) -> int:
 def _mode(opts: RunOptions, cfg: RunConfig, run_dir: Path) -> Outcome:
     """Single process, ``--estimate``, or ``--ray`` (``engine.scale``, imported only then)."""
     if opts.ray is not None:  # scale-out: imports ray only now
-        from engine.scale.estimate import estimate
-        from engine.scale.fairrun import run_fair
+        from fairdistill.engine.scale.estimate import estimate
+        from fairdistill.engine.scale.fairrun import run_fair
 
         if opts.estimate:
             return estimate(opts, opts.ray, cfg, run_dir)

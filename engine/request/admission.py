@@ -54,13 +54,13 @@ import math
 import time
 from collections.abc import Mapping
 
-from engine.request import durations
-from engine.request.buckets import TokenBucket
-from engine.request.mirror import Lease, LimitMirror, Units, counted
-from engine.request.pacer import Pacer
-from engine.request.providers.ratelimit import has_limits, retry_after_s, server_limit
-from engine.request.providers.status import Verdict, classify
-from engine.request.tunables import TUNABLES, Tunables
+from fairdistill.engine.request import durations
+from fairdistill.engine.request.buckets import TokenBucket
+from fairdistill.engine.request.mirror import Lease, LimitMirror, Units, counted
+from fairdistill.engine.request.pacer import Pacer
+from fairdistill.engine.request.providers.ratelimit import has_limits, retry_after_s, server_limit
+from fairdistill.engine.request.providers.status import Verdict, classify
+from fairdistill.engine.request.tunables import TUNABLES, Tunables
 
 
 class Released(enum.Enum):

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from engine.errors import AuthError, ReplyError, RequestError
-from engine.request.events import Call, Events
-from engine.request.executor import BATCH_HEADER, Executor, SendError
-from engine.request.lane import Lane, settle
-from engine.request.providers import error_message, redact
-from engine.request.retry import Transient, retrying
-from engine.types import ChatRequest, Completion
+from fairdistill.engine.errors import AuthError, ReplyError, RequestError
+from fairdistill.engine.request.events import Call, Events
+from fairdistill.engine.request.executor import BATCH_HEADER, Executor, SendError
+from fairdistill.engine.request.lane import Lane, settle
+from fairdistill.engine.request.providers import error_message, redact
+from fairdistill.engine.request.retry import Transient, retrying
+from fairdistill.engine.types import ChatRequest, Completion
 
 
 class Sender:

@@ -42,9 +42,9 @@ import msgspec
 import orjson
 import zstandard
 
-from engine.errors import UsageError
-from engine.rundir.idset import HashSet64, key_hash
-from engine.types import ChatRequest, Completion
+from fairdistill.engine.errors import UsageError
+from fairdistill.engine.rundir.idset import HashSet64, key_hash
+from fairdistill.engine.types import ChatRequest, Completion
 
 INSERT_ROWS = 256  # rows per INSERT statement (3 parameters each; SQLite allows 32766)
 MAX_BUFFERED = 4096  # entries handed to the writer and not yet committed: past this ``put`` waits

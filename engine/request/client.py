@@ -43,18 +43,18 @@ from typing import Any
 
 import msgspec
 
-from engine.config import EndpointConfig
-from engine.errors import AuthError, ConfigError, RequestError
-from engine.request.attempt import Sender
-from engine.request.cache import ResponseCache, cache_key
-from engine.request.events import Call, Events, Observer
-from engine.request.executor import Executor, HttpExecutor
-from engine.request.flight import SingleFlight
-from engine.request.lane import Admitter, Lane, estimate_tokens, from_cache, merged
-from engine.request.retry import BACKOFF_BASE_S, BACKOFF_MAX_S, RetryPolicy
-from engine.request.stats import EndpointStats, StatsObserver
-from engine.request.trace import Trace, TraceObserver
-from engine.types import ChatRequest, Completion
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.errors import AuthError, ConfigError, RequestError
+from fairdistill.engine.request.attempt import Sender
+from fairdistill.engine.request.cache import ResponseCache, cache_key
+from fairdistill.engine.request.events import Call, Events, Observer
+from fairdistill.engine.request.executor import Executor, HttpExecutor
+from fairdistill.engine.request.flight import SingleFlight
+from fairdistill.engine.request.lane import Admitter, Lane, estimate_tokens, from_cache, merged
+from fairdistill.engine.request.retry import BACKOFF_BASE_S, BACKOFF_MAX_S, RetryPolicy
+from fairdistill.engine.request.stats import EndpointStats, StatsObserver
+from fairdistill.engine.request.trace import Trace, TraceObserver
+from fairdistill.engine.types import ChatRequest, Completion
 
 __all__ = [
     "BACKOFF_BASE_S", "BACKOFF_MAX_S", "MAX_RATE_LIMITED", "Admitter", "EndpointStats", "Engine", "Lane",

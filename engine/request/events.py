@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engine.types import Completion
+    from fairdistill.engine.types import Completion
 
 EVENTS = (
     "requested", "cached", "admitted", "sent", "answered", "throttled", "retried", "completed", "failed",

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 import aiohttp
 
 if TYPE_CHECKING:
-    from engine.config import BatchConfig
+    from fairdistill.engine.config import BatchConfig
 
 Reply = tuple[int, bytes, Mapping[str, str]]
 BATCH_HEADER = "x-fair-batch"  # reply header an executor sets to the provider batch that answered

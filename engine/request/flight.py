@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from engine.types import Completion
+from fairdistill.engine.types import Completion
 
 
 class SingleFlight:

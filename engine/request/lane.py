@@ -13,16 +13,16 @@ from typing import Any, Protocol
 
 import msgspec
 
-from engine.config import EndpointConfig
-from engine.errors import AuthError, RequestError, one_line
-from engine.request.admission import Admission
-from engine.request.events import Call, Events
-from engine.request.executor import BatchTarget, Target
-from engine.request.pricing import Prices
-from engine.request.providers import Provider, error_message, make_provider
-from engine.request.providers.status import Verdict, classify
-from engine.request.retry import RetryPolicy, Transient
-from engine.types import ChatRequest, Completion, Usage
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.errors import AuthError, RequestError, one_line
+from fairdistill.engine.request.admission import Admission
+from fairdistill.engine.request.events import Call, Events
+from fairdistill.engine.request.executor import BatchTarget, Target
+from fairdistill.engine.request.pricing import Prices
+from fairdistill.engine.request.providers import Provider, error_message, make_provider
+from fairdistill.engine.request.providers.status import Verdict, classify
+from fairdistill.engine.request.retry import RetryPolicy, Transient
+from fairdistill.engine.types import ChatRequest, Completion, Usage
 
 EST_MAX_TOKENS = 256  # completion tokens assumed for admission when max_tokens is not set
 

@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from engine.errors import ConfigError
-from engine.request.events import Call, Observer
-from engine.request.stats import EndpointStats
-from engine.types import Completion
+from fairdistill.engine.errors import ConfigError
+from fairdistill.engine.request.events import Call, Observer
+from fairdistill.engine.request.stats import EndpointStats
+from fairdistill.engine.types import Completion
 
 if TYPE_CHECKING:
-    from engine.request.client import Engine
+    from fairdistill.engine.request.client import Engine
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 WINDOW_S = 60

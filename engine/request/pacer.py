@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from typing import Protocol
 
-from engine.request.tunables import Tunables
+from fairdistill.engine.request.tunables import Tunables
 
 
 class Gates(Protocol):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.config import EndpointConfig
+from fairdistill.engine.config import EndpointConfig
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import msgspec
 
-from engine.request.events import Call, Observer
-from engine.types import Completion
+from fairdistill.engine.request.events import Call, Observer
+from fairdistill.engine.types import Completion
 
 
 class EndpointStats(msgspec.Struct):

@@ -26,11 +26,11 @@ from typing import Any
 
 import msgspec
 
-from engine.request.events import Call, Observer
-from engine.rundir import tracesum
-from engine.rundir.store import ShardWriter
-from engine.rundir.tracesum import TraceTotals
-from engine.types import Completion
+from fairdistill.engine.request.events import Call, Observer
+from fairdistill.engine.rundir import tracesum
+from fairdistill.engine.rundir.store import ShardWriter
+from fairdistill.engine.rundir.tracesum import TraceTotals
+from fairdistill.engine.types import Completion
 
 SHARD_LINES = 1_000_000
 

@@ -36,11 +36,11 @@ from typing import Any
 
 import orjson
 
-from engine.errors import ConfigError
-from engine.jsonfile import read_json_object
-from engine.rundir.schema import Sample
-from engine.rundir.store import iter_records
-from engine.rundir.targets import reasoning_mode, with_targets
+from fairdistill.engine.errors import ConfigError
+from fairdistill.engine.jsonfile import read_json_object
+from fairdistill.engine.rundir.schema import Sample
+from fairdistill.engine.rundir.store import iter_records
+from fairdistill.engine.rundir.targets import reasoning_mode, with_targets
 
 FORMATS = ("trl", "sharegpt", "llamafactory", "axolotl")
 TASKS = ("rationale", "mistake")

@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from engine.rundir.idset import HashSet64, id_hash
+from fairdistill.engine.rundir.idset import HashSet64, id_hash
 
 MAGIC = b"FAIRIDX1"
 FOLDER = "index"

@@ -28,8 +28,8 @@ from typing import IO, Any
 import msgspec
 import orjson
 
-from engine.errors import DamagedRunError, UsageError
-from engine.rundir.schema import KINDS, SCHEMA_VERSION, TraceLine
+from fairdistill.engine.errors import DamagedRunError, UsageError
+from fairdistill.engine.rundir.schema import KINDS, SCHEMA_VERSION, TraceLine
 
 ZST = ".zst"  # the suffix of a compressed sealed shard: shard-00000.jsonl.zst
 _plain = msgspec.json.Decoder()

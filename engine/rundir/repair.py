@@ -34,11 +34,18 @@ from typing import Any
 
 import orjson
 
-from engine.errors import DamagedRunError, UsageError
-from engine.rundir.reader import check_line, open_shard, read_json, record_decoder, sha256, shard_lines
-from engine.rundir.schema import KINDS
-from engine.rundir.store import RunStore, atomic_write, read_manifest, shard_paths
-from engine.rundir.verify import DONE, first_damage, listed_shards
+from fairdistill.engine.errors import DamagedRunError, UsageError
+from fairdistill.engine.rundir.reader import (
+    check_line,
+    open_shard,
+    read_json,
+    record_decoder,
+    sha256,
+    shard_lines,
+)
+from fairdistill.engine.rundir.schema import KINDS
+from fairdistill.engine.rundir.store import RunStore, atomic_write, read_manifest, shard_paths
+from fairdistill.engine.rundir.verify import DONE, first_damage, listed_shards
 
 QUARANTINE = "quarantine"
 _PROBLEM_ID = re.compile(rb'"problem_id"\s*:\s*"((?:[^"\\]|\\.)*)"')

@@ -26,10 +26,10 @@ from typing import Any, TypeVar
 import msgspec
 import orjson
 
-from engine.errors import UsageError
-from engine.rundir import index as idindex
-from engine.rundir.idset import HashSet64, id_hash
-from engine.rundir.reader import (
+from fairdistill.engine.errors import UsageError
+from fairdistill.engine.rundir import index as idindex
+from fairdistill.engine.rundir.idset import HashSet64, id_hash
+from fairdistill.engine.rundir.reader import (
     ZST,
     check_version,
     decode_line,
@@ -38,7 +38,7 @@ from engine.rundir.reader import (
     sha256,
     shard_lines,
 )
-from engine.rundir.schema import SCHEMA_VERSION, Record
+from fairdistill.engine.rundir.schema import SCHEMA_VERSION, Record
 
 R = TypeVar("R", bound=msgspec.Struct)
 ZSTD_LEVEL = 3  # zstd's default: ~10x on JSONL at ~300 MB/s a core; level 9 gains ~5 %, at 1/4 the speed

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from engine.rundir.schema import Sample
+from fairdistill.engine.rundir.schema import Sample
 
 MODES = ("drop", "think")
 

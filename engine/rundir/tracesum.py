@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from engine.rundir.reader import decode_line, record_decoder, sha256, shard_lines
+from fairdistill.engine.rundir.reader import decode_line, record_decoder, sha256, shard_lines
 
 FOLDER = Path("index") / "trace"
 _KINDS = ("prompt_tokens", "cached_tokens", "cache_write_tokens", "completion_tokens", "reasoning_tokens")

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from engine.errors import DamagedRunError
-from engine.rundir import tracesum
-from engine.rundir.reader import (
+from fairdistill.engine.errors import DamagedRunError
+from fairdistill.engine.rundir import tracesum
+from fairdistill.engine.rundir.reader import (
     ZST,
     check_version,
     decode_line,
@@ -23,8 +23,8 @@ from engine.rundir.reader import (
     sha256,
     shard_lines,
 )
-from engine.rundir.schema import KINDS
-from engine.rundir.store import shard_paths
+from fairdistill.engine.rundir.schema import KINDS
+from fairdistill.engine.rundir.store import shard_paths
 
 DONE = frozenset({"done", "done_with_failures"})  # block attempts a re-run skips
 

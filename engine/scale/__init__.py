@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import re
 
-from engine.errors import ConfigError
-from engine.options import RayOptions
+from fairdistill.engine.errors import ConfigError
+from fairdistill.engine.options import RayOptions
 
 WORKER_CPUS = 0.5  # what a worker actor asks of the cluster (the driver checks that they fit)
 _HOSTPORT = re.compile(r"^(?P<host>[A-Za-z0-9.\-]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import ray
 
-from engine.fair.budget import PROBE
+from fairdistill.engine.fair.budget import PROBE
 
 if TYPE_CHECKING:
-    from engine.request.client import Engine
+    from fairdistill.engine.request.client import Engine
 
 ASK_EVERY_S = 0.05  # a worker told to wait asks again no sooner than this
 

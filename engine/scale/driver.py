@@ -35,15 +35,15 @@ from typing import Any, TypeVar
 
 import orjson
 
-from engine.errors import AbortRun, ConfigError, FairError, one_line
-from engine.progress import Progress
-from engine.request.metrics import MetricsServer
-from engine.rundir.store import atomic_write, recover_partial
-from engine.rundir.verify import check_run_dir
-from engine.scale import WORKER_CPUS, check_address, import_ray
-from engine.scale.metrics import ClusterMetrics
-from engine.scale.plan import Block, Plan
-from engine.scale.results import BlockResult
+from fairdistill.engine.errors import AbortRun, ConfigError, FairError, one_line
+from fairdistill.engine.progress import Progress
+from fairdistill.engine.request.metrics import MetricsServer
+from fairdistill.engine.rundir.store import atomic_write, recover_partial
+from fairdistill.engine.rundir.verify import check_run_dir
+from fairdistill.engine.scale import WORKER_CPUS, check_address, import_ray
+from fairdistill.engine.scale.metrics import ClusterMetrics
+from fairdistill.engine.scale.plan import Block, Plan
+from fairdistill.engine.scale.results import BlockResult
 
 R = TypeVar("R", bound=BlockResult)  # what a block attempt returns (RunBlockResult, GenerateBlockResult)
 
@@ -110,7 +110,7 @@ class Driver:
             total = float(ray.cluster_resources().get("CPU", 0))
             free = float(ray.available_resources().get("CPU", 0))
             self._check_room(total, free, f"the cluster at {self.address}")
-        from engine.scale.limiter import Limiter
+        from fairdistill.engine.scale.limiter import Limiter
 
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         budget = (self.cap_usd, str(self.run_dir)) if self.cap_usd is not None else None
@@ -142,7 +142,7 @@ class Driver:
             )
 
     def _spawn(self, slot: int | None = None) -> None:
-        from engine.scale.worker import BlockWorker
+        from fairdistill.engine.scale.worker import BlockWorker
 
         name = f"w{self.spawned}"
         self.spawned += 1

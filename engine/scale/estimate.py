@@ -15,17 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.config import RunConfig, dump_config
-from engine.errors import AbortRun, FairError
-from engine.fair.budget import project
-from engine.fair.estimate import projection
-from engine.fair.pipeline import KINDS
-from engine.options import Outcome, RayOptions, RunOptions
-from engine.rundir.store import RunStore, iter_raw
-from engine.scale.driver import Driver, Stop, attempt_endpoints, done_blocks, seal_all
-from engine.scale.fairrun import block_feed, check_fair, fair_plan
-from engine.scale.plan import Block
-from engine.scale.results import RunBlockResult
+from fairdistill.engine.config import RunConfig, dump_config
+from fairdistill.engine.errors import AbortRun, FairError
+from fairdistill.engine.fair.budget import project
+from fairdistill.engine.fair.estimate import projection
+from fairdistill.engine.fair.pipeline import KINDS
+from fairdistill.engine.options import Outcome, RayOptions, RunOptions
+from fairdistill.engine.rundir.store import RunStore, iter_raw
+from fairdistill.engine.scale.driver import Driver, Stop, attempt_endpoints, done_blocks, seal_all
+from fairdistill.engine.scale.fairrun import block_feed, check_fair, fair_plan
+from fairdistill.engine.scale.plan import Block
+from fairdistill.engine.scale.results import RunBlockResult
 
 
 def estimate(opts: RunOptions, ray: RayOptions, cfg: RunConfig, run_dir: Path) -> Outcome:

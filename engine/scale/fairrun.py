@@ -8,17 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from engine.config import RunConfig, dump_config
-from engine.errors import AbortRun, ConfigError, FairError
-from engine.fair import datasets
-from engine.fair.budget import BudgetReached
-from engine.fair.pipeline import KINDS, close_fair, fair_outcome
-from engine.fair.report import write_report
-from engine.inputs import BadLines
-from engine.options import Outcome, RayOptions, RunOptions
-from engine.progress import Progress
-from engine.rundir.store import RunStore
-from engine.scale.driver import (
+from fairdistill.engine.config import RunConfig, dump_config
+from fairdistill.engine.errors import AbortRun, ConfigError, FairError
+from fairdistill.engine.fair import datasets
+from fairdistill.engine.fair.budget import BudgetReached
+from fairdistill.engine.fair.pipeline import KINDS, close_fair, fair_outcome
+from fairdistill.engine.fair.report import write_report
+from fairdistill.engine.inputs import BadLines
+from fairdistill.engine.options import Outcome, RayOptions, RunOptions
+from fairdistill.engine.progress import Progress
+from fairdistill.engine.rundir.store import RunStore
+from fairdistill.engine.scale.driver import (
     Driver,
     Stop,
     attempt_endpoints,
@@ -30,9 +30,9 @@ from engine.scale.driver import (
     refuse_single_process,
     seal_all,
 )
-from engine.scale.metrics import serve_cluster
-from engine.scale.plan import RUN_BLOCK, Block, Plan, ProblemBlocks, run_plan, settle
-from engine.scale.results import RunBlockResult
+from fairdistill.engine.scale.metrics import serve_cluster
+from fairdistill.engine.scale.plan import RUN_BLOCK, Block, Plan, ProblemBlocks, run_plan, settle
+from fairdistill.engine.scale.results import RunBlockResult
 
 
 def check_fair(cfg: RunConfig, run_dir: Path) -> None:

@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.config import EndpointConfig
-from engine.errors import AbortRun, ConfigError, FairError
-from engine.generate import ENDPOINT, KIND, generate_outcome
-from engine.options import GenerateOptions, Outcome, RayOptions
-from engine.progress import Progress
-from engine.rundir.store import RunStore
-from engine.scale.driver import (
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.errors import AbortRun, ConfigError, FairError
+from fairdistill.engine.generate import ENDPOINT, KIND, generate_outcome
+from fairdistill.engine.options import GenerateOptions, Outcome, RayOptions
+from fairdistill.engine.progress import Progress
+from fairdistill.engine.rundir.store import RunStore
+from fairdistill.engine.scale.driver import (
     Driver,
     Stop,
     attempt_endpoints,
@@ -25,9 +25,9 @@ from engine.scale.driver import (
     refuse_single_process,
     seal_all,
 )
-from engine.scale.metrics import serve_cluster
-from engine.scale.plan import GENERATE_BLOCK, Block, Plan, generate_plan, read_lines, settle
-from engine.scale.results import GenerateBlockResult
+from fairdistill.engine.scale.metrics import serve_cluster
+from fairdistill.engine.scale.plan import GENERATE_BLOCK, Block, Plan, generate_plan, read_lines, settle
+from fairdistill.engine.scale.results import GenerateBlockResult
 
 SUMMED = ("ok", "failed", "skipped_existing", "calls", "cache_hits", "http_429", "retries", "prompt_tokens",
           "completion_tokens", "cost_usd")  # fmt: skip

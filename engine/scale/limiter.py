@@ -61,8 +61,8 @@ from typing import Any
 
 import ray
 
-from engine.request.admission import Admission, Lease
-from engine.scale.budget import Ledger
+from fairdistill.engine.request.admission import Admission, Lease
+from fairdistill.engine.scale.budget import Ledger
 
 HOLD_S = 1.0  # longest a limiter round trip waits with nothing granted (lending news answers at once)
 LINGER_S = 0.005  # after a first grant, how long a round trip waits for more (bigger batches)

@@ -25,8 +25,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from engine.request.metrics import MetricsServer, Sample, Windows, families, merge, sample
-from engine.request.stats import StatsObserver
+from fairdistill.engine.request.metrics import MetricsServer, Sample, Windows, families, merge, sample
+from fairdistill.engine.request.stats import StatsObserver
 
 PULL_TIMEOUT_S = 2.0  # a scrape waits this long for the workers' snapshots, then uses the last ones
 GAUGES = ("in_flight", "rpm", "tpm")  # zero for a worker that is gone

@@ -20,11 +20,11 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from engine.errors import ConfigError, InputError, one_line
-from engine.generate import parse_line
-from engine.inputs import BadLines
-from engine.rundir.schema import Problem
-from engine.rundir.store import atomic_write
+from fairdistill.engine.errors import ConfigError, InputError, one_line
+from fairdistill.engine.generate import parse_line
+from fairdistill.engine.inputs import BadLines
+from fairdistill.engine.rundir.schema import Problem
+from fairdistill.engine.rundir.store import atomic_write
 
 GENERATE_BLOCK = 1000  # input lines per block (fair generate)
 RUN_BLOCK = 25  # problems per block (fair run)

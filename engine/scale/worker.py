@@ -25,23 +25,23 @@ from typing import Any
 
 import ray
 
-from engine.config import EndpointConfig, RunConfig
-from engine.errors import AbortRun, ConfigError, FairError, InputError
-from engine.fair.budget import BudgetReached
-from engine.fair.pipeline import KINDS, Job, JobParts
-from engine.generate import ENDPOINT, KIND, Work, answer_lines, parse_line, run_summary
-from engine.options import RequestOptions
-from engine.progress import Progress
-from engine.request.client import Engine
-from engine.request.executor import HttpExecutor, Reply, Target
-from engine.rundir.schema import Problem
-from engine.rundir.store import RunStore, recover_partial, shard_paths
-from engine.scale import WORKER_CPUS
-from engine.scale.budget import SharedBudget
-from engine.scale.limiter import AdmissionProxy
-from engine.scale.metrics import WorkerMetrics
-from engine.scale.results import GenerateBlockResult, RunBlockResult
-from engine.types import Message
+from fairdistill.engine.config import EndpointConfig, RunConfig
+from fairdistill.engine.errors import AbortRun, ConfigError, FairError, InputError
+from fairdistill.engine.fair.budget import BudgetReached
+from fairdistill.engine.fair.pipeline import KINDS, Job, JobParts
+from fairdistill.engine.generate import ENDPOINT, KIND, Work, answer_lines, parse_line, run_summary
+from fairdistill.engine.options import RequestOptions
+from fairdistill.engine.progress import Progress
+from fairdistill.engine.request.client import Engine
+from fairdistill.engine.request.executor import HttpExecutor, Reply, Target
+from fairdistill.engine.rundir.schema import Problem
+from fairdistill.engine.rundir.store import RunStore, recover_partial, shard_paths
+from fairdistill.engine.scale import WORKER_CPUS
+from fairdistill.engine.scale.budget import SharedBudget
+from fairdistill.engine.scale.limiter import AdmissionProxy
+from fairdistill.engine.scale.metrics import WorkerMetrics
+from fairdistill.engine.scale.results import GenerateBlockResult, RunBlockResult
+from fairdistill.engine.types import Message
 
 START_BATCH = 32  # a block starts its tasks this many at a time (the limiter's cold start: 32)
 

@@ -1,6 +1,6 @@
 """The simulator: OpenAI-compatible teachers and students with hidden limits, faults and replay.
 
-    from engine.sim import SimProfile, ModelProfile, start_sim
+    from fairdistill.engine.sim import SimProfile, ModelProfile, start_sim
 
     async with start_sim("committee", problems) as sim:   # binds 127.0.0.1, a free port
         sim.base_url      # "http://127.0.0.1:PORT/v1"
@@ -10,8 +10,15 @@
 standalone server. Profiles: ``engine/sim/profiles/*.toml`` or any TOML file (see profiles.py).
 """
 
-from engine.sim.profiles import Burst, Faults, ModelProfile, SimProfile, load_profile, named_profiles
-from engine.sim.server import SimServer, SimStats, SimThread, start_sim
+from fairdistill.engine.sim.profiles import (
+    Burst,
+    Faults,
+    ModelProfile,
+    SimProfile,
+    load_profile,
+    named_profiles,
+)
+from fairdistill.engine.sim.server import SimServer, SimStats, SimThread, start_sim
 
 __all__ = [
     "Burst",

@@ -11,10 +11,10 @@ import asyncio
 import orjson
 from aiohttp import web
 
-from engine.sim.core import SimCore
-from engine.sim.profiles import ModelProfile
-from engine.sim.replies import anthropic_error, json_reply, key_refused
-from engine.sim.strict import Refusal, check_anthropic
+from fairdistill.engine.sim.core import SimCore
+from fairdistill.engine.sim.profiles import ModelProfile
+from fairdistill.engine.sim.replies import anthropic_error, json_reply, key_refused
+from fairdistill.engine.sim.strict import Refusal, check_anthropic
 
 _STOP = {"stop": "end_turn", "length": "max_tokens"}
 

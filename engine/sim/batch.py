@@ -29,8 +29,8 @@ from typing import Any, Protocol
 import msgspec
 from aiohttp import web
 
-from engine.sim.core import SimCore
-from engine.sim.replies import json_reply, openai_error
+from fairdistill.engine.sim.core import SimCore
+from fairdistill.engine.sim.replies import json_reply, openai_error
 
 
 class BatchFaults(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -13,10 +13,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from engine.sim.anthropic import read_params, to_anthropic
-from engine.sim.batch import Batch, BatchSim, Result, iso
-from engine.sim.replies import anthropic_error, json_reply, key_refused
-from engine.sim.strict import Refusal
+from fairdistill.engine.sim.anthropic import read_params, to_anthropic
+from fairdistill.engine.sim.batch import Batch, BatchSim, Result, iso
+from fairdistill.engine.sim.replies import anthropic_error, json_reply, key_refused
+from fairdistill.engine.sim.strict import Refusal
 
 MAX_ITEMS = 100_000
 MAX_BYTES = 256 * 1024**2

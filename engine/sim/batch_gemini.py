@@ -17,10 +17,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from engine.sim.batch import Batch, BatchSim, Result, iso
-from engine.sim.gemini import from_gemini, generate_content, key_refused, to_gemini
-from engine.sim.replies import gemini_error, json_reply
-from engine.sim.strict import Refusal
+from fairdistill.engine.sim.batch import Batch, BatchSim, Result, iso
+from fairdistill.engine.sim.gemini import from_gemini, generate_content, key_refused, to_gemini
+from fairdistill.engine.sim.replies import gemini_error, json_reply
+from fairdistill.engine.sim.strict import Refusal
 
 MAX_BYTES = 2 * 1024**3
 _TYPE = "type.googleapis.com/google.ai.generativelanguage.v1beta."

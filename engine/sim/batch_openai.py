@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from engine.sim.batch import Batch, BatchSim, Result
-from engine.sim.replies import json_reply, key_refused, openai_error
+from fairdistill.engine.sim.batch import Batch, BatchSim, Result
+from fairdistill.engine.sim.replies import json_reply, key_refused, openai_error
 
 MAX_ITEMS = 50_000
 MAX_BYTES = 200 * 1024**2

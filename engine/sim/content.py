@@ -23,10 +23,10 @@ import hashlib
 import random
 import re
 
-from engine.fair.errortypes import TYPES
-from engine.fair.prompts import identify_any, prompt_set, render_problem
-from engine.rundir.schema import Problem
-from engine.sim.profiles import ModelProfile
+from fairdistill.engine.fair.errortypes import TYPES
+from fairdistill.engine.fair.prompts import identify_any, prompt_set, render_problem
+from fairdistill.engine.rundir.schema import Problem
+from fairdistill.engine.sim.profiles import ModelProfile
 
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _ANSWER = re.compile(r"answer is\s*:?\s*\**\s*\(?\$?\s*(-?[\d,]*\.?\d+|[A-Za-z]+)", re.IGNORECASE)
@@ -88,7 +88,7 @@ def _fallback_correct(pred: str | None, gold: str, task: str) -> bool:
 def grade(text: str, problem: Problem) -> bool:
     """Whether ``text``'s final answer is the gold one (engine.fair.answers when it is available)."""
     try:
-        from engine.fair.answers import extract_answer, is_correct
+        from fairdistill.engine.fair.answers import extract_answer, is_correct
     except ImportError:
         return _fallback_correct(_fallback_extract(text, problem.task), problem.answer, problem.task)
     return bool(is_correct(extract_answer(text, problem.task), problem.answer, problem.task))
@@ -171,7 +171,7 @@ def _error_type(problem: Problem, gold: str, text: str, rng: random.Random) -> s
     student = (m.group(1) or m.group(2) or "") if m else ""
     if not student or rng.random() < 0.25:
         return rng.choices(TYPES, weights=_ERROR_WEIGHTS)[0]
-    from engine.fair.answers import canonical_number, extract_answer
+    from fairdistill.engine.fair.answers import canonical_number, extract_answer
 
     pred = extract_answer(student, problem.task, mode="flexible", options=problem.options)
     if pred is None:

@@ -17,17 +17,17 @@ from pathlib import Path
 
 import orjson
 
-from engine.config import DatasetSection
-from engine.errors import ConfigError
-from engine.fair.datasets import load_problems as load_dataset
-from engine.rundir.schema import Problem
-from engine.sim.content import Reasoning, rng_for
-from engine.sim.limits import Bucket, make_limit
-from engine.sim.profiles import ModelProfile, SimProfile, load_profile
-from engine.sim.replay import ReplayData
-from engine.sim.strict import Refusal, Think, check_openai
-from engine.sim.usage import PromptCache, message_tokens, openai_view, thoughts, usage
-from engine.wire import RequestInvalid, parse_chat_request
+from fairdistill.engine.config import DatasetSection
+from fairdistill.engine.errors import ConfigError
+from fairdistill.engine.fair.datasets import load_problems as load_dataset
+from fairdistill.engine.rundir.schema import Problem
+from fairdistill.engine.sim.content import Reasoning, rng_for
+from fairdistill.engine.sim.limits import Bucket, make_limit
+from fairdistill.engine.sim.profiles import ModelProfile, SimProfile, load_profile
+from fairdistill.engine.sim.replay import ReplayData
+from fairdistill.engine.sim.strict import Refusal, Think, check_openai
+from fairdistill.engine.sim.usage import PromptCache, message_tokens, openai_view, thoughts, usage
+from fairdistill.engine.wire import RequestInvalid, parse_chat_request
 
 FAULTS = ("5xx", "hang", "reset", "malformed", "truncated", "empty", "length")
 

@@ -13,11 +13,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from engine.sim.core import SimCore
-from engine.sim.profiles import ModelProfile
-from engine.sim.replies import gemini_error, json_reply
-from engine.sim.strict import Refusal, check_gemini
-from engine.sim.strict import get as gemini_get
+from fairdistill.engine.sim.core import SimCore
+from fairdistill.engine.sim.profiles import ModelProfile
+from fairdistill.engine.sim.replies import gemini_error, json_reply
+from fairdistill.engine.sim.strict import Refusal, check_gemini
+from fairdistill.engine.sim.strict import get as gemini_get
 
 _FINISH = {"stop": "STOP", "length": "MAX_TOKENS"}
 _CONFIG = (("temperature", "temperature"), ("maxOutputTokens", "max_tokens"), ("topP", "top_p"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from engine.sim.profiles import ModelProfile
+from fairdistill.engine.sim.profiles import ModelProfile
 
 
 class Bucket:

@@ -18,12 +18,12 @@ from collections import Counter
 import orjson
 from aiohttp import web
 
-from engine.sim.core import ModelState, SimCore
-from engine.sim.limits import fmt_duration
-from engine.sim.replies import JSON, openai_body
-from engine.sim.strict import Refusal, check_openai
-from engine.sim.usage import message_tokens, openai_view
-from engine.wire import ChatCompletionRequest, RequestInvalid, parse_chat_request
+from fairdistill.engine.sim.core import ModelState, SimCore
+from fairdistill.engine.sim.limits import fmt_duration
+from fairdistill.engine.sim.replies import JSON, openai_body
+from fairdistill.engine.sim.strict import Refusal, check_openai
+from fairdistill.engine.sim.usage import message_tokens, openai_view
+from fairdistill.engine.wire import ChatCompletionRequest, RequestInvalid, parse_chat_request
 
 _INVALID = "invalid_request_error"
 

@@ -35,7 +35,7 @@ from typing import Literal
 
 import msgspec
 
-from engine.errors import ConfigError
+from fairdistill.engine.errors import ConfigError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 

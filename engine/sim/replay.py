@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from engine.errors import FairError
-from engine.rundir.schema import Problem
-from engine.sim.content import Reasoning, norm, review_text, split_solution, user_text
-from engine.sim.profiles import ModelProfile
+from fairdistill.engine.errors import FairError
+from fairdistill.engine.rundir.schema import Problem
+from fairdistill.engine.sim.content import Reasoning, norm, review_text, split_solution, user_text
+from fairdistill.engine.sim.profiles import ModelProfile
 
 AUTHORS = ("gpt", "gemini", "mistral")
 REVIEWERS: dict[str, tuple[str, str]] = {

@@ -26,19 +26,19 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from engine.errors import ConfigError
-from engine.rundir.schema import Problem
-from engine.server_thread import ServerThread
-from engine.sim.anthropic import AnthropicMessages
-from engine.sim.batch import BatchSim
-from engine.sim.batch_anthropic import AnthropicBatches
-from engine.sim.batch_gemini import GeminiBatches
-from engine.sim.batch_openai import OpenAIBatches
-from engine.sim.core import SimCore, SimStats, load_problems
-from engine.sim.limits import fmt_duration
-from engine.sim.openai_chat import OpenAIChat
-from engine.sim.profiles import SimProfile, load_profile
-from engine.sim.replies import JSON
+from fairdistill.engine.errors import ConfigError
+from fairdistill.engine.rundir.schema import Problem
+from fairdistill.engine.server_thread import ServerThread
+from fairdistill.engine.sim.anthropic import AnthropicMessages
+from fairdistill.engine.sim.batch import BatchSim
+from fairdistill.engine.sim.batch_anthropic import AnthropicBatches
+from fairdistill.engine.sim.batch_gemini import GeminiBatches
+from fairdistill.engine.sim.batch_openai import OpenAIBatches
+from fairdistill.engine.sim.core import SimCore, SimStats, load_problems
+from fairdistill.engine.sim.limits import fmt_duration
+from fairdistill.engine.sim.openai_chat import OpenAIChat
+from fairdistill.engine.sim.profiles import SimProfile, load_profile
+from fairdistill.engine.sim.replies import JSON
 
 __all__ = ["SimServer", "SimStats", "SimThread", "cli_main", "fmt_duration", "load_problems", "start_sim"]
 

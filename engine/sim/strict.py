@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.sim.profiles import ModelProfile
+from fairdistill.engine.sim.profiles import ModelProfile
 
 OPENAI_PARAMS = frozenset(
     [

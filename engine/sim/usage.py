@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from engine.sim.profiles import ModelProfile
+from fairdistill.engine.sim.profiles import ModelProfile
 
 _STEPS = (
     "Let me restate what is asked.",

@@ -15,10 +15,10 @@ import tomllib
 from functools import cache
 from pathlib import Path
 
-from engine.config import prompt_versions
-from engine.fair.errortypes import INSTRUCTION as ERROR_TYPE_FORMAT
-from engine.rundir.schema import Problem
-from engine.types import Message
+from fairdistill.engine.config import prompt_versions
+from fairdistill.engine.fair.errortypes import INSTRUCTION as ERROR_TYPE_FORMAT
+from fairdistill.engine.rundir.schema import Problem
+from fairdistill.engine.types import Message
 
 ROOT = Path(__file__).parent
 NAMES = ("solve", "feedback", "review", "review_feedback", "mistake")

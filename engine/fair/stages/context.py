@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from engine.config import RunConfig
-from engine.fair.prompts import PromptSet
-from engine.fair.scoring import Calibration
-from engine.fair.stages.counts import StageCounts
-from engine.rundir.schema import Record
-from engine.types import ChatRequest, Completion
+from fairdistill.engine.config import RunConfig
+from fairdistill.engine.fair.prompts import PromptSet
+from fairdistill.engine.fair.scoring import Calibration
+from fairdistill.engine.fair.stages.counts import StageCounts
+from fairdistill.engine.rundir.schema import Record
+from fairdistill.engine.types import ChatRequest, Completion
 
 
 class Completer(Protocol):

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import zlib
 
-from engine.errors import RequestError
-from engine.fair import scoring
-from engine.fair.stages.context import StageContext
-from engine.rundir.schema import Attempt, Problem, Review, Score
-from engine.types import ChatRequest, Message
+from fairdistill.engine.errors import RequestError
+from fairdistill.engine.fair import scoring
+from fairdistill.engine.fair.stages.context import StageContext
+from fairdistill.engine.rundir.schema import Attempt, Problem, Review, Score
+from fairdistill.engine.types import ChatRequest, Message
 
 
 def reviewers_for(ctx: StageContext, author: str, target_id: str) -> list[str]:

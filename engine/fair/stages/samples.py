@@ -18,10 +18,10 @@ import random
 import zlib
 from collections.abc import Iterable
 
-from engine.fair.answers import extract_answer
-from engine.fair.errortypes import majority, strip_tag
-from engine.fair.stages.context import StageContext
-from engine.rundir.schema import Attempt, Feedback, Msg, Problem, Rationale, Sample, Score
+from fairdistill.engine.fair.answers import extract_answer
+from fairdistill.engine.fair.errortypes import majority, strip_tag
+from fairdistill.engine.fair.stages.context import StageContext
+from fairdistill.engine.rundir.schema import Attempt, Feedback, Msg, Problem, Rationale, Sample, Score
 
 
 def _rng(seed: int, problem_id: str) -> random.Random:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from engine.fair.answers import grade
-from engine.fair.stages.context import StageContext
-from engine.rundir.schema import Attempt, Problem
-from engine.types import ChatRequest
+from fairdistill.engine.fair.answers import grade
+from fairdistill.engine.fair.stages.context import StageContext
+from fairdistill.engine.rundir.schema import Attempt, Problem
+from fairdistill.engine.types import ChatRequest
 
 
 def attempt_id(problem: Problem, student: str, k: int) -> str:

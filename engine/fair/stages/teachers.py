@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from engine.fair.answers import grade, states_answer
-from engine.fair.errortypes import UNKNOWN, parse_error_type
-from engine.fair.stages.context import StageContext
-from engine.rundir.schema import Attempt, Feedback, Problem, Rationale
-from engine.types import ChatRequest, Message
+from fairdistill.engine.fair.answers import grade, states_answer
+from fairdistill.engine.fair.errortypes import UNKNOWN, parse_error_type
+from fairdistill.engine.fair.stages.context import StageContext
+from fairdistill.engine.rundir.schema import Attempt, Feedback, Problem, Rationale
+from fairdistill.engine.types import ChatRequest, Message
 
 
 def rationale_id(problem: Problem, teacher: str) -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import msgspec
 
-from engine.config import ReviewSection
-from engine.fair import scoring
-from engine.rundir.schema import Rationale, Score
+from fairdistill.engine.config import ReviewSection
+from fairdistill.engine.fair import scoring
+from fairdistill.engine.rundir.schema import Rationale, Score
 
 
 def skips_review(r: Rationale, rule: ReviewSection) -> bool:

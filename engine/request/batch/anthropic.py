@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 import msgspec
 
-from engine.request.batch.wire import TRANSIENT, BatchWire, Outcome, Remote, results
+from fairdistill.engine.request.batch.wire import TRANSIENT, BatchWire, Outcome, Remote, results
 
 MAX_ITEMS = 100_000
 MAX_BYTES = 256 * 1024**2

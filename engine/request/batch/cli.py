@@ -24,14 +24,14 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from engine.config import EndpointConfig
-from engine.errors import ConfigError, UsageError, one_line
-from engine.request.batch.anthropic import AnthropicBatchWire
-from engine.request.batch.gemini import GeminiBatchWire
-from engine.request.batch.journal import BatchInfo, Journal
-from engine.request.batch.openai import OpenAIBatchWire
-from engine.request.batch.wire import BatchWire, ControlError, checked
-from engine.request.providers import make_provider
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.errors import ConfigError, UsageError, one_line
+from fairdistill.engine.request.batch.anthropic import AnthropicBatchWire
+from fairdistill.engine.request.batch.gemini import GeminiBatchWire
+from fairdistill.engine.request.batch.journal import BatchInfo, Journal
+from fairdistill.engine.request.batch.openai import OpenAIBatchWire
+from fairdistill.engine.request.batch.wire import BatchWire, ControlError, checked
+from fairdistill.engine.request.providers import make_provider
 
 
 def _journal(run_dir: str) -> Journal:

@@ -54,13 +54,13 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 
-from engine.errors import AbortRun, FairError, one_line
-from engine.request.batch.anthropic import AnthropicBatchWire
-from engine.request.batch.gemini import GeminiBatchWire
-from engine.request.batch.journal import Journal
-from engine.request.batch.openai import OpenAIBatchWire
-from engine.request.batch.slots import KEY, OPEN, CidList, Slots, pack
-from engine.request.batch.wire import (
+from fairdistill.engine.errors import AbortRun, FairError, one_line
+from fairdistill.engine.request.batch.anthropic import AnthropicBatchWire
+from fairdistill.engine.request.batch.gemini import GeminiBatchWire
+from fairdistill.engine.request.batch.journal import Journal
+from fairdistill.engine.request.batch.openai import OpenAIBatchWire
+from fairdistill.engine.request.batch.slots import KEY, OPEN, CidList, Slots, pack
+from fairdistill.engine.request.batch.wire import (
     TRANSIENT,
     ControlError,
     Lost,
@@ -70,7 +70,7 @@ from engine.request.batch.wire import (
     Truncated,
     file_lines,
 )
-from engine.request.executor import (
+from fairdistill.engine.request.executor import (
     BATCH_HEADER,
     BatchTarget,
     Executor,
@@ -79,10 +79,10 @@ from engine.request.executor import (
     SendError,
     Target,
 )
-from engine.request.providers import error_message, redact
+from fairdistill.engine.request.providers import error_message, redact
 
 if TYPE_CHECKING:
-    from engine.config import BatchConfig
+    from fairdistill.engine.config import BatchConfig
 
 CREATE_TRIES = 5
 DOWNLOAD_TRIES = 6

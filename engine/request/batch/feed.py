@@ -21,18 +21,18 @@ import time
 from array import array
 from typing import TYPE_CHECKING, Any, Protocol
 
-from engine.errors import AbortRun, ReplyError, RequestError
-from engine.inputs import MAX_REPORTED
-from engine.request.cache import cache_key
-from engine.request.events import Call
-from engine.request.executor import BATCH_HEADER, Reply
-from engine.request.lane import from_cache, settle
-from engine.request.providers import redact
-from engine.rundir.schema import Response
-from engine.types import ChatRequest, Message, response_record
+from fairdistill.engine.errors import AbortRun, ReplyError, RequestError
+from fairdistill.engine.inputs import MAX_REPORTED
+from fairdistill.engine.request.cache import cache_key
+from fairdistill.engine.request.events import Call
+from fairdistill.engine.request.executor import BATCH_HEADER, Reply
+from fairdistill.engine.request.lane import from_cache, settle
+from fairdistill.engine.request.providers import redact
+from fairdistill.engine.rundir.schema import Response
+from fairdistill.engine.types import ChatRequest, Message, response_record
 
 if TYPE_CHECKING:
-    from engine.request.client import Engine
+    from fairdistill.engine.request.client import Engine
 
 KEY_BYTES = 32  # a cache key (sha256)
 

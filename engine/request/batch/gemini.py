@@ -37,7 +37,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import msgspec
 
-from engine.request.batch.wire import (
+from fairdistill.engine.request.batch.wire import (
     TRANSIENT,
     BatchWire,
     ControlError,
@@ -52,8 +52,8 @@ from engine.request.batch.wire import (
     results,
     usable,
 )
-from engine.request.providers import error_message
-from engine.request.providers.status import again_later
+from fairdistill.engine.request.providers import error_message
+from fairdistill.engine.request.providers.status import again_later
 
 MAX_ITEMS = 1_000_000  # no documented request cap; the config's own ceiling
 MAX_BYTES = 2 * 1024**3  # the Files API's 2 GB per file

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from engine.errors import UsageError
+from fairdistill.engine.errors import UsageError
 
 STATES = ("open", "creating", "submitted", "ended", "ingested")
 Event = Literal["open", "creating", "submitted", "ended", "ingested", "canceled"]

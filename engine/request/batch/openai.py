@@ -18,7 +18,7 @@ from typing import BinaryIO
 import aiohttp
 import msgspec
 
-from engine.request.batch.wire import (
+from fairdistill.engine.request.batch.wire import (
     TRANSIENT,
     BatchWire,
     Outcome,
@@ -29,8 +29,8 @@ from engine.request.batch.wire import (
     failed,
     results,
 )
-from engine.request.providers import error_message
-from engine.request.providers.status import again_later
+from fairdistill.engine.request.providers import error_message
+from fairdistill.engine.request.providers.status import again_later
 
 MAX_ITEMS = 50_000
 MAX_BYTES = 200 * 1024**2

@@ -26,9 +26,9 @@ from typing import Any, BinaryIO, Generic, TypeVar, cast
 import aiohttp
 import msgspec
 
-from engine.errors import AuthError, one_line
-from engine.request.providers import error_message, redact
-from engine.request.providers.status import again_later, refused_credentials
+from fairdistill.engine.errors import AuthError, one_line
+from fairdistill.engine.request.providers import error_message, redact
+from fairdistill.engine.request.providers.status import again_later, refused_credentials
 
 # Outcome of one item: status 200 (raw = the provider's online reply body), 4xx (raw = an error
 # body; the record fails with the server's message) or 0 (transient: expired, canceled, 5xx,

@@ -37,10 +37,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from engine.accepts import accepts_for
-from engine.config import EndpointConfig
-from engine.request.providers.anthropic import AnthropicProvider
-from engine.request.providers.base import (
+from fairdistill.engine.accepts import accepts_for
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.request.providers.anthropic import AnthropicProvider
+from fairdistill.engine.request.providers.base import (
     MAX_CHOICES,
     MAX_WAIT_S,
     FinishReason,
@@ -53,8 +53,8 @@ from engine.request.providers.base import (
     redact,
     sane_limits,
 )
-from engine.request.providers.gemini import GeminiProvider
-from engine.request.providers.openai import OpenAIProvider
+from fairdistill.engine.request.providers.gemini import GeminiProvider
+from fairdistill.engine.request.providers.openai import OpenAIProvider
 
 __all__ = [
     "MAX_CHOICES", "MAX_WAIT_S", "WIRES", "FinishReason", "ModelWire", "Provider", "TokenCount",

@@ -23,9 +23,9 @@ from typing import Any
 
 import msgspec
 
-from engine.errors import ReplyError
-from engine.request.durations import until_rfc3339
-from engine.request.providers.base import (
+from fairdistill.engine.errors import ReplyError
+from fairdistill.engine.request.durations import until_rfc3339
+from fairdistill.engine.request.providers.base import (
     FinishReason,
     ModelWire,
     TokenCount,
@@ -33,7 +33,7 @@ from engine.request.providers.base import (
     normalise_finish,
     sane_limits,
 )
-from engine.types import ChatRequest, Choice, Completion, Usage
+from fairdistill.engine.types import ChatRequest, Choice, Completion, Usage
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024  # the API requires max_tokens; used when the request leaves it open

@@ -14,11 +14,11 @@ from typing import Annotated, Protocol
 
 import msgspec
 
-from engine.accepts import Accepts, accepts_for, refused_param
-from engine.config import ReasoningConfig
-from engine.errors import ReplyError, one_line
-from engine.request.durations import clamp, delay_seconds, reset_duration, retry_after
-from engine.types import ChatRequest, Completion
+from fairdistill.engine.accepts import Accepts, accepts_for, refused_param
+from fairdistill.engine.config import ReasoningConfig
+from fairdistill.engine.errors import ReplyError, one_line
+from fairdistill.engine.request.durations import clamp, delay_seconds, reset_duration, retry_after
+from fairdistill.engine.types import ChatRequest, Completion
 
 # Shared by the decoders: a token count is a non-negative int below 2**40 (no real reply comes
 # near; a usage beyond 64 bits would otherwise reach the cost sums and the manifest), and a stop

@@ -22,8 +22,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from engine.errors import Blocked, ReplyError, one_line
-from engine.request.providers.base import (
+from fairdistill.engine.errors import Blocked, ReplyError, one_line
+from fairdistill.engine.request.providers.base import (
     MAX_CHOICES,
     FinishReason,
     ModelWire,
@@ -32,7 +32,7 @@ from engine.request.providers.base import (
     normalise_finish,
     sane_limits,
 )
-from engine.types import ChatRequest, Choice, Completion, Usage
+from fairdistill.engine.types import ChatRequest, Choice, Completion, Usage
 
 _FINISH = {
     "STOP": "stop",

@@ -20,8 +20,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from engine.errors import ReplyError
-from engine.request.providers.base import (
+from fairdistill.engine.errors import ReplyError
+from fairdistill.engine.request.providers.base import (
     MAX_CHOICES,
     FinishReason,
     ModelWire,
@@ -29,7 +29,7 @@ from engine.request.providers.base import (
     decode_reply,
     sane_limits,
 )
-from engine.types import ChatRequest, Choice, Completion, Usage
+from fairdistill.engine.types import ChatRequest, Choice, Completion, Usage
 
 EMPTY_OK = frozenset({"length", "content_filter"})  # stop reasons that may come with no text
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from engine.request import durations
+from fairdistill.engine.request import durations
 
 REMAINING = {"requests": "x-ratelimit-remaining-requests", "tokens": "x-ratelimit-remaining-tokens"}
 RESET = {"requests": "x-ratelimit-reset-requests", "tokens": "x-ratelimit-reset-tokens"}
