@@ -7,14 +7,18 @@ Shapes follow https://docs.anthropic.com/en/api/messages.
 from __future__ import annotations
 
 import asyncio
+import math
 
 import orjson
 from aiohttp import web
 
 from fairdistill.engine.sim.core import SimCore
+from fairdistill.engine.sim.keys import org_of
+from fairdistill.engine.sim.limits import Quota
 from fairdistill.engine.sim.profiles import ModelProfile
-from fairdistill.engine.sim.replies import anthropic_error, json_reply, key_refused
+from fairdistill.engine.sim.replies import anthropic_error, caller, json_reply
 from fairdistill.engine.sim.strict import Refusal, check_anthropic
+from fairdistill.engine.sim.usage import message_tokens
 
 _STOP = {"stop": "end_turn", "length": "max_tokens"}
 
@@ -88,8 +92,9 @@ def to_anthropic(payload: dict, model: str) -> dict:
 
 
 class AnthropicMessages:
-    """``POST /v1/messages``: Anthropic's online call, answered like a chat completion (no hidden
-    limits or faults; the default model's latency)."""
+    """``POST /v1/messages``: Anthropic's online call, answered like a chat completion (the hidden
+    limits of its key and organisation, none of the model's, no faults; the default model's
+    latency)."""
 
     def __init__(self, core: SimCore):
         self.core = core
@@ -99,8 +104,9 @@ class AnthropicMessages:
 
     async def messages(self, request: web.Request) -> web.Response:
         core = self.core
-        if (refused := key_refused(core.profile.api_key, request, anthropic=True)) is not None:
-            return refused
+        key = caller(core.keys, core.profile.api_key, request, anthropic=True)
+        if isinstance(key, web.Response):
+            return key
         core.stats["requests"] += 1
         version = request.headers.get("anthropic-version", "")
         try:
@@ -110,10 +116,25 @@ class AnthropicMessages:
             return anthropic_error(400, str(exc))
         except (orjson.JSONDecodeError, ValueError, TypeError, KeyError) as exc:
             return anthropic_error(400, f"invalid request: {exc}")
+        if (
+            refused := core.admit_key(key, message_tokens(body["messages"]) + body["max_tokens"])
+        ) is not None:
+            return too_many(*refused)
         if (delay := core.default_latency_s()) > 0:
             await asyncio.sleep(delay)
-        status, payload = core.answer(body, "anthropic")
+        status, payload = core.answer(body, "anthropic", org_of(key))
         if status != 200:
             return anthropic_error(status, payload["error"]["message"])
         core.stats["ok"] += 1
+        core.keys.tally(key, "ok")
+        core.keys.billed(key, payload["usage"])
         return json_reply(to_anthropic(payload, body.get("model") or ""))
+
+
+def too_many(quota: Quota, kind: str, wait: float) -> web.Response:
+    """Anthropic's 429 ``rate_limit_error``: ``retry-after`` in seconds where the limit shows
+    itself, else 1."""
+    message = f"This request would exceed the rate limit of {quota.name} on {kind} per minute."
+    reply = anthropic_error(429, message, "rate_limit_error")
+    reply.headers["retry-after"] = str(max(1, math.ceil(wait))) if quota.visible else "1"
+    return reply

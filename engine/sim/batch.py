@@ -14,6 +14,10 @@ cancel after that share), ``p_item_5xx`` (partial item failures), ``lose_create`
 creates make the batch but answer 500), ``truncate_results`` (the next N result downloads are
 cut short), ``slow_list_s``, ``batches`` (the item faults hit only the next N batches).
 
+With ``[keys]`` a batch and a file belong to the organisation of the key that made them: another
+organisation's keys get the provider's 404 (``named``, ``file``, ``page`` take the asker's
+organisation), and the items read that organisation's prompt cache.
+
 Each wire registers itself (``BatchSim.wires[kind]``) to shape a batch's object when it starts
 running and when it ends; the core knows no provider's shapes.
 """
@@ -56,10 +60,13 @@ Result = tuple[str, str, Any]  # (custom_id, outcome: ok | expired | canceled | 
 class Batch:
     """One batch: its items (custom_id, chat body in OpenAI shape), results and provider object."""
 
-    __slots__ = ("created", "done", "ended", "id", "items", "kind", "meta", "obj", "results", "task")
+    __slots__ = ("created", "done", "ended", "id", "items", "kind", "meta", "obj", "org", "results", "task")
 
-    def __init__(self, kind: str, bid: str, items: list[tuple[str, dict]], meta: dict):
+    def __init__(
+        self, kind: str, bid: str, items: list[tuple[str, dict]], meta: dict, org: str | None = None
+    ):
         self.kind = kind  # "openai" | "anthropic" | "gemini"
+        self.org = org  # the organisation that made it (None: the simulator has no keys)
         self.id = bid
         self.items = items
         self.meta = meta
@@ -86,6 +93,7 @@ class BatchSim:
         self.core = core
         self.faults = BatchFaults()
         self.files: dict[str, bytes] = {}
+        self.owners: dict[str, str] = {}  # file id -> the organisation that owns it (with [keys])
         self.batches: dict[str, Batch] = {}
         self.wires: dict[str, BatchWire] = {}
         self._serial = 0
@@ -94,10 +102,16 @@ class BatchSim:
         self._serial += 1
         return f"{prefix}{self._serial:06d}"
 
-    def store_file(self, data: bytes, prefix: str = "file-sim") -> str:
+    def store_file(self, data: bytes, prefix: str = "file-sim", org: str | None = None) -> str:
         fid = self.next_id(prefix)
         self.files[fid] = data
+        if org is not None:
+            self.owners[fid] = org
         return fid
+
+    def file(self, fid: str, org: str | None) -> bytes | None:
+        """File ``fid`` as organisation ``org`` sees it (None: no such file, or another's)."""
+        return self.files.get(fid) if self.owners.get(fid) == org else None
 
     def start(self, b: Batch) -> None:
         """Keep ``b`` and start answering its items."""
@@ -138,9 +152,10 @@ class BatchSim:
         b.ended = time.time()
         self.wires[b.kind].ended(b, "canceled")
 
-    def named(self, bid: str, kind: str) -> Batch | None:
+    def named(self, bid: str, kind: str, org: str | None = None) -> Batch | None:
+        """Batch ``bid`` of wire ``kind`` as organisation ``org`` sees it (None: not found)."""
         b = self.batches.get(bid)
-        return b if b is not None and b.kind == kind else None
+        return b if b is not None and b.kind == kind and b.org == org else None
 
     # -- processing ---------------------------------------------------------------------------
 
@@ -171,14 +186,14 @@ class BatchSim:
             elif f.p_item_5xx and self.core.rng.random() < f.p_item_5xx:
                 b.results.append((cid, "5xx", None))
             else:
-                b.results.append(self._answer(cid, body, b.kind))
+                b.results.append(self._answer(cid, body, b.kind, b.org))
                 b.done += 1
         b.ended = time.time()
         self.wires[b.kind].ended(b, stop_as)
 
-    def _answer(self, cid: str, body: dict, kind: str) -> Result:
+    def _answer(self, cid: str, body: dict, kind: str, org: str | None) -> Result:
         stats = self.core.stats
-        status, payload = self.core.answer(body, kind)
+        status, payload = self.core.answer(body, kind, org)
         if status != 200:
             return (cid, str(status), payload)
         stats["batch_items_billed"] += 1
@@ -189,16 +204,23 @@ class BatchSim:
     # -- routes shared by the wires -----------------------------------------------------------
 
     async def page(
-        self, kind: str, cursor: str, view: Callable[[Batch], dict], extra: dict, query: Mapping[str, str]
+        self,
+        kind: str,
+        cursor: str,
+        view: Callable[[Batch], dict],
+        extra: dict,
+        query: Mapping[str, str],
+        org: str | None = None,
     ) -> dict:
-        """One page of ``kind`` batches, newest first: ``limit`` and the ``cursor`` id after which."""
+        """One page of organisation ``org``'s ``kind`` batches, newest first: ``limit`` and the
+        ``cursor`` id after which."""
         if self.faults.slow_list_s > 0:
             await asyncio.sleep(self.faults.slow_list_s)
         try:
             limit = max(1, min(100, int(query.get("limit", "20"))))
         except ValueError:
             limit = 20
-        rows = [b for b in reversed(self.batches.values()) if b.kind == kind]
+        rows = [b for b in reversed(self.batches.values()) if b.kind == kind and b.org == org]
         after = query.get(cursor)
         if after:
             ids = [b.id for b in rows]

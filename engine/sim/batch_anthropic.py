@@ -15,7 +15,8 @@ from aiohttp import web
 
 from fairdistill.engine.sim.anthropic import read_params, to_anthropic
 from fairdistill.engine.sim.batch import Batch, BatchSim, Result, iso
-from fairdistill.engine.sim.replies import anthropic_error, json_reply, key_refused
+from fairdistill.engine.sim.keys import org_of
+from fairdistill.engine.sim.replies import anthropic_error, caller, json_reply
 from fairdistill.engine.sim.strict import Refusal
 
 MAX_ITEMS = 100_000
@@ -68,13 +69,15 @@ class AnthropicBatches:
             results_url=f"{self.sim.core.base_url}/messages/batches/{b.id}/results",
         )
 
-    def _refused(self, request: web.Request) -> web.Response | None:
-        return key_refused(self.sim.core.profile.api_key, request, anthropic=True)
+    def _who(self, request: web.Request) -> web.Response | str | None:
+        """The organisation of the request's key (None: the simulator has no keys), or the 401."""
+        key = caller(self.sim.core.keys, self.sim.core.profile.api_key, request, anthropic=True)
+        return key if isinstance(key, web.Response) else org_of(key)
 
     def _named(self, request: web.Request) -> Batch | web.Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
-        b = self.sim.named(request.match_info["bid"], "anthropic")
+        if isinstance(org := self._who(request), web.Response):
+            return org
+        b = self.sim.named(request.match_info["bid"], "anthropic", org)
         return b if b is not None else anthropic_error(404, "batch not found", "not_found_error")
 
     def _items(self, raw: bytes, version: str) -> list[tuple[str, dict]]:
@@ -99,8 +102,8 @@ class AnthropicBatches:
 
     async def create(self, request: web.Request) -> web.Response:
         """``POST /v1/messages/batches`` {requests: [{custom_id, params}]} -> a MessageBatch."""
-        if (refused := self._refused(request)) is not None:
-            return refused
+        if isinstance(org := self._who(request), web.Response):
+            return org
         raw = await request.read()
         if len(raw) > MAX_BYTES:
             return anthropic_error(413, "request too large")
@@ -110,7 +113,7 @@ class AnthropicBatches:
             return anthropic_error(400, f"invalid batch: {exc}")
         if len(items) > MAX_ITEMS:
             return anthropic_error(400, "more than 100,000 requests")
-        b = Batch("anthropic", self.sim.next_id("msgbatch_sim"), items, {})
+        b = Batch("anthropic", self.sim.next_id("msgbatch_sim"), items, {}, org)
         counts = {"processing": len(items), "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
         b.obj = {
             "id": b.id,
@@ -153,6 +156,8 @@ class AnthropicBatches:
 
     async def list_batches(self, request: web.Request) -> web.Response:
         """``GET /v1/messages/batches?limit=&after_id=``: newest first."""
-        if (refused := self._refused(request)) is not None:
-            return refused
-        return json_reply(await self.sim.page("anthropic", "after_id", lambda b: b.obj, {}, request.query))
+        if isinstance(org := self._who(request), web.Response):
+            return org
+        return json_reply(
+            await self.sim.page("anthropic", "after_id", lambda b: b.obj, {}, request.query, org)
+        )

@@ -18,7 +18,8 @@ import orjson
 from aiohttp import web
 
 from fairdistill.engine.sim.batch import Batch, BatchSim, Result, iso
-from fairdistill.engine.sim.gemini import from_gemini, generate_content, key_refused, to_gemini
+from fairdistill.engine.sim.gemini import caller, from_gemini, generate_content, to_gemini
+from fairdistill.engine.sim.keys import KeyState, org_of
 from fairdistill.engine.sim.replies import gemini_error, json_reply
 from fairdistill.engine.sim.strict import Refusal
 
@@ -56,7 +57,7 @@ class GeminiBatches:
 
     def __init__(self, sim: BatchSim):
         self.sim = sim
-        self.uploads: dict[str, str] = {}  # resumable upload id -> the file's display name
+        self.uploads: dict[str, tuple[str, str | None]] = {}  # upload id -> (display name, organisation)
         self.meta: dict[str, dict] = {}  # File resources of the uploads, by name
         sim.wires["gemini"] = self
 
@@ -92,35 +93,44 @@ class GeminiBatches:
         )
         b.obj["done"] = True
         if lines:
-            fid = self.sim.store_file(b"".join(lines), "files/batch-sim")
+            fid = self.sim.store_file(b"".join(lines), "files/batch-sim", b.org)
             meta["output"] = {"responsesFile": fid}
             b.obj["response"] = {"@type": _TYPE + "GenerateContentBatchOutput", "responsesFile": fid}
 
-    def _refused(self, request: web.Request) -> web.Response | None:
-        return key_refused(self.sim.core.profile.api_key, request)
+    def _key(self, request: web.Request) -> web.Response | KeyState | None:
+        """The request's key (None: the simulator has no keys), or Google's refusal."""
+        return caller(self.sim.core.keys, self.sim.core.profile.api_key, request)
+
+    def _who(self, request: web.Request) -> web.Response | str | None:
+        """The organisation of the request's key (None: no keys), or Google's refusal."""
+        key = self._key(request)
+        return key if isinstance(key, web.Response) else org_of(key)
 
     async def model_call(self, request: web.Request) -> web.Response:
         """``POST /v1beta/models/M:generateContent`` (online) or ``M:batchGenerateContent``."""
-        if (refused := self._refused(request)) is not None:
-            return refused
+        if isinstance(key := self._key(request), web.Response):
+            return key
         model, _, verb = request.match_info["call"].rpartition(":")
         if verb == "batchGenerateContent":
-            return await self.create(request, model)
+            return await self.create(request, model, org_of(key))
         if verb != "generateContent":
             return gemini_error(404, f"no method {verb!r}", "NOT_FOUND")
-        return await generate_content(self.sim.core, request, model)
+        return await generate_content(self.sim.core, request, model, key)
 
     async def upload(self, request: web.Request) -> web.Response:
         """``POST /upload/v1beta/files``, resumable: ``start`` answers ``X-Goog-Upload-URL``; a
         post there with ``upload, finalize`` (offset 0, the whole file) -> ``{"file": {...}}``,
         ``X-Goog-Upload-Status: final``. The upload URL is its own credential (google-genai posts
-        there without the key), so only ``start`` is asked for one."""
-        if "upload_id" not in request.query and (refused := self._refused(request)) is not None:
-            return refused
+        there without the key), so only a post without one is asked for a key."""
+        org: str | None = None
+        if "upload_id" not in request.query:
+            if isinstance(who := self._who(request), web.Response):
+                return who
+            org = who
         command = request.headers.get("X-Goog-Upload-Command", "").replace(" ", "")
         if command == "start" and request.headers.get("X-Goog-Upload-Protocol") == "resumable":
-            return await self._upload_start(request)
-        name = self.uploads.pop(request.query.get("upload_id", ""), None)
+            return await self._upload_start(request, org)
+        name, org = self.uploads.pop(request.query.get("upload_id", ""), (None, None))
         if name is None or command != "upload,finalize" or request.headers.get("X-Goog-Upload-Offset") != "0":
             return gemini_error(
                 400, "start a resumable upload, then upload and finalize it", "INVALID_ARGUMENT"
@@ -128,7 +138,7 @@ class GeminiBatches:
         data = await request.read()
         if len(data) > MAX_BYTES:
             return gemini_error(400, "file is larger than 2 GB", "INVALID_ARGUMENT")
-        fid = self.sim.store_file(data, "files/sim")
+        fid = self.sim.store_file(data, "files/sim", org)
         meta = {
             "name": fid,
             "displayName": name,
@@ -140,13 +150,13 @@ class GeminiBatches:
         reply.headers["X-Goog-Upload-Status"] = "final"  # google-genai re-posts without it
         return reply
 
-    async def _upload_start(self, request: web.Request) -> web.Response:
+    async def _upload_start(self, request: web.Request, org: str | None) -> web.Response:
         try:
             name = orjson.loads(await request.read() or b"{}").get("file", {}).get("display_name", "")
         except (orjson.JSONDecodeError, AttributeError):
             return gemini_error(400, "Invalid JSON payload received.", "INVALID_ARGUMENT")
         uid = self.sim.next_id("up")
-        self.uploads[uid] = str(name)
+        self.uploads[uid] = (str(name), org)
         url = f"{self.sim.core.url}/upload/v1beta/files?upload_id={uid}&upload_protocol=resumable"
         return web.Response(body=b"", headers={"X-Goog-Upload-URL": url, "X-Goog-Upload-Status": "active"})
 
@@ -154,13 +164,19 @@ class GeminiBatches:
         """``GET /download/v1beta/files/F:download?alt=media`` and (as google-genai asks)
         ``GET /v1beta/files/F:download?alt=media``: the raw JSONL; ``GET /v1beta/files/F``: the
         File resource of an upload."""
-        if (refused := self._refused(request)) is not None:
-            return refused
+        if isinstance(org := self._who(request), web.Response):
+            return org
         call = request.match_info["call"]
-        if ":" not in call and f"files/{call}" in self.meta and not request.path.startswith("/download"):
+        mine = self.sim.file(f"files/{call}", org) is not None
+        if (
+            ":" not in call
+            and mine
+            and f"files/{call}" in self.meta
+            and not request.path.startswith("/download")
+        ):
             return json_reply(self.meta[f"files/{call}"])
         name, _, verb = call.rpartition(":")
-        data = self.sim.files.get(f"files/{name}")
+        data = self.sim.file(f"files/{name}", org)
         if verb != "download" or request.query.get("alt") != "media" or data is None:
             return _not_found()
         return web.Response(body=self.sim.cut(data), content_type="application/jsonl")
@@ -191,7 +207,7 @@ class GeminiBatches:
                 items.append((key, {"_sim_invalid": f"Invalid request: {exc}"}))
         return items, error
 
-    async def create(self, request: web.Request, model: str) -> web.Response:
+    async def create(self, request: web.Request, model: str, org: str | None) -> web.Response:
         """``{"batch": {"display_name", "input_config": {"file_name"}}}`` -> an Operation."""
         try:
             name, fid = _create_body(await request.read())
@@ -200,11 +216,11 @@ class GeminiBatches:
             return gemini_error(400, message, "INVALID_ARGUMENT")
         if not isinstance(name, str) or not name:
             return gemini_error(400, "batch.display_name is required", "INVALID_ARGUMENT")
-        data = self.sim.files.get(fid) if isinstance(fid, str) else None
+        data = self.sim.file(fid, org) if isinstance(fid, str) else None
         if data is None:
             return gemini_error(404, f"File {fid} was not found.", "NOT_FOUND")
         items, error = self._items(data, model)
-        b = Batch("gemini", self.sim.next_id("gsim"), items, {"display_name": name})
+        b = Batch("gemini", self.sim.next_id("gsim"), items, {"display_name": name}, org)
         b.obj = self._operation(b, model, fid)
         if error is not None:
             self.sim.failed(b)
@@ -236,10 +252,10 @@ class GeminiBatches:
         }
 
     def _named(self, request: web.Request) -> Batch | web.Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
+        if isinstance(org := self._who(request), web.Response):
+            return org
         bid = request.match_info["bid"]
-        b = self.sim.named(bid.rpartition(":")[0] or bid, "gemini")
+        b = self.sim.named(bid.rpartition(":")[0] or bid, "gemini", org)
         return b if b is not None else _not_found()
 
     async def get(self, request: web.Request) -> web.Response:
@@ -258,10 +274,10 @@ class GeminiBatches:
 
     async def list_batches(self, request: web.Request) -> web.Response:
         """``GET /v1beta/batches?pageSize=&pageToken=`` -> ``{"operations", "nextPageToken"}``."""
-        if (refused := self._refused(request)) is not None:
-            return refused
+        if isinstance(org := self._who(request), web.Response):
+            return org
         query = {"limit": request.query.get("pageSize", "20"), "after": request.query.get("pageToken", "")}
-        page = await self.sim.page("gemini", "after", lambda b: b.obj, {}, query)
+        page = await self.sim.page("gemini", "after", lambda b: b.obj, {}, query, org)
         out: dict[str, Any] = {"operations": page["data"]}
         if page["has_more"]:
             out["nextPageToken"] = page["last_id"]

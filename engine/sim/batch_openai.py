@@ -13,7 +13,8 @@ import orjson
 from aiohttp import web
 
 from fairdistill.engine.sim.batch import Batch, BatchSim, Result
-from fairdistill.engine.sim.replies import json_reply, key_refused, openai_error
+from fairdistill.engine.sim.keys import org_of
+from fairdistill.engine.sim.replies import caller, json_reply, openai_error
 
 MAX_ITEMS = 50_000
 MAX_BYTES = 200 * 1024**2
@@ -93,25 +94,27 @@ class OpenAIBatches:
         err = b"".join(output_line(b, i, r) for i, r in enumerate(b.results) if r[1] != "ok")
         b.obj.update(
             status=status,
-            output_file_id=self.sim.store_file(out) if out else None,
-            error_file_id=self.sim.store_file(err) if err else None,
+            output_file_id=self.sim.store_file(out, org=b.org) if out else None,
+            error_file_id=self.sim.store_file(err, org=b.org) if err else None,
             request_counts={"total": len(b.results), "completed": ok, "failed": len(b.results) - ok},
         )
         b.obj[_ENDED_AT[status]] = int(b.ended or time.time())
 
-    def _refused(self, request: web.Request) -> web.Response | None:
-        return key_refused(self.sim.core.profile.api_key, request, anthropic=False)
+    def _who(self, request: web.Request) -> web.Response | str | None:
+        """The organisation of the request's key (None: the simulator has no keys), or the 401."""
+        key = caller(self.sim.core.keys, self.sim.core.profile.api_key, request, anthropic=False)
+        return key if isinstance(key, web.Response) else org_of(key)
 
     def _named(self, request: web.Request) -> Batch | web.Response:
-        if (refused := self._refused(request)) is not None:
-            return refused
-        b = self.sim.named(request.match_info["bid"], "openai")
+        if isinstance(org := self._who(request), web.Response):
+            return org
+        b = self.sim.named(request.match_info["bid"], "openai", org)
         return b if b is not None else openai_error(404, "No such batch", "invalid_request_error")
 
     async def upload(self, request: web.Request) -> web.Response:
         """``POST /v1/files`` multipart: ``purpose=batch`` and ``file`` -> a File object."""
-        if (refused := self._refused(request)) is not None:
-            return refused
+        if isinstance(org := self._who(request), web.Response):
+            return org
         form = await request.post()
         if form.get("purpose") != "batch":
             return _invalid("purpose must be 'batch'")
@@ -123,7 +126,7 @@ class OpenAIBatches:
             return _invalid("file is larger than 200 MB")
         return json_reply(
             {
-                "id": self.sim.store_file(data),
+                "id": self.sim.store_file(data, org=org),
                 "object": "file",
                 "bytes": len(data),
                 "created_at": int(time.time()),
@@ -137,17 +140,17 @@ class OpenAIBatches:
 
     async def file_content(self, request: web.Request) -> web.Response:
         """``GET /v1/files/{id}/content``: the raw JSONL."""
-        if (refused := self._refused(request)) is not None:
-            return refused
-        data = self.sim.files.get(request.match_info["fid"])
+        if isinstance(org := self._who(request), web.Response):
+            return org
+        data = self.sim.file(request.match_info["fid"], org)
         if data is None:
             return openai_error(404, "No such File object", "invalid_request_error")
         return web.Response(body=self.sim.cut(data), content_type="application/jsonl")
 
     async def create(self, request: web.Request) -> web.Response:
         """``POST /v1/batches`` {input_file_id, endpoint, completion_window, metadata}."""
-        if (refused := self._refused(request)) is not None:
-            return refused
+        if isinstance(org := self._who(request), web.Response):
+            return org
         try:
             body = orjson.loads(await request.read())
             fid, endpoint = body["input_file_id"], body["endpoint"]
@@ -155,11 +158,11 @@ class OpenAIBatches:
             return _invalid("input_file_id and endpoint are required")
         if endpoint != "/v1/chat/completions" or body.get("completion_window", "24h") != "24h":
             return _invalid("only /v1/chat/completions with completion_window 24h")
-        data = self.sim.files.get(fid)
+        data = self.sim.file(fid, org) if isinstance(fid, str) else None
         if data is None:
             return openai_error(404, f"No such File object: {fid}", "invalid_request_error")
         items, errors = read_lines(data, endpoint)
-        b = Batch("openai", self.sim.next_id("batch_sim"), items, body.get("metadata") or {})
+        b = Batch("openai", self.sim.next_id("batch_sim"), items, body.get("metadata") or {}, org)
         b.obj = {
             "id": b.id,
             "object": "batch",
@@ -199,8 +202,8 @@ class OpenAIBatches:
 
     async def list_batches(self, request: web.Request) -> web.Response:
         """``GET /v1/batches?limit=&after=``: newest first."""
-        if (refused := self._refused(request)) is not None:
-            return refused
+        if isinstance(org := self._who(request), web.Response):
+            return org
         return json_reply(
-            await self.sim.page("openai", "after", lambda b: b.obj, {"object": "list"}, request.query)
+            await self.sim.page("openai", "after", lambda b: b.obj, {"object": "list"}, request.query, org)
         )

@@ -1,6 +1,7 @@
 """The simulator's shared state and content path, below every wire: counters, per-model live state
-(profile, hidden limits, prompt cache) and ``SimCore``, which turns an accepted chat body (OpenAI
-shape) into a completion payload. The wires (``openai_chat``, ``anthropic``, ``gemini``, the
+(profile, hidden limits, prompt caches: one per organisation when the profile has ``[keys]``), the
+keys (``keys.KeyRing``) and ``SimCore``, which turns an accepted chat body (OpenAI shape) into a
+completion payload. The wires (``openai_chat``, ``anthropic``, ``gemini``, the
 ``batch_*`` modules) read and answer through it; ``server.SimServer`` is a ``SimCore`` with an
 aiohttp app. Content is deterministic in (profile seed, request seed, model, messages, choice
 index); with no seed it is deterministic at temperature 0 or with no temperature sent, random
@@ -22,7 +23,8 @@ from fairdistill.engine.errors import ConfigError
 from fairdistill.engine.fair.datasets import load_problems as load_dataset
 from fairdistill.engine.rundir.schema import Problem
 from fairdistill.engine.sim.content import Reasoning, rng_for
-from fairdistill.engine.sim.limits import Bucket, make_limit
+from fairdistill.engine.sim.keys import KeyRing, KeyState
+from fairdistill.engine.sim.limits import Bucket, Quota, admit
 from fairdistill.engine.sim.profiles import ModelProfile, SimProfile, load_profile
 from fairdistill.engine.sim.replay import ReplayData
 from fairdistill.engine.sim.strict import Refusal, Think, check_openai
@@ -49,11 +51,16 @@ class SimStats(Counter):
     """Counters, readable as items or attributes (``stats.http_429``), plus the same per model in
     ``by_model``: ``requests``; ``ok`` (HTTP 200 sent, the faulty 200s below included);
     ``malformed``, ``truncated``, ``empty``, ``length`` (faulty 200s); ``http_429``; ``http_5xx``;
-    ``http_4xx``; ``hangs`` and ``hangs_cancelled``; ``resets``. Missing counters read as 0."""
+    ``http_4xx``; ``http_401`` (unknown or revoked keys); ``hangs`` and ``hangs_cancelled``;
+    ``resets``. Missing counters read as 0. With ``[keys]``: ``by_key`` (by label: ``requests``
+    carrying it on any wire, ``ok``, ``http_429``, ``http_401``, ``prompt_tokens`` and
+    ``cached_tokens`` billed) and ``by_group`` (by organisation: ``requests``, ``ok``, ``http_429``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.by_model: defaultdict[str, Counter] = defaultdict(Counter)
+        self.by_key: defaultdict[str, Counter] = defaultdict(Counter)
+        self.by_group: defaultdict[str, Counter] = defaultdict(Counter)
 
     def __getattr__(self, name: str) -> int:
         if name.startswith("_"):
@@ -61,42 +68,60 @@ class SimStats(Counter):
         return self[name]
 
     def as_dict(self) -> dict:
-        return {**self, "by_model": {k: dict(v) for k, v in self.by_model.items()}}
+        return {
+            **self,
+            "by_model": {k: dict(v) for k, v in self.by_model.items()},
+            "by_key": {k: dict(v) for k, v in self.by_key.items()},
+            "by_group": {k: dict(v) for k, v in self.by_group.items()},
+        }
 
     def reset(self) -> None:
         self.clear()
         self.by_model.clear()
+        self.by_key.clear()
+        self.by_group.clear()
 
 
 class ModelState:
-    """Per-model live state: profile, buckets, counters."""
+    """Per-model live state: profile, hidden limits (``quota``), prompt caches, counters."""
 
-    __slots__ = ("cache", "faulty", "limited", "name", "profile", "requests", "stats", "tokens")
+    __slots__ = ("cache", "caches", "faulty", "limited", "name", "profile", "quota", "stats")
 
     def __init__(self, name: str, profile: ModelProfile, stats: Counter):
         self.name = name
         self.profile = profile
         self.stats = stats
         self.cache = PromptCache(profile.cache_min_tokens) if profile.prompt_cache else None
-        self.requests: Bucket | None = make_limit(profile.rpm, profile)
-        self.tokens: Bucket | None = make_limit(profile.tpm, profile)
-        self.limited = self.requests is not None or self.tokens is not None
+        self.caches: dict[str, PromptCache] = {}  # with [keys]: one per organisation
+        self.quota = Quota(name, profile.rpm, profile.tpm, profile, profile.limit_headers)
+        self.limited = self.quota.limited
         self.faulty = profile.faults.any()
 
+    @property
+    def requests(self) -> Bucket | None:
+        return self.quota.requests
+
+    @property
+    def tokens(self) -> Bucket | None:
+        return self.quota.tokens
+
+    def cache_for(self, org: str | None) -> PromptCache | None:
+        """The prompt cache a request of organisation ``org`` reads (None: this model caches
+        nothing). Providers keep caches per organisation: one org never reads another's."""
+        if self.cache is None or org is None:
+            return self.cache
+        if org not in self.caches:
+            self.caches[org] = PromptCache(self.profile.cache_min_tokens)
+        return self.caches[org]
+
     def reset(self) -> None:
-        p = self.profile
-        self.requests = make_limit(p.rpm, p)
-        self.tokens = make_limit(p.tpm, p)
+        """Limits full again; the per-organisation caches emptied (the one shared cache of a
+        simulator without keys is kept, as it always was)."""
+        self.quota.reset()
+        self.caches.clear()
 
     def limit_headers(self, now: float) -> dict[str, str]:
-        headers: dict[str, str] = {}
-        if not self.profile.limit_headers:
-            return headers
-        if self.requests is not None:
-            self.requests.headers("requests", headers, now)
-        if self.tokens is not None:
-            self.tokens.headers("tokens", headers, now)
-        return headers
+        return self.quota.headers(now)
 
 
 class SimCore:
@@ -116,6 +141,8 @@ class SimCore:
         self.stats = SimStats()
         self.started_at = time.monotonic()
         self.rng = random.Random(self.profile.seed)
+        s = self.stats
+        self.keys = KeyRing(self.profile, s, s.by_key, s.by_group, lambda: time.monotonic() - self.started_at)
         self.models = {
             name: ModelState(name, mp, self.stats.by_model[name]) for name, mp in self.profile.models.items()
         }
@@ -182,10 +209,21 @@ class SimCore:
             u -= p
         return None
 
-    def answer(self, body: dict, wire: str = "openai") -> tuple[int, dict]:
+    def admit_key(self, key: KeyState | None, declared: float) -> tuple[Quota, str, float] | None:
+        """The hidden limits of ``key`` and of its organisation (the Anthropic and Gemini online
+        wires; OpenAI's checks the model's after them): the one that refuses, counted, or None."""
+        quotas = self.keys.quotas(key)
+        refused = admit(quotas, declared, time.monotonic()) if quotas else None
+        if refused is not None:
+            self.stats["http_429"] += 1
+            self.keys.tally(key, "http_429")
+        return refused
+
+    def answer(self, body: dict, wire: str = "openai", org: str | None = None) -> tuple[int, dict]:
         """One chat body (OpenAI shape) through the content path, without hidden limits or faults:
-        (status, payload). An OpenAI body is checked here (``strict.check_openai``); an Anthropic
-        or Gemini one was checked when it was translated, its thinking carried as ``_sim_think``."""
+        (status, payload), reading and writing organisation ``org``'s prompt cache. An OpenAI
+        body is checked here (``strict.check_openai``); an Anthropic or Gemini one was checked
+        when it was translated, its thinking carried as ``_sim_think``."""
         if "_sim_invalid" in body:  # a request the simulator refused when it read it
             return 400, {"error": {"message": body["_sim_invalid"], "type": "invalid_request_error"}}
         try:
@@ -201,7 +239,7 @@ class SimCore:
         except Refusal as exc:
             kind = "invalid_request_error"
             return 400, {"error": {"message": str(exc), "type": kind, "param": exc.param, "code": exc.code}}
-        payload = self.completion(model, req.model, body, req.n or 1, req.limit, None, think)
+        payload = self.completion(model, req.model, body, req.n or 1, req.limit, None, think, org)
         return 200, (openai_view(payload, model.profile) if wire == "openai" else payload)
 
     def completion(
@@ -213,14 +251,17 @@ class SimCore:
         limit: int | None,
         fault: str | None = None,
         think: Think = Think(),  # noqa: B008 (frozen)
+        org: str | None = None,
     ) -> dict:
         """The chat completion payload of one accepted request (OpenAI's shape, with the reasoning
-        text on each message as ``reasoning_content``; ``usage.openai_view`` shapes it per wire)."""
+        text on each message as ``reasoning_content``; ``usage.openai_view`` shapes it per wire),
+        its cached tokens those organisation ``org`` sent before."""
         messages = body["messages"]
         prompt = message_tokens(messages)
         cached = written = 0
-        if model.cache is not None and body.get("_sim_cache", True):  # False: Anthropic, no cache_control
-            cached, written = model.cache.visit(messages)
+        cache = model.cache_for(org)
+        if cache is not None and body.get("_sim_cache", True):  # False: Anthropic, no cache_control
+            cached, written = cache.visit(messages)
         choices, completion, reasoning = self._choices(model, body, messages, n, limit, fault, think)
         self.serial += 1
         return {

@@ -8,18 +8,25 @@ Credentials: ``x-goog-api-key``. Shapes follow https://ai.google.dev/api/generat
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from fairdistill.engine.sim.core import SimCore
+from fairdistill.engine.sim.keys import KeyRing, KeyState, org_of
+from fairdistill.engine.sim.limits import Quota
 from fairdistill.engine.sim.profiles import ModelProfile
 from fairdistill.engine.sim.replies import gemini_error, json_reply
 from fairdistill.engine.sim.strict import Refusal, check_gemini
 from fairdistill.engine.sim.strict import get as gemini_get
+from fairdistill.engine.sim.usage import message_tokens
 
 _FINISH = {"stop": "STOP", "length": "MAX_TOKENS"}
+_INVALID_KEY = "API key not valid. Please pass a valid API key."
+_KEY_INFO = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+             "domain": "googleapis.com"}  # fmt: skip
 _CONFIG = (("temperature", "temperature"), ("maxOutputTokens", "max_tokens"), ("topP", "top_p"),
            ("candidateCount", "n"), ("seed", "seed"), ("stopSequences", "stop"))  # fmt: skip
 
@@ -27,14 +34,37 @@ _CONFIG = (("temperature", "temperature"), ("maxOutputTokens", "max_tokens"), ("
 def key_refused(api_key: str | None, request: web.Request) -> web.Response | None:
     """Google's answers: no key is 403 PERMISSION_DENIED; a wrong one is a 400 whose details
     carry the reason ``API_KEY_INVALID`` (None: let it in)."""
-    given = request.headers.get("x-goog-api-key")
+    given = request.headers.get("x-goog-api-key") or request.query.get("key")
     if api_key is None or given == api_key:
         return None
     if given is None:
         return gemini_error(403, "Method doesn't allow unregistered callers.", "PERMISSION_DENIED")
-    info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
-            "domain": "googleapis.com"}  # fmt: skip
-    return gemini_error(400, "API key not valid. Please pass a valid API key.", "INVALID_ARGUMENT", [info])
+    return gemini_error(400, _INVALID_KEY, "INVALID_ARGUMENT", [_KEY_INFO])
+
+
+def caller(keys: KeyRing, api_key: str | None, request: web.Request) -> web.Response | KeyState | None:
+    """Who sends ``request`` on a Gemini route: its key (``x-goog-api-key`` or ``?key=``; None:
+    the simulator has no ``[keys]``), or Google's answer: 403 PERMISSION_DENIED without a key,
+    400 ``API_KEY_INVALID`` for an unknown one ("not valid") or a revoked one ("expired")."""
+    if not keys.enabled:
+        return key_refused(api_key, request)
+    found = keys.authenticate(request.headers.get("x-goog-api-key") or request.query.get("key"))
+    if not isinstance(found, str):
+        return found
+    if found == "missing":
+        return gemini_error(403, "Method doesn't allow unregistered callers.", "PERMISSION_DENIED")
+    message = "API key expired. Please renew the API key." if found == "revoked" else _INVALID_KEY
+    return gemini_error(400, message, "INVALID_ARGUMENT", [_KEY_INFO])
+
+
+def too_many(quota: Quota, wait: float) -> web.Response:
+    """Google's 429 RESOURCE_EXHAUSTED: a RetryInfo where the limit shows itself, else only
+    ``Retry-After: 1``."""
+    details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{math.ceil(wait)}s"}]
+    reply = gemini_error(429, f"Resource has been exhausted (e.g. check quota): {quota.name}.",
+                         "RESOURCE_EXHAUSTED", details if quota.visible else None)  # fmt: skip
+    reply.headers["Retry-After"] = str(max(1, math.ceil(wait))) if quota.visible else "1"
+    return reply
 
 
 def refusal(exc: Refusal) -> web.Response:
@@ -106,9 +136,12 @@ def to_gemini(payload: dict) -> dict:
     }
 
 
-async def generate_content(core: SimCore, request: web.Request, model: str) -> web.Response:
-    """``POST /v1beta/models/M:generateContent`` (key already checked): answered like a chat
-    completion (no hidden limits or faults; the default model's latency)."""
+async def generate_content(
+    core: SimCore, request: web.Request, model: str, key: KeyState | None = None
+) -> web.Response:
+    """``POST /v1beta/models/M:generateContent`` (``key`` already checked): answered like a chat
+    completion (the hidden limits of its key and organisation, none of the model's, no faults;
+    the default model's latency)."""
     core.stats["requests"] += 1
     try:
         body = from_gemini(orjson.loads(await request.read()), model, core.profile_for(model))
@@ -117,10 +150,19 @@ async def generate_content(core: SimCore, request: web.Request, model: str) -> w
         return refusal(exc)
     except (orjson.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError) as exc:
         return gemini_error(400, f"Invalid JSON payload: {exc}", "INVALID_ARGUMENT")
+    limit = body.get("max_tokens")
+    declared = message_tokens(body["messages"]) + (limit or 0) * (body.get("n") or 1)
+    if (refused := core.admit_key(key, declared)) is not None:
+        return too_many(refused[0], refused[2])
     if (delay := core.default_latency_s()) > 0:
         await asyncio.sleep(delay)
-    status, payload = core.answer(body, "gemini")
+    status, payload = core.answer(body, "gemini", org_of(key))
     if status != 200:
         return gemini_error(status, payload["error"]["message"], "INVALID_ARGUMENT")
+    if not limit:  # reconcile: undeclared tokens count too
+        for q in core.keys.quotas(key):
+            q.settle(payload["usage"]["completion_tokens"])
     core.stats["ok"] += 1
+    core.keys.tally(key, "ok")
+    core.keys.billed(key, payload["usage"])
     return json_reply(to_gemini(payload))

@@ -1,12 +1,13 @@
 """The simulator's hidden limits: a token bucket, fixed or sliding windows, and OpenAI's
-``x-ratelimit-*`` duration format. ``ModelProfile.limit_shape`` picks one per model."""
+``x-ratelimit-*`` duration format. ``limit_shape`` picks one per model, key or organisation;
+a ``Quota`` is one holder's pair (requests and tokens a minute) and ``admit`` checks several in
+order, taking from all of them or from none."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
-
-from fairdistill.engine.sim.profiles import ModelProfile
+from typing import Protocol
 
 
 class Bucket:
@@ -108,7 +109,18 @@ class Window(Bucket):
         return max(0.0, self.bins[-1][0] + self.window - now) if self.bins else 0.0
 
 
-def make_limit(per_minute: float | None, p: ModelProfile) -> Bucket | None:
+class LimitSpec(Protocol):
+    """What shapes a limit (a model's, a key's or an organisation's profile has these)."""
+
+    @property
+    def limit_shape(self) -> str: ...
+    @property
+    def limit_burst_s(self) -> float: ...
+    @property
+    def limit_window_s(self) -> float: ...
+
+
+def make_limit(per_minute: float | None, p: LimitSpec) -> Bucket | None:
     """The hidden limit of ``per_minute`` units in the profile's shape (None: unlimited)."""
     if not per_minute:
         return None
@@ -125,3 +137,67 @@ def fmt_duration(seconds: float) -> str:
         return f"{seconds:.2f}".rstrip("0").rstrip(".") + "s"
     minutes, rest = divmod(seconds, 60.0)
     return f"{int(minutes)}m{int(rest)}s"
+
+
+class Quota:
+    """The hidden limits of one holder (a key, an organisation, a model): requests and tokens a
+    minute, ``visible`` when its replies carry ``x-ratelimit-*`` (else a 429 says only
+    ``Retry-After: 1``). ``name`` is what a 429 message calls it."""
+
+    __slots__ = ("name", "requests", "rpm", "spec", "tokens", "tpm", "visible")
+
+    def __init__(self, name: str, rpm: float | None, tpm: float | None, spec: LimitSpec, visible: bool):
+        self.name = name
+        self.rpm, self.tpm, self.spec, self.visible = rpm, tpm, spec, visible
+        self.requests: Bucket | None = make_limit(rpm, spec)
+        self.tokens: Bucket | None = make_limit(tpm, spec)
+
+    @property
+    def limited(self) -> bool:
+        return self.requests is not None or self.tokens is not None
+
+    def reset(self) -> None:
+        """Full again (``/reset``)."""
+        self.requests = make_limit(self.rpm, self.spec)
+        self.tokens = make_limit(self.tpm, self.spec)
+
+    def short(self, declared: float, now: float) -> tuple[str, float] | None:
+        """("requests" | "tokens", seconds to wait) when one request of ``declared`` tokens does
+        not fit now, else None."""
+        if self.requests is not None and (wait := self.requests.wait_s(1.0, now)) > 0:
+            return "requests", wait
+        if self.tokens is not None and (wait := self.tokens.wait_s(declared, now)) > 0:
+            return "tokens", wait
+        return None
+
+    def take(self, declared: float) -> None:
+        if self.requests is not None:
+            self.requests.take(1.0)
+        if self.tokens is not None:
+            self.tokens.take(declared)
+
+    def settle(self, tokens: float) -> None:
+        """Tokens used beyond what the request declared (a reply with no token limit)."""
+        if self.tokens is not None:
+            self.tokens.take(tokens)
+
+    def headers(self, now: float) -> dict[str, str]:
+        """The ``x-ratelimit-*`` headers of this limit ({} when hidden)."""
+        out: dict[str, str] = {}
+        if self.visible:
+            if self.requests is not None:
+                self.requests.headers("requests", out, now)
+            if self.tokens is not None:
+                self.tokens.headers("tokens", out, now)
+        return out
+
+
+def admit(quotas: list[Quota], declared: float, now: float) -> tuple[Quota, str, float] | None:
+    """Check ``quotas`` in order: the first one short refuses (quota, kind, wait) and nothing is
+    taken from any; else one request of ``declared`` tokens is taken from each (None)."""
+    for q in quotas:
+        if (short := q.short(declared, now)) is not None:
+            return q, *short
+    for q in quotas:
+        q.take(declared)
+    return None

@@ -1,8 +1,9 @@
 """OpenAI's online wire on the simulator: ``POST /v1/chat/completions`` and ``GET /v1/models``.
 
-A request goes through, in order: parse -> model lookup (404) -> fault burst "429" -> hidden
-limits (429 with ``x-ratelimit-*`` and ``Retry-After``; a token bucket, or a fixed or sliding
-window, see ``ModelProfile.limit_shape``; ``limit_headers = false`` hides them) -> latency ->
+A request goes through, in order: key (401; see ``keys``) -> parse -> model lookup (404) -> fault
+burst "429" -> hidden limits, the key's, its organisation's, then the model's (429 with
+``x-ratelimit-*`` and ``Retry-After``; a token bucket, or a fixed or sliding window, see
+``limit_shape``; ``limit_headers = false`` hides them; a refused request takes from none) -> latency ->
 fault draw (5xx, hang, reset, malformed, truncated, empty, length) -> content. Every answered
 request carries ``x-sim-latency-ms``: the time the server spent on it, so a client can tell its
 own overhead from the server's.
@@ -19,9 +20,10 @@ import orjson
 from aiohttp import web
 
 from fairdistill.engine.sim.core import ModelState, SimCore
-from fairdistill.engine.sim.limits import fmt_duration
-from fairdistill.engine.sim.replies import JSON, openai_body
-from fairdistill.engine.sim.strict import Refusal, check_openai
+from fairdistill.engine.sim.keys import KeyState, org_of
+from fairdistill.engine.sim.limits import Quota, admit, fmt_duration
+from fairdistill.engine.sim.replies import JSON, caller, openai_body
+from fairdistill.engine.sim.strict import Refusal, Think, check_openai
 from fairdistill.engine.sim.usage import message_tokens, openai_view
 from fairdistill.engine.wire import ChatCompletionRequest, RequestInvalid, parse_chat_request
 
@@ -40,6 +42,11 @@ class OpenAIChat:
         app.router.add_get("/v1/models", self.list_models)
 
     async def list_models(self, request: web.Request) -> web.Response:
+        """``GET /v1/models`` (with ``[keys]``, only for a valid key)."""
+        if self.core.keys.enabled and isinstance(
+            key := caller(self.core.keys, None, request, False), web.Response
+        ):
+            return key
         data = [
             {"id": n, "object": "model", "created": 0, "owned_by": "fairdistill-sim"}
             for n in self.core.models
@@ -54,12 +61,13 @@ class OpenAIChat:
             self.core.in_flight -= 1
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        """One chat call: checked, admitted, delayed, maybe spoiled by a fault, answered."""
+        """One chat call: its key checked, then the body and the model, then served."""
         core = self.core
         core.stats["requests"] += 1
-        key = core.profile.api_key
-        if key is not None and request.headers.get("Authorization") != f"Bearer {key}":
-            return self.fail(401, "Incorrect API key provided.", _INVALID, "invalid_api_key")
+        key = caller(core.keys, core.profile.api_key, request, anthropic=False)
+        if isinstance(key, web.Response):
+            core.stats["http_4xx"] += 1
+            return key
         raw_body = await request.read()
         t0 = time.perf_counter()  # server time starts once the request is in: upload is the client's
         parsed = self._parse(raw_body)
@@ -74,24 +82,45 @@ class OpenAIChat:
             think = check_openai(body, model.profile)
         except Refusal as exc:
             return self.fail(400, str(exc), _INVALID, exc.code, param=exc.param)
+        return await self._serve(request, key, model, body, req, think, t0)
+
+    async def _serve(
+        self,
+        request: web.Request,
+        key: KeyState | None,
+        model: ModelState,
+        body: dict,
+        req: ChatCompletionRequest,
+        think: Think,
+        t0: float,
+    ) -> web.StreamResponse:
+        """An accepted call: admitted by the hidden limits (the key's, its organisation's, the
+        model's), delayed, maybe spoiled by a fault, answered."""
+        core = self.core
         n, max_tokens = req.n or 1, req.limit
         fault = core.draw_fault(model) if model.faulty else None
-        limit_headers: dict[str, str] | None = None
         if fault == "429":
-            return self._too_many(model, "requests", 1.0, t0)
-        if model.limited:
-            admitted = self._admit(model, message_tokens(body["messages"]) + (max_tokens or 0) * n, t0)
+            return self._too_many(model, model.quota, "requests", 1.0, t0, key)
+        quotas = [*core.keys.quotas(key), *([model.quota] if model.limited else [])]
+        limit_headers: dict[str, str] | None = None
+        if quotas:
+            admitted = self._admit(
+                model, quotas, message_tokens(body["messages"]) + (max_tokens or 0) * n, t0, key
+            )
             if isinstance(admitted, web.Response):
                 return admitted
             limit_headers = admitted
         if (failed := await self._delay_or_fault(request, model, fault, t0, limit_headers)) is not None:
             return failed
-        payload = core.completion(model, req.model, body, n, max_tokens, fault, think)
-        if model.tokens is not None and model.limited and not max_tokens:
-            model.tokens.take(payload["usage"]["completion_tokens"])  # reconcile: undeclared tokens count too
+        payload = core.completion(model, req.model, body, n, max_tokens, fault, think, org_of(key))
+        if not max_tokens:  # reconcile: undeclared tokens count too
+            for q in quotas:
+                q.settle(payload["usage"]["completion_tokens"])
+        core.keys.billed(key, payload["usage"])
         raw = self._spoil(orjson.dumps(openai_view(payload, model.profile)), fault, model.stats)
         core.stats["ok"] += 1
         model.stats["ok"] += 1
+        core.keys.tally(key, "ok")
         ms = (time.perf_counter() - t0) * 1000
         core.latencies_ms.append(ms)
         headers = limit_headers if limit_headers is not None else {}
@@ -160,20 +189,19 @@ class OpenAIChat:
             raise asyncio.CancelledError  # nothing more to write: the connection is gone
         return None
 
-    def _admit(self, model: ModelState, declared: float, t0: float) -> web.Response | dict[str, str]:
-        """The hidden limits: a 429 when a bucket is short, else take from them -> the
-        ``x-ratelimit-*`` headers of the reply."""
+    def _admit(
+        self, model: ModelState, quotas: list[Quota], declared: float, t0: float, key: KeyState | None
+    ) -> web.Response | dict[str, str]:
+        """The hidden limits in order: a 429 from the first one short (nothing taken from any),
+        else one request taken from each -> the ``x-ratelimit-*`` headers of the reply (those
+        of the first limit that shows them)."""
         now = time.monotonic()
-        req_b, tok_b = model.requests, model.tokens
-        if req_b is not None and (wait := req_b.wait_s(1.0, now)) > 0:
-            return self._too_many(model, "requests", wait, t0)
-        if tok_b is not None and (wait := tok_b.wait_s(declared, now)) > 0:
-            return self._too_many(model, "tokens", wait, t0)
-        if req_b is not None:
-            req_b.take(1.0)
-        if tok_b is not None:
-            tok_b.take(declared)
-        return model.limit_headers(now)
+        if (refused := admit(quotas, declared, now)) is not None:
+            return self._too_many(model, *refused, t0, key)
+        for q in quotas:
+            if q.visible:
+                return q.headers(now)
+        return {}
 
     def _spoil(self, raw: bytes, fault: str | None, mstats: Counter) -> bytes:
         """A faulty 200's body (malformed, truncated; empty and length were made upstream), counted."""
@@ -186,19 +214,22 @@ class OpenAIChat:
             mstats[fault] += 1
         return raw
 
-    def _too_many(self, model: ModelState, kind: str, wait: float, t0: float) -> web.Response:
+    def _too_many(
+        self, model: ModelState, quota: Quota, kind: str, wait: float, t0: float, key: KeyState | None
+    ) -> web.Response:
+        """The 429 of ``quota`` (a key's, an organisation's or the model's), counted."""
         self.core.stats["http_429"] += 1
         model.stats["http_429"] += 1
-        headers = model.limit_headers(time.monotonic())
-        if model.profile.limit_headers:
+        self.core.keys.tally(key, "http_429")
+        headers = quota.headers(time.monotonic())
+        if quota.visible:
             headers["retry-after"] = str(max(1, math.ceil(wait)))
             headers["retry-after-ms"] = str(max(1, math.ceil(wait * 1000)))
         else:  # a gateway that hides its limits: the least a client can be told
             headers["retry-after"] = "1"
-        message = f"Rate limit reached for {model.name} on {kind} per min. " + (
-            f"Please try again in {fmt_duration(wait)}."
-            if model.profile.limit_headers
-            else "Please try again later."
+        where = "" if quota is model.quota else f" in {quota.name}"
+        message = f"Rate limit reached for {model.name}{where} on {kind} per min. " + (
+            f"Please try again in {fmt_duration(wait)}." if quota.visible else "Please try again later."
         )
         return web.Response(
             status=429,

@@ -24,6 +24,15 @@ A profile is a TOML file (named ones live in ``engine/sim/profiles/``)::
     p_5xx = 0.01                       # each a per-request probability
     bursts = [{kind = "5xx", every_s = 20, duration_s = 2}]
 
+    [keys.a]                           # optional, instead of api_key: the keys it accepts (the
+    value = "sk-sim-a-0123456789"      # label is shown in /stats, the value never)
+    group = "org-a"                    # its organisation (omit: its own); see engine.sim.keys
+    rpm = 1000                         # hidden per-key limits (tpm, limit_shape; limit_headers = false)
+    revoke_after_s = 12.5              # refused (401) from then on; revoke_after_requests likewise
+
+    [groups.org-a]
+    rpm = 1500                         # hidden per-organisation limits shared by its keys
+
 Every field has a default, so ``[models.echo]`` alone is a valid (instant, echoing) model.
 """
 
@@ -129,6 +138,59 @@ class ModelProfile(_Struct):
     cache_min_tokens: int = 0  # a prefix shorter than this is never cached (OpenAI: 1024)
 
 
+class KeyProfile(_Struct):
+    """One API key the simulator accepts (``[keys.LABEL]``; the label is shown, the value never):
+    its organisation, its own hidden limits and when it is revoked."""
+
+    value: str  # what the client sends
+    group: str | None = None  # its organisation; None: the key is its own (named by its label)
+    rpm: float | None = None  # hidden per-key limits, like a model's
+    tpm: float | None = None
+    limit_headers: bool = False  # True: x-ratelimit-* of this limit on the OpenAI wire
+    limit_shape: LimitShape = "bucket"
+    limit_burst_s: float = 60.0
+    limit_window_s: float = 60.0
+    revoke_after_s: float | None = None  # refused (401) from this long after server start
+    revoke_after_requests: int | None = None  # refused after this many requests carrying it
+
+    def __repr__(self) -> str:  # the value is a secret: never in a log or a traceback
+        return f"KeyProfile(group={self.group!r}, rpm={self.rpm!r}, tpm={self.tpm!r})"
+
+
+class GroupProfile(_Struct):
+    """An organisation's hidden limits (``[groups.NAME]``), shared by all of its keys."""
+
+    rpm: float | None = None
+    tpm: float | None = None
+    limit_headers: bool = False
+    limit_shape: LimitShape = "bucket"
+    limit_burst_s: float = 60.0
+    limit_window_s: float = 60.0
+
+
+def check_keys(keys: dict[str, KeyProfile], groups: dict[str, GroupProfile]) -> None:
+    """Key and group tables that mean one thing: distinct non-empty values, organisations that
+    exist, limits and revocations that are positive (``ValueError`` naming the field)."""
+    seen: dict[str, str] = {}
+    for label, k in keys.items():
+        if not k.value:
+            raise ValueError(f"keys.{label}.value: must not be empty")
+        if k.value in seen:
+            raise ValueError(f"keys.{label}.value: the same value as keys.{seen[k.value]}")
+        seen[k.value] = label
+        if k.group is not None and k.group in keys and keys[k.group].group is None:
+            raise ValueError(f"keys.{label}.group: {k.group!r} is key {k.group}'s own organisation")
+        for field in ("rpm", "tpm", "revoke_after_s", "revoke_after_requests"):
+            if (v := getattr(k, field)) is not None and v < 0:
+                raise ValueError(f"keys.{label}.{field}: must be >= 0")
+    used = {k.group for k in keys.values()}
+    for name, g in groups.items():
+        if name not in used:
+            raise ValueError(f"groups.{name}: no key has group = {name!r}")
+        if any(v is not None and v < 0 for v in (g.rpm, g.tpm)):
+            raise ValueError(f"groups.{name}: rpm and tpm must be >= 0")
+
+
 class SimProfile(_Struct):
     """A simulated server: its models, plus the seed that makes its content deterministic."""
 
@@ -139,8 +201,16 @@ class SimProfile(_Struct):
     dataset: str | None = None  # problems for reasoning content (loaded by `fair sim`)
     replay_dir: str | None = None  # datasets folder for replay; default $FAIR_DATA_DIR or ../shared/datasets
     api_key: str | None = None  # when set, requests must send "Authorization: Bearer <api_key>" (else 401)
+    # several keys instead (see engine.sim.keys): each request must carry one of their values
+    keys: dict[str, KeyProfile] = {}
+    groups: dict[str, GroupProfile] = {}
 
     def __post_init__(self) -> None:
+        if self.keys and self.api_key is not None:
+            raise ValueError("api_key and [keys] are exclusive (put the one key in [keys])")
+        if self.groups and not self.keys:
+            raise ValueError("[groups] needs [keys]")
+        check_keys(self.keys, self.groups)
         if not self.models:
             raise ValueError("sim profile: at least one [models.NAME] table is needed")
         if self.default_model is not None and self.default_model not in self.models:
@@ -173,6 +243,13 @@ def load_profile(name_or_path: str | Path) -> SimProfile:
 
 def profile_from_dict(data: dict, source: str = "profile") -> SimProfile:
     try:
+        for table, kind in (("keys", KeyProfile), ("groups", GroupProfile)):
+            entries = data.get(table)
+            for label, entry in entries.items() if isinstance(entries, dict) else ():
+                try:  # one by one, so that an error names the key or group
+                    msgspec.convert(entry, kind)
+                except msgspec.ValidationError as exc:
+                    raise ValueError(f"{table}.{label}: {exc}") from exc
         return msgspec.convert(data, SimProfile)
     except (msgspec.ValidationError, ValueError) as exc:
         raise ConfigError(f"sim profile {source}: {exc}") from exc

@@ -1,5 +1,6 @@
 """The simulator's HTTP replies in each provider's error shape, and the key check the OpenAI and
-Anthropic wires share (Gemini's is in ``gemini``)."""
+Anthropic wires share (Gemini's is in ``gemini``): the profile's one ``api_key``
+(``key_refused``), or its ``[keys]`` (``caller``: the ``KeyState`` of the key a request carries)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+
+from fairdistill.engine.sim.keys import KeyRing, KeyState
 
 JSON = "application/json"
 
@@ -46,5 +49,38 @@ def key_refused(api_key: str | None, request: web.Request, anthropic: bool) -> w
         return None
     if request.headers.get("Authorization") == f"Bearer {api_key}":
         return None
-    message = "invalid x-api-key" if anthropic else "Incorrect API key provided."
-    return openai_error(401, message, "authentication_error")
+    if anthropic:
+        return anthropic_error(401, "invalid x-api-key", "authentication_error")
+    return web.Response(
+        status=401,
+        body=openai_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
+        content_type=JSON,
+    )
+
+
+def _bearer(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else None
+
+
+def caller(
+    keys: KeyRing, api_key: str | None, request: web.Request, anthropic: bool
+) -> web.Response | KeyState | None:
+    """Who sends ``request`` on the OpenAI or Anthropic wire: its key (None: the simulator has no
+    ``[keys]`` and the single ``api_key``, if any, matched), or the provider's 401: OpenAI's
+    ``invalid_api_key`` for an unknown or revoked key, Anthropic's ``authentication_error``."""
+    if not keys.enabled:
+        return key_refused(api_key, request, anthropic)
+    given = request.headers.get("x-api-key") if anthropic else None
+    found = keys.authenticate(given or _bearer(request))
+    if not isinstance(found, str):
+        return found
+    if anthropic:
+        missing = found == "missing"
+        return anthropic_error(401, "x-api-key header is required" if missing else "invalid x-api-key",
+                               "authentication_error")  # fmt: skip
+    if found == "missing":
+        message = "You didn't provide an API key. Send it in an Authorization header (Bearer auth)."
+        return web.Response(status=401, body=openai_body(message, "invalid_request_error"), content_type=JSON)
+    body = openai_body("Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+    return web.Response(status=401, body=body, content_type=JSON)

@@ -2,17 +2,19 @@
 and each provider's online and batch twin on the same server (a Gemini endpoint's base URL is
 ``{sim.url}/v1beta``).
 
-Routes: ``GET /health``, ``GET /stats`` (the counters as JSON) and ``POST /reset`` (zero the
-counters and refill every bucket) for benchmarks that drive a simulator in another process, plus
-the wires, one module each:
+Routes: ``GET /health``, ``GET /stats`` (the counters as JSON, ``by_key`` and ``by_group`` among
+them) and ``POST /reset`` (zero the counters, refill every bucket, restore every key, empty the
+per-organisation prompt caches) for
+benchmarks that drive a simulator in another process; ``GET /sim/keys`` and ``POST
+/sim/keys/{label}/revoke`` | ``/restore`` (see ``keys``); plus the wires, one module each:
 
 - ``openai_chat``: ``POST /v1/chat/completions``, ``GET /v1/models`` (hidden limits and faults);
 - ``anthropic``: ``POST /v1/messages``; ``gemini``: ``POST /v1beta/models/M:generateContent``;
 - ``batch_openai``, ``batch_anthropic``, ``batch_gemini``: each provider's batch API over the
   shared batch core ``batch`` (``POST /sim/batch-faults`` sets its faults).
 
-Imports flow one way: ``limits``/``profiles``/``content``/``strict``/``usage`` -> ``core``
-(state and the content path) -> ``replies`` -> the wires -> this module.
+Imports flow one way: ``limits``/``profiles``/``content``/``strict``/``usage`` -> ``keys`` ->
+``core`` (state and the content path) -> ``replies`` -> the wires -> this module.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class SimServer(SimCore):
         app.router.add_get("/stats", self._stats)
         app.router.add_post("/reset", self._reset)
         app.router.add_post("/sim/batch-faults", self.batch.set_faults)
+        self.keys.mount(app)  # GET /sim/keys, POST /sim/keys/{label}/revoke|restore
         for wire in self._wires:
             wire.mount(app)
         return app
@@ -128,6 +131,7 @@ class SimServer(SimCore):
         for m in self.models.values():
             m.stats = self.stats.by_model[m.name]
             m.reset()
+        self.keys.reset()
         self.started_at = time.monotonic()
         return web.Response(body=b'{"status":"ok"}', content_type=JSON)
 
@@ -211,9 +215,11 @@ def cli_main(args) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         models = ", ".join(server.profile.models)
-        known = len(server.reasoning.by_line)
+        known = f"{len(server.reasoning.by_line)} known problems"
+        if profile.keys:  # labels only, never a value
+            known += f"; keys {', '.join(profile.keys)}"
         print(
-            f"fair sim: profile {profile.name!r} ({models}; {known} known problems) on {server.base_url}",
+            f"fair sim: profile {profile.name!r} ({models}; {known}) on {server.base_url}",
             file=sys.stderr,
             flush=True,
         )
