@@ -168,6 +168,15 @@ def _add_generate(sub: Any) -> None:
     s.add_argument("--provider", default="openai", choices=["openai", "anthropic", "gemini"],
                    help="wire protocol (default: openai, any OpenAI-compatible server)")  # fmt: skip
     s.add_argument("--api-key-env", default=None, help="name of the env var holding the API key")
+    s.add_argument("--key", action="append", default=None, metavar="VAR[@GROUP]",
+                   help="one key of a pool: the env var holding it, @ the organisation whose quota it "
+                        "shares (repeat; instead of --api-key-env)")  # fmt: skip
+    s.add_argument(
+        "--no-key-affinity",
+        action="store_true",
+        default=None,
+        help="with --key: send each request to the freest key (no prompt-cache affinity)",
+    )
     s.add_argument("--concurrency", type=COUNT, default=ENDPOINT_DEFAULTS["concurrency"],
                    help="requests in flight at once (default %(default)s)")  # fmt: skip
     s.add_argument("--rpm", type=RATE, default=None, help="requests per minute (default: learned from 429s)")

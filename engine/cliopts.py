@@ -23,6 +23,7 @@ ENDPOINT = "default"  # the one endpoint of `fair generate`
 FLAGS = {"base_url": "--endpoint", "model": "--model", "concurrency": "--concurrency", "rpm": "--rpm",
          "tpm": "--tpm", "timeout_s": "--timeout", "max_attempts": "--max-attempts",
          "max_wait_s": "--max-wait", "price_in": "--price-in", "price_out": "--price-out", "mode": "--mode",
+         "keys": "--key", "api_key_env": "--api-key-env",
          "batch.linger_s": "--batch-linger", "batch.max_items": "--batch-max-items",
          "batch.max_open": "--batch-max-open", "batch.poll_s": "--batch-poll",
          "batch.max_rounds": "--batch-max-rounds", "batch.fallback": "--batch-fallback",
@@ -58,11 +59,24 @@ def batch_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {f: v for f, v in values.items() if v is not None}
 
 
+def key_flags(given: list[str] | None) -> list[dict[str, str]]:
+    """``--key VAR[@GROUP]`` flags as a ``keys`` pool."""
+    keys = []
+    for flag in given or ():
+        env, _, group = flag.partition("@")
+        if redact(env) != env:
+            raise ConfigError("--key takes the NAME of an environment variable, not the key itself")
+        keys.append({"env": env, "group": group} if group else {"env": env})
+    return keys
+
+
 def endpoint_config(args: argparse.Namespace) -> EndpointConfig:
     """``fair generate``'s endpoint flags, checked as a TOML endpoint is (errors name the flag)."""
     if args.api_key_env and redact(args.api_key_env) != args.api_key_env:
         # never echo it back: the value looks like a key, not the name of a variable holding one
         raise ConfigError("--api-key-env takes the NAME of an environment variable, not the key itself")
+    if args.api_key_env and args.key:
+        raise ConfigError("give either --api-key-env (one key) or --key (a pool), not both")
     if (given := batch_flags(args)) and args.mode != "batch":
         names = ", ".join(FLAGS[f"batch.{f}"] for f in given)
         raise ConfigError(f"{names} apply only with --mode batch (add it, or drop them)")
@@ -70,7 +84,8 @@ def endpoint_config(args: argparse.Namespace) -> EndpointConfig:
               "api_key_env": args.api_key_env, "concurrency": args.concurrency, "rpm": args.rpm,
               "tpm": args.tpm, "timeout_s": args.timeout, "max_attempts": args.max_attempts,
               "max_wait_s": args.max_wait, "price_in": args.price_in, "price_out": args.price_out,
-              "mode": args.mode, "batch": given, "name": ENDPOINT}  # fmt: skip
+              "mode": args.mode, "batch": given, "name": ENDPOINT, "keys": key_flags(args.key),
+              "key_affinity": not args.no_key_affinity}  # fmt: skip
     return convert_flags(fields, EndpointConfig, command="fair generate", flags=FLAGS)
 
 

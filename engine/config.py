@@ -73,7 +73,11 @@ _HEADER_VALUE = r"^[^\x00-\x08\x0a-\x1f\x7f]*$"
 HeaderName = Annotated[str, Meta(pattern=_HEADER_NAME)]
 HeaderValue = Annotated[str, Meta(pattern=_HEADER_VALUE)]
 # msgspec names a failed pattern by its regex; these say it in words
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+_GROUP_NAME = r"^[A-Za-z0-9_.:-]{1,64}$"
 _PATTERN_WORDS = {
+    _ENV_NAME: "an environment variable's name (letters, digits, _)",
+    _GROUP_NAME: "a group name (letters, digits, _ . : -)",
     _URL: "an http:// or https:// URL (port 1-65535)",
     _HEADER_NAME: "an HTTP header name (letters, digits, -)",
     _HEADER_VALUE: "a header value without control characters",
@@ -201,6 +205,39 @@ class ReasoningConfig(Struct, kw_only=True):
     ] = None
 
 
+EnvName = Annotated[str, Meta(pattern=_ENV_NAME)]  # a variable's name, never a key
+GroupName = Annotated[str, Meta(pattern=_GROUP_NAME)]
+
+
+class KeyConfig(Struct, kw_only=True):
+    """One key of an endpoint's pool (``keys = [{ env = ..., group = ... }]``): its variable, the
+    organisation it bills, and its own limits."""
+
+    env: Annotated[EnvName, doc("Name of the environment variable holding this key (never the key itself).")]
+    group: Annotated[
+        GroupName | None,
+        doc("Organisation or project whose quota it shares with the group's other keys; unset: its own."),
+    ] = None
+    rpm: Annotated[
+        Rate | None, doc("This key's requests per minute; unset: learned from its own 429s and headers.")
+    ] = None
+    tpm: Annotated[
+        Rate | None, doc("This key's tokens per minute; unset: learned from its own 429s and headers.")
+    ] = None
+
+    @property
+    def group_name(self) -> str:
+        """The organisation whose quota and prompt cache the key shares (its own when unset)."""
+        return self.group if self.group is not None else self.env
+
+
+class GroupConfig(Struct, kw_only=True):
+    """``groups = { NAME = { rpm = ... } }``: the quota the keys of one organisation share."""
+
+    rpm: Annotated[Rate | None, doc("Requests per minute of the whole group, across its keys.")] = None
+    tpm: Annotated[Rate | None, doc("Tokens per minute of the whole group, across its keys.")] = None
+
+
 class EndpointConfig(Struct, kw_only=True):
     """One model behind one base URL, with its price and its limits."""
 
@@ -224,6 +261,24 @@ class EndpointConfig(Struct, kw_only=True):
             "Name of the environment variable holding the API key (read at call time; never the key itself)."
         ),
     ] = None
+    keys: Annotated[
+        list[KeyConfig],
+        doc(
+            'A pool of keys instead of `api_key_env`: `[{ env = "KEY_A", group = "org-a", rpm = 5000 }, '
+            "...]`; each is used within its own and its group's limits."
+        ),
+    ] = []
+    groups: Annotated[
+        dict[GroupName, GroupConfig],
+        doc("Limits of the pool's groups, e.g. `{ org-a = { rpm = 1500 } }`; unset: learned per key."),
+    ] = {}
+    key_affinity: Annotated[
+        bool,
+        doc(
+            "With `keys`: the requests of one problem keep to one key while it has headroom, so the "
+            "provider's prompt cache (per organisation) still hits; false: each goes to the freest key."
+        ),
+    ] = True
     price_in: Annotated[
         Price, doc("Dollars per 1M input tokens: cost in the trace, report, budget and estimate.")
     ] = 0.0
@@ -280,6 +335,7 @@ class EndpointConfig(Struct, kw_only=True):
 
     def __post_init__(self) -> None:
         check_endpoint(self.provider, self.model, self.accepts, self.reasoning)
+        self._check_pool()
         if self.mode != "batch":
             return
         items, size = BATCH_LIMITS[self.provider]
@@ -287,6 +343,32 @@ class EndpointConfig(Struct, kw_only=True):
         for field, value, limit in (("max_items", b.max_items, items), ("max_bytes", b.max_bytes, size)):
             if value > limit:
                 raise ValueError(f"batch.{field} = {value} is above {self.provider}'s limit {limit}")
+
+    def _check_pool(self) -> None:
+        if self.keys and self.api_key_env:
+            raise ValueError("set either api_key_env (one key) or keys (a pool), not both")
+        envs = [k.env for k in self.keys]
+        if twice := sorted({e for e in envs if envs.count(e) > 1}):
+            raise ValueError(f"keys: {twice[0]} is listed twice")
+        used = {k.group for k in self.keys}
+        if stray := sorted(set(self.groups) - used):
+            raise ValueError(f"groups.{stray[0]}: no key of `keys` is in this group")
+
+    @property
+    def pooled(self) -> bool:
+        """The endpoint has a key pool (``keys``), not one ``api_key_env``."""
+        return bool(self.keys)
+
+    def key_envs(self) -> list[str]:
+        """The variables the endpoint reads its keys from (none for a keyless endpoint)."""
+        return [k.env for k in self.keys] if self.keys else [self.api_key_env] if self.api_key_env else []
+
+    def key_value(self, env: str) -> str:
+        """The value of key variable ``env`` (``ConfigError``, exit 2, when it is not set)."""
+        key = os.environ.get(env)
+        if not key:
+            raise ConfigError(f"endpoint {self.name!r}: environment variable {env} (keys) is not set")
+        return key
 
     def api_key(self) -> str | None:
         """Read the key from the environment at call time (it never lives in config or logs)."""

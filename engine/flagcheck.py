@@ -64,6 +64,9 @@ RULES: dict[str, tuple[Needs, ...]] = {
             lambda a: a.compress == "none" or a.ray is None,
             "is not supported with --ray yet",
         ),
+        Needs(
+            "--no-key-affinity", "no_key_affinity", lambda a: bool(a.key), "applies only with --key (a pool)"
+        ),
     ),
     "serve-student": _vllm("cpu"),
     "eval": (

@@ -36,7 +36,7 @@ class UrllibExecutor:
                 self.in_flight -= 1
 
     def _post(self, target: Target, body: bytes) -> Reply:
-        req = urllib.request.Request(target.url, data=body, headers=self.headers[target.endpoint])
+        req = urllib.request.Request(target.url, data=body, headers=self.headers[target.slot])
         try:
             with urllib.request.urlopen(req, timeout=target.timeout_s) as resp:
                 return resp.status, resp.read(), {k.lower(): v for k, v in resp.headers.items()}

@@ -158,7 +158,8 @@ class Admission:
         self._gated = self.cold.active or self.requests is not None or self.tokens is not None
 
     # -- acquire ----------------------------------------------------------------------------
-    async def acquire(self, est_tokens: float = 0.0) -> Lease:
+    async def acquire(self, est_tokens: float = 0.0, affinity: int = 0) -> Lease:
+        """A lease for one call (``affinity`` is a key pool's: one key has nothing to choose)."""
         await self._sem.acquire()
         if not self._gated:
             self.req.reserved += 1.0
@@ -345,6 +346,14 @@ class Admission:
         for bucket in (self.requests, self.tokens):
             if bucket is not None:
                 bucket.hold(now, until)
+
+    # -- one key (a pool of several is ``engine.request.keypool.KeyPool``) --------------------
+    def key_of(self, lease: Lease) -> int:
+        return 0
+
+    def retire(self, lease: Lease) -> tuple[bool, int]:
+        """One key refused: nothing to fall back on (the run aborts)."""
+        return False, 0
 
     # -- introspection ----------------------------------------------------------------------
     def effective_rpm(self) -> float | None:

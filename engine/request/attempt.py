@@ -12,13 +12,15 @@ cache, single-flight and fan-out around it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 
-from fairdistill.engine.errors import AuthError, ReplyError, RequestError
+from fairdistill.engine.errors import AuthError, ReplyError, RequestError, one_line
 from fairdistill.engine.request.events import Call, Events
-from fairdistill.engine.request.executor import BATCH_HEADER, Executor, SendError
+from fairdistill.engine.request.executor import BATCH_HEADER, KEY_HEADER, Executor, SendError
 from fairdistill.engine.request.lane import Lane, settle
 from fairdistill.engine.request.providers import error_message, redact
+from fairdistill.engine.request.providers.status import Verdict, classify
 from fairdistill.engine.request.retry import Transient, retrying
 from fairdistill.engine.types import ChatRequest, Completion
 
@@ -66,11 +68,13 @@ class Sender:
         """One attempt: admission, send, classify (``providers.status``). 429s, and 400s naming
         a parameter the model does not take (dropped, then sent again), loop back into admission
         in here; the lease is released and the exchange accounted in one place, the ``finally``."""
-        admission, events, target = lane.admission, self.events, lane.target
+        admission, events = lane.admission, self.events
         call.attempts += 1
         while True:
             body = lane.provider.encode(request)  # again after a drop: what the model takes now
-            lease = await admission.acquire(call.est_tokens)
+            lease = await admission.acquire(call.est_tokens, call.affinity)
+            target = lane.targets[admission.key_of(lease)] if lane.pooled else lane.target
+            call.key_env = target.key_env if lane.pooled else None
             for hook in events.admitted:
                 hook(call)
             call.status, call.timed_out = 0, False
@@ -82,6 +86,7 @@ class Sender:
                 status, raw, reply_headers = await self.executor.send(target, body, lane.send_key(key))
                 call.status = status
                 call.batch = reply_headers.get(BATCH_HEADER)
+                call.key_env = reply_headers.get(KEY_HEADER, call.key_env)  # a batch of another key
                 headers = lane.provider.limits(reply_headers)
                 if status < 300:
                     done = lane.provider.decode(raw)
@@ -92,12 +97,16 @@ class Sender:
                     continue
                 if status == 400 and lane.dropped(call, request, body, raw):
                     continue
+                if lane.pooled and classify(status, raw) is Verdict.ABORT:
+                    call.refused = (*call.refused, call.key_env or "")  # the trace's `refused`
+                    if self._retired(lane, lease, raw):
+                        continue  # that key is retired: again on another
                 raise lane.refusal(status, raw)
             except SendError as exc:
                 call.timed_out = exc.timeout
-                raise Transient(redact(str(exc), lane.key)) from None
+                raise Transient(redact(str(exc), lane.secrets)) from None
             except ReplyError as exc:
-                raise Transient(redact(str(exc), lane.key), call.status, reply_error=True) from None
+                raise Transient(redact(str(exc), lane.secrets), call.status, reply_error=True) from None
             finally:
                 if used is None:
                     admission.release(lease, call.status, headers)
@@ -105,6 +114,21 @@ class Sender:
                     admission.release(lease, call.status, headers, used)
                 for hook in events.answered:
                     hook(call)
+
+    def _retired(self, lane: Lane, lease: object, raw: bytes) -> bool:
+        """A pool key refused the credentials: retire it (said once, naming its variable) and
+        say whether another key is left to send the call on."""
+        newly, left = lane.admission.retire(lease)
+        if newly:
+            env = lane.targets[lane.admission.key_of(lease)].key_env
+            print(
+                f"fair: endpoint {lane.name!r}: key {env} was refused "
+                f"({one_line(error_message(raw, lane.secrets), 160)}); retired for this run, "
+                f"{left} of {len(lane.targets)} keys left",
+                file=sys.stderr,
+                flush=True,
+            )
+        return left > 0
 
     def _throttled(self, lane: Lane, call: Call, raw: bytes) -> None:
         """A 429: back to admission (not an attempt), at most ``max_rate_limited`` times a call."""
@@ -114,7 +138,7 @@ class Sender:
         if call.http_429 >= self.max_rate_limited:
             raise RequestError(
                 f"endpoint {lane.name!r}: still rate limited (429) after {call.http_429} "
-                f"tries: {error_message(raw, lane.key)}",
+                f"tries: {error_message(raw, lane.secrets)}",
                 status=429,
                 endpoint=lane.name,
             )

@@ -50,7 +50,7 @@ from fairdistill.engine.request.cache import ResponseCache, cache_key
 from fairdistill.engine.request.events import Call, Events, Observer
 from fairdistill.engine.request.executor import Executor, HttpExecutor
 from fairdistill.engine.request.flight import SingleFlight
-from fairdistill.engine.request.lane import Admitter, Lane, estimate_tokens, from_cache, merged
+from fairdistill.engine.request.lane import Admitter, Lane, affinity_of, estimate_tokens, from_cache, merged
 from fairdistill.engine.request.retry import BACKOFF_BASE_S, BACKOFF_MAX_S, RetryPolicy
 from fairdistill.engine.request.stats import EndpointStats, StatsObserver
 from fairdistill.engine.request.trace import Trace, TraceObserver
@@ -123,7 +123,8 @@ class Engine:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> Engine:
-        targets = {name: lane.open() for name, lane in self._lanes.items()}  # ConfigError: no key
+        # ConfigError (exit 2): a key is missing. One target per endpoint, or per key of a pool.
+        targets = {t.slot: t for lane in self._lanes.values() for t in lane.open()}
         try:
             await self.executor.open(targets)
             self._open = True
@@ -154,9 +155,13 @@ class Engine:
             self.trace = None
 
     # -- the call ---------------------------------------------------------------------------
-    async def complete(self, endpoint: str, request: ChatRequest, stage: str = "") -> Completion:
+    async def complete(
+        self, endpoint: str, request: ChatRequest, stage: str = "", affinity: str = ""
+    ) -> Completion:
         """Answer one chat request: cache -> admission -> retry boundary -> provider -> executor.
-        ``stage`` labels the call in the trace (cost per stage in the report and the estimate).
+        ``stage`` labels the call in the trace (cost per stage in the report and the estimate);
+        ``affinity`` (a problem id) keeps related calls on one key of a pool (default: the prompt
+        prefix), so the provider's prompt cache, which is per organisation, still hits.
 
         Raises ``RequestError`` (this record fails, the run goes on) or ``AuthError`` (abort).
         """
@@ -166,6 +171,8 @@ class Engine:
         if self._sender.aborted is not None:
             raise self._sender.aborted
         call = Call(lane.name, lane.cfg.model, estimate_tokens(request), stage)
+        if lane.pooled:
+            call.affinity = affinity_of(affinity, request)
         for hook in self.events.requested:
             hook(call)
         key = cache_key(lane.cfg.provider, lane.cfg.base_url, lane.cache_model, request)
@@ -204,12 +211,13 @@ class Engine:
         goes to the executor as ``KEY-i``."""
         one = msgspec.structs.replace(request, n=1)
         est = estimate_tokens(one)
+        pin = affinity_of("", one) if lane.pooled else 0
         try:
             async with asyncio.TaskGroup() as tg:  # one failing cancels its siblings
                 tasks = [
                     tg.create_task(
                         self._sender.call(
-                            lane, Call(lane.name, lane.cfg.model, est, stage), one, f"{key}-{i}"
+                            lane, Call(lane.name, lane.cfg.model, est, stage, pin), one, f"{key}-{i}"
                         )
                     )
                     for i in range(request.n)

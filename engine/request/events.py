@@ -5,7 +5,9 @@ it met, the last HTTP status. As it moves through the request path it emits even
 
     requested  complete() began (once per complete(), before the cache)
     cached     answered from the response cache; nothing is sent
-    admitted   admission granted a slot (once per HTTP try; 429s try again)
+    admitted   admission granted a slot (once per HTTP try; 429s try again); with a key pool
+               ``call.key_env`` names the key's variable from here on (a 401/403 on it adds it to
+               ``call.refused``, and the try goes again on another key)
     sent       the request went out
     throttled  the reply was a 429; the call goes back to admission after ``answered``
     answered   the try is over and its slot released (always, from a ``finally``):
@@ -39,11 +41,13 @@ class Call:
     """One logical call to one endpoint (its HTTP tries, 429s and retries included)."""
 
     __slots__ = (
-        "attempts", "batch", "dropped", "endpoint", "est_tokens", "http_429", "model", "stage", "started",
-        "status", "timed_out",
+        "affinity", "attempts", "batch", "dropped", "endpoint", "est_tokens", "http_429", "key_env", "model",
+        "refused", "stage", "started", "status", "timed_out",
     )  # fmt: skip
 
-    def __init__(self, endpoint: str, model: str, est_tokens: float = 0.0, stage: str = ""):
+    def __init__(
+        self, endpoint: str, model: str, est_tokens: float = 0.0, stage: str = "", affinity: int = 0
+    ):
         self.endpoint = endpoint
         self.model = model
         self.stage = stage  # what the call is for ("rationale", "review"...), when the caller said
@@ -54,6 +58,9 @@ class Call:
         self.timed_out = False  # the last try hit its deadline
         self.batch: str | None = None  # the provider batch that answered it (a Batch API executor)
         self.dropped: tuple[str, ...] = ()  # parameters it made the endpoint drop (a 400 named them)
+        self.refused: tuple[str, ...] = ()  # pool keys' variables that answered it 401/403 (retired)
+        self.affinity = affinity  # keeps related calls on one key of a pool (0: none)
+        self.key_env: str | None = None  # the variable of the pool key its last try went out with
         self.started = time.monotonic()
 
     def __repr__(self) -> str:

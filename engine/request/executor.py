@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 Reply = tuple[int, bytes, Mapping[str, str]]
 BATCH_HEADER = "x-fair-batch"  # reply header an executor sets to the provider batch that answered
+KEY_HEADER = "x-fair-batch-key"  # ...and to the variable of the pool key whose batch answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,14 @@ class Target:
     concurrency: int
     secret: str | None = field(default=None, repr=False)
     batch: BatchTarget | None = None  # set for a ``mode = "batch"`` endpoint
+    key_env: str | None = None  # the variable of the key it carries (a name, shown freely)
+    pooled: bool = False  # one key of a pool: the endpoint has one target per key
+
+    @property
+    def slot(self) -> str:
+        """What an executor keys its per-target state by: the endpoint, or ``ENDPOINT#VAR`` for
+        one key of a pool (each key has its own session, headers and, on a Batch API, batches)."""
+        return f"{self.endpoint}#{self.key_env}" if self.pooled else self.endpoint
 
 
 class SendError(Exception):
@@ -73,7 +82,8 @@ class Executor(Protocol):
 
 
 class HttpExecutor:
-    """POST over one aiohttp session per endpoint, its auth headers set once on the session.
+    """POST over one aiohttp session per target (an endpoint, or one key of a pool), its auth
+    headers set once on the session.
 
     Every attempt has a wall-clock deadline (``Target.timeout_s``, an aiohttp ``ClientTimeout``
     on the session, so it costs nothing per request)."""
@@ -85,11 +95,11 @@ class HttpExecutor:
         return f"HttpExecutor(endpoints={list(self._sessions)})"
 
     async def open(self, targets: Mapping[str, Target]) -> None:
-        for name, target in targets.items():
+        for target in targets.values():
             connector = aiohttp.TCPConnector(
                 limit=target.concurrency + 8, limit_per_host=0, ttl_dns_cache=300
             )
-            self._sessions[name] = aiohttp.ClientSession(
+            self._sessions[target.slot] = aiohttp.ClientSession(
                 connector=connector,
                 headers=dict(target.headers),
                 timeout=aiohttp.ClientTimeout(total=target.timeout_s),
@@ -97,7 +107,7 @@ class HttpExecutor:
             )
 
     async def send(self, target: Target, body: bytes, key: str | None = None) -> Reply:
-        session = self._sessions.get(target.endpoint)
+        session = self._sessions.get(target.slot)
         if session is None:
             raise RuntimeError("Engine is not open: use `async with Engine(...) as engine`")
         try:

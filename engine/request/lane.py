@@ -18,6 +18,7 @@ from fairdistill.engine.errors import AuthError, RequestError, one_line
 from fairdistill.engine.request.admission import Admission
 from fairdistill.engine.request.events import Call, Events
 from fairdistill.engine.request.executor import BatchTarget, Target
+from fairdistill.engine.request.keypool import KeyPool
 from fairdistill.engine.request.pricing import Prices
 from fairdistill.engine.request.providers import Provider, error_message, make_provider
 from fairdistill.engine.request.providers.status import Verdict, classify
@@ -30,7 +31,7 @@ EST_MAX_TOKENS = 256  # completion tokens assumed for admission when max_tokens 
 class Admitter(Protocol):
     """What the engine needs of an admission (``engine.request.admission.Admission`` is the local one)."""
 
-    async def acquire(self, est_tokens: float = 0.0) -> Any: ...
+    async def acquire(self, est_tokens: float = 0.0, affinity: int = 0) -> Any: ...
 
     def release(
         self,
@@ -42,11 +43,22 @@ class Admitter(Protocol):
 
     def effective_rpm(self) -> float | None: ...
 
+    def key_of(self, lease: Any) -> int:
+        """The index of the key (in ``Lane.targets``) the call of ``lease`` goes out with."""
+        ...
+
+    def retire(self, lease: Any) -> tuple[bool, int]:
+        """The key of ``lease`` was refused (401/403): (whether this retired it, keys left)."""
+        ...
+
 
 class Lane:
-    """Everything about one endpoint at run time. Its repr never shows the key."""
+    """Everything about one endpoint at run time. Its repr never shows a key."""
 
-    __slots__ = ("admission", "cache_model", "cfg", "key", "name", "policy", "prices", "provider", "target")
+    __slots__ = (
+        "admission", "cache_model", "cfg", "key", "name", "policy", "prices", "provider", "secrets", "target",
+        "targets",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -59,7 +71,7 @@ class Lane:
         self.cfg = cfg
         self.provider: Provider = make_provider(cfg)
         if admission is None:
-            admission = Admission(cfg.concurrency, cfg.rpm, cfg.tpm)
+            admission = KeyPool(cfg) if cfg.pooled else Admission(cfg.concurrency, cfg.rpm, cfg.tpm)
         self.admission: Admitter = admission
         self.policy = policy if policy is not None else RetryPolicy(cfg.max_attempts)
         factor = cfg.batch.price_factor if cfg.mode == "batch" else 1.0  # Batch APIs bill less
@@ -69,29 +81,50 @@ class Lane:
         self.cache_model = cfg.model
         if cfg.reasoning is not None:
             self.cache_model += "|reasoning=" + msgspec.json.encode(cfg.reasoning).decode()
-        self.key: str | None = None
-        self.target = self._target()
+        self.key: str | None = None  # the one key (the first of a pool)
+        self.secrets: tuple[str, ...] = ()  # every key, masked out of every message
+        self.targets = self._targets({})
+        self.target = self.targets[0]
 
-    def open(self) -> Target:
-        """Read the API key from the environment (``ConfigError``, exit 2, when it is missing)
-        and build the executor's target with it."""
-        self.key = self.cfg.api_key()
-        self.target = self._target()
-        return self.target
+    @property
+    def pooled(self) -> bool:
+        return self.cfg.pooled
 
-    def _target(self) -> Target:
+    def open(self) -> tuple[Target, ...]:
+        """Read the keys from the environment (``ConfigError``, exit 2, when one is missing) and
+        build the executor's targets with them: one, or one per key of a pool."""
+        cfg = self.cfg
+        if cfg.pooled:
+            values = {env: cfg.key_value(env) for env in cfg.key_envs()}
+        else:
+            key = cfg.api_key()
+            values = {cfg.api_key_env: key} if cfg.api_key_env and key else {}
+        self.secrets = tuple(values.values())
+        self.key = self.secrets[0] if self.secrets else None
+        self.targets = self._targets(values)
+        self.target = self.targets[0]
+        return self.targets
+
+    def _targets(self, values: Mapping[str, str]) -> tuple[Target, ...]:
+        cfg = self.cfg
+        envs: list[str | None] = list(cfg.key_envs()) or [None]
+        return tuple(self._target(env, values.get(env) if env else None) for env in envs)
+
+    def _target(self, env: str | None, key: str | None) -> Target:
         cfg = self.cfg
         batch = None
         if cfg.mode == "batch":
-            batch = BatchTarget(cfg.provider, cfg.base_url, cfg.model, cfg.api_key_env, cfg.batch)
+            batch = BatchTarget(cfg.provider, cfg.base_url, cfg.model, env, cfg.batch)
         return Target(
             endpoint=self.name,
             url=self.provider.url,
-            headers={**self.provider.headers(self.key), **cfg.headers},
+            headers={**self.provider.headers(key), **cfg.headers},
             timeout_s=cfg.timeout_s,
             concurrency=cfg.concurrency,
-            secret=self.key,
+            secret=key,
             batch=batch,
+            key_env=env,
+            pooled=cfg.pooled,
         )
 
     @property
@@ -117,20 +150,20 @@ class Lane:
 
     def failure(self, status: int, raw: bytes) -> RequestError:
         """The record's error for a reply the server refused (``Verdict.FAIL``)."""
-        message = f"endpoint {self.name!r}: HTTP {status}: {error_message(raw, self.key)}"
+        message = f"endpoint {self.name!r}: HTTP {status}: {error_message(raw, self.secrets)}"
         return RequestError(message, status=status, endpoint=self.name)
 
     def refusal(self, status: int, raw: bytes) -> Exception:
         """The error for a non-2xx, non-429 reply, by the one status table (``providers.status``)."""
         verdict = classify(status, raw)
         if verdict is Verdict.ABORT:
-            env = self.cfg.api_key_env or "the API key"
+            env = self.cfg.api_key_env or " or ".join(self.cfg.key_envs()) or "the API key"
             return AuthError(
                 f"endpoint {self.name!r} ({self.provider.url}) refused the credentials "
-                f"(HTTP {status}: {error_message(raw, self.key)}); check {env}"
+                f"(HTTP {status}: {error_message(raw, self.secrets)}); check {env}"
             )
         if verdict is Verdict.RETRY:
-            return Transient(f"HTTP {status}: {error_message(raw, self.key)}", status)
+            return Transient(f"HTTP {status}: {error_message(raw, self.secrets)}", status)
         return self.failure(status, raw)
 
     def dropped(self, call: Call, request: ChatRequest, body: bytes, raw: bytes) -> bool:
@@ -143,9 +176,10 @@ class Lane:
             return False
         if self.provider.drop(param):
             call.dropped = (*call.dropped, param)
+            said = one_line(error_message(raw, self.secrets), 160)
             print(
                 f"fair: endpoint {self.name!r} ({self.cfg.model}) does not take `{param}` "
-                f"(HTTP 400: {one_line(error_message(raw, self.key), 160)}); sending without it from now on",
+                f"(HTTP 400: {said}); sending without it from now on",
                 file=sys.stderr,
                 flush=True,
             )
@@ -165,6 +199,19 @@ def estimate_tokens(request: ChatRequest) -> float:
         + 3
         + (request.max_tokens if request.max_tokens is not None else EST_MAX_TOKENS) * max(1, request.n)
     )
+
+
+AFFINITY_PREFIX_CHARS = 2048  # of the prompt: what a provider's prompt cache would match first
+
+
+def affinity_of(given: str, request: ChatRequest) -> int:
+    """A call's affinity in a key pool as a nonzero int: ``given`` (a problem id) or, without
+    one, the prompt's first ``AFFINITY_PREFIX_CHARS`` characters."""
+    if not given:
+        head = "\x00".join(m.content for m in request.messages)[:AFFINITY_PREFIX_CHARS]
+        given = "prefix\x00" + head
+    digest = hashlib.blake2b(given.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") | 1
 
 
 def from_cache(events: Events, call: Call, hit: Completion) -> Completion:

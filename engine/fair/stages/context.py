@@ -14,7 +14,9 @@ from fairdistill.engine.types import ChatRequest, Completion
 
 
 class Completer(Protocol):
-    async def complete(self, endpoint: str, request: ChatRequest, stage: str = "") -> Completion: ...
+    async def complete(
+        self, endpoint: str, request: ChatRequest, stage: str = "", affinity: str = ""
+    ) -> Completion: ...
 
 
 class Prior(Protocol):

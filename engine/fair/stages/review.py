@@ -47,7 +47,7 @@ async def _one(
         seed=ctx.cfg.run.seed,
     )
     try:
-        done = await ctx.engine.complete(reviewer, request, "review")
+        done = await ctx.engine.complete(reviewer, request, "review", problem.id)
     except RequestError as exc:
         ctx.counts.review_errors += 1
         ctx.counts.errors[type(exc).__name__] += 1

@@ -28,7 +28,7 @@ async def attempt(ctx: StageContext, problem: Problem, k: int) -> Attempt:
         seed=ctx.cfg.run.seed + k,
         sample_index=k,
     )
-    done = await ctx.engine.complete(cfg.endpoint, request, "student")
+    done = await ctx.engine.complete(cfg.endpoint, request, "student", problem.id)
     pred, correct = grade(done.text, problem.answer, problem.task, question=problem.question)
     return Attempt(
         id=rid,

@@ -31,7 +31,7 @@ async def rationale(ctx: StageContext, problem: Problem, teacher: str) -> Ration
         return prior  # type: ignore[return-value]
     messages = ctx.prompts.render("solve", problem)
     request = _request(ctx, messages, ctx.cfg.teachers.max_tokens)
-    done = await ctx.engine.complete(teacher, request, "rationale")
+    done = await ctx.engine.complete(teacher, request, "rationale", problem.id)
     pred, correct = grade(done.text, problem.answer, problem.task, question=problem.question)
     return Rationale(
         id=rid,
@@ -53,7 +53,7 @@ async def feedback(ctx: StageContext, problem: Problem, teacher: str, mistake: A
         return prior  # type: ignore[return-value]
     messages = ctx.prompts.render("feedback", problem, student_answer=mistake.text, gold=problem.answer)
     request = _request(ctx, messages, ctx.cfg.teachers.max_tokens)
-    done = await ctx.engine.complete(teacher, request, "feedback")
+    done = await ctx.engine.complete(teacher, request, "feedback", problem.id)
     tag = parse_error_type(done.text)
     if tag == UNKNOWN:
         ctx.counts.unknown_error_types += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Protocol
 
 import msgspec
@@ -195,7 +195,7 @@ _error_decoder = msgspec.json.Decoder(_ErrorBody)
 _MAX_MESSAGE = 300
 
 
-def error_message(body: bytes, api_key: str | None = None) -> str:
+def error_message(body: bytes, api_key: str | Sequence[str] | None = None) -> str:
     """The server's own words for an error response, short and with any key masked."""
     text = ""
     try:
@@ -217,13 +217,14 @@ def error_message(body: bytes, api_key: str | None = None) -> str:
 _KEY_SHAPES = re.compile(r"(sk-[A-Za-z0-9_\-]{4,}|AIza[0-9A-Za-z_\-]{10,}|(?<=Bearer )[^\s\"']{6,})")
 
 
-def redact(text: str, api_key: str | None = None) -> str:
-    """Mask ``api_key`` and anything shaped like an API key in ``text``."""
-    if api_key and api_key in text:
-        text = text.replace(api_key, "***")
-    if api_key and len(api_key) >= 12:  # servers often echo a prefix or suffix of the key
-        for part in (api_key[:10], api_key[-8:]):
-            text = text.replace(part, "***")
+def redact(text: str, api_key: str | Sequence[str] | None = None) -> str:
+    """Mask ``api_key`` (one key, or every key of a pool) and anything shaped like an API key."""
+    for key in (api_key,) if isinstance(api_key, str) else api_key or ():
+        if key and key in text:
+            text = text.replace(key, "***")
+        if key and len(key) >= 12:  # servers often echo a prefix or suffix of the key
+            for part in (key[:10], key[-8:]):
+                text = text.replace(part, "***")
     return _KEY_SHAPES.sub("***", text)
 
 
