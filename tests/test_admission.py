@@ -270,7 +270,24 @@ async def test_a_429_storm_before_anything_was_accepted_only_pauses():
     leases = [await adm.acquire() for _ in range(5)]
     for lease in leases:
         adm.release(lease, 429, {"retry-after-ms": "20"})
-    assert adm.rate is None and adm.epoch == 0 and adm.paused_until > time.monotonic()
+    assert adm.rate is None and adm.paused_until > time.monotonic()
+    assert adm.epoch == 1  # one wave, one new epoch, however many of it were refused
+
+
+async def test_the_first_waves_successes_set_the_pace_after_its_429s():
+    """A wave larger than the server's burst: 6 refused at once, then 10 of the wave come back
+    accepted during the pause. The calls queued meanwhile go at the wave's 10/s, not all at once."""
+    adm = Admission(64)
+    wave = [await adm.acquire() for _ in range(16)]
+    for lease in wave[:6]:
+        adm.release(lease, 429, {"retry-after": "1"})
+    for lease in wave[6:]:
+        adm.release(lease, 200, {})
+    assert adm.rate == pytest.approx(10.0)
+    t0 = time.monotonic()
+    for _ in range(15):  # the pause (1 s), then 10/s with a burst of one second's worth
+        adm.release(await adm.acquire(), 200, {})
+    assert 1.2 < time.monotonic() - t0 < 2.5
 
 
 async def test_tokens_estimated_then_reconciled_with_usage():

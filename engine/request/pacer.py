@@ -4,7 +4,8 @@ A 429 cuts the rate to what the server actually accepted since the last cut (at 
 it), at most once a second and once per burst (a 429 from a call admitted before the last cut
 does not cut again); the accepted rate is remembered as the *knee*. Success creeps the rate back
 up: fast while far below the knee, slowly near it, a little faster past it. Before anything was
-accepted there is nothing to measure, so a 429 only pauses.
+accepted there is nothing to measure: a 429 then pauses and starts the pace from what the first
+wave got through (``Pacer.first_wave``).
 
 A 429 to a call admitted since the last cut while none of those succeeded is a *block* (a window
 or quota is spent), not a pace that is too high. Cutting on every 429 of it (once a second) would
@@ -46,7 +47,7 @@ class Pacer:
 
     __slots__ = (
         "blocked", "ceiling", "epoch", "gates", "knee", "last_creep", "last_cut", "ok_since_cut",
-        "ok_this_epoch", "pace", "probe_s", "ramp_t", "rate", "tune",
+        "ok_this_epoch", "pace", "probe_s", "provisional", "ramp_t", "rate", "tune", "wave_until",
     )  # fmt: skip
 
     def __init__(self, ceiling: float | None, tune: Tunables, gates: Gates):
@@ -64,6 +65,8 @@ class Pacer:
         self.last_creep = self.last_cut
         self.ok_since_cut = 0
         self.ok_this_epoch = 0  # successes of calls admitted since the last cut or block
+        self.provisional = False  # the rate is the first wave's guess (``first_wave_ok``)
+        self.wave_until = 0.0  # the pause after the first wave: its successes until then count
 
     def absorb(self, n: int) -> None:
         """``n`` successes counted at once (calls that ran on lent leases)."""
@@ -80,8 +83,15 @@ class Pacer:
         self.ok_since_cut += 1
         if epoch == self.epoch:
             self.ok_this_epoch += 1
-        if mirrored or self.rate is None:
+        if mirrored:
             return
+        if epoch < self.epoch and (self.rate is None or self.provisional):
+            if time.monotonic() < self.wave_until:
+                self.first_wave_ok()
+            return
+        if self.rate is None:
+            return
+        self.provisional = False  # a call sent at the first wave's pace passed: adapt as usual
         if self.blocked:
             if epoch == self.epoch:  # the probe passed: the limit has room again
                 self.ramp()
@@ -96,6 +106,9 @@ class Pacer:
         now = time.monotonic()
         if mirrored or epoch != self.epoch:
             self.gates.pause(now + wait)  # the mirror has resynced already / this burst has acted
+            return
+        if self.rate is None and not self.ok_since_cut and not self.epoch:
+            self.first_wave(now, wait)
             return
         if self.rate is not None and not self.ok_this_epoch:
             self.block(now, wait)  # nothing sent since the last cut got through: not the pace
@@ -115,6 +128,25 @@ class Pacer:
         self.set_rate(max(t.min_rate, new), now)
         self.last_cut = self.last_creep = now
         self.ok_since_cut = 0
+
+    def first_wave(self, now: float, wait: float) -> None:
+        """The first calls outran the server's burst: refused before any came back accepted.
+        Only pause (nothing accepted: nothing to cut to), but open a new epoch, so that the
+        first wave's successes that come back during the pause tell how large the burst was
+        (``first_wave_ok``); a storm that refuses the whole wave leaves the rate unset."""
+        self.epoch += 1
+        self.ok_this_epoch = 0
+        self.wave_until = now + wait
+        self.gates.pause(self.wave_until)
+
+    def first_wave_ok(self) -> None:
+        """A success of the first wave: the pace starts at what that wave got through per
+        second (a bucket of one second's worth, the common case; a larger one would have let the
+        whole wave through), rather than releasing everything queued when the pause ends, which
+        would be refused again (a wave of the concurrency's size)."""
+        self.provisional = True
+        wave = self.ok_since_cut / self.tune.cut_interval_s
+        self.set_rate(max(self.rate or 0.0, self.tune.min_rate, wave), time.monotonic())
 
     def block(self, now: float, wait: float) -> None:
         """Everything is refused (a window or quota is spent), whatever the pace: cutting the
