@@ -293,9 +293,10 @@ def _engine(
     parts: dict[str, Any] = {}
     workers = endpoint.concurrency
     if endpoint.mode == "batch":
-        from fairdistill.engine.request.batch.executor import BatchExecutor, Unmetered  # only for batch mode
+        from fairdistill.engine.request.batch.executor import BatchExecutor  # only for batch mode
 
-        parts = {"executor": BatchExecutor(out), "admissions": {ENDPOINT: Unmetered()}}
+        executor = BatchExecutor(out)  # its admission picks each request's key of a pool
+        parts = {"executor": executor, "admissions": {ENDPOINT: executor.admission(ENDPOINT, endpoint)}}
         workers = max(1, min(total, endpoint.batch.max_items * endpoint.batch.max_open))
     engine = Engine(
         {ENDPOINT: endpoint},

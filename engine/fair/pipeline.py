@@ -76,10 +76,13 @@ def batch_parts(cfg: RunConfig, run_dir: Path, parts: JobParts) -> JobParts:
     given): those endpoints wait in batches, not in admission."""
     if parts.executor is not None or not any(ep.mode == "batch" for ep in cfg.endpoints.values()):
         return parts
-    from fairdistill.engine.request.batch.executor import BatchExecutor, Unmetered  # only for batch endpoints
+    from fairdistill.engine.request.batch.executor import BatchExecutor  # only for batch endpoints
 
-    batch: dict[str, Admitter] = {n: Unmetered() for n, ep in cfg.endpoints.items() if ep.mode == "batch"}
-    return JobParts(BatchExecutor(run_dir), {**batch, **(parts.admissions or {})}, parts.observers)
+    executor = BatchExecutor(run_dir)  # its admissions pick each request's key of a pool
+    batch: dict[str, Admitter] = {
+        n: executor.admission(n, ep) for n, ep in cfg.endpoints.items() if ep.mode == "batch"
+    }
+    return JobParts(executor, {**batch, **(parts.admissions or {})}, parts.observers)
 
 
 class Job:

@@ -1,6 +1,7 @@
 """``fair batches list|attach|cancel RUN_DIR``: the batches a run has at its providers.
 
-    fair batches list RUN_DIR                  one line per batch from the journal (state, ids)
+    fair batches list RUN_DIR                  one line per batch from the journal (state, ids, the
+                                               variable of the key that made it)
     fair batches attach RUN_DIR LOCAL BATCH_ID the provider batch LOCAL's lost create made: the next
                                                run re-attaches to it instead of creating another
     fair batches cancel RUN_DIR [ID ...]       cancel running batches (all, or these local/provider
@@ -94,7 +95,9 @@ def cli_main(args: Any) -> int:
     if args.action == "list":
         for b in j.batches.values():
             flag = " canceled" if b.canceled else ""
-            cells = (b.local, b.lane, b.state + flag, b.id or "-", f"{b.n} requests", b.status or "-")
+            cells = [b.local, b.lane, b.state + flag, b.id or "-", f"{b.n} requests", b.status or "-"]
+            if b.key_env:  # the variable of the key that made it (never the key)
+                cells.append(f"key {b.key_env}")
             print("\t".join(one_line(c, 200) for c in cells))
         return 0
     if args.action == "attach":

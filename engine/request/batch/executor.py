@@ -17,7 +17,8 @@ batches apart, and a slot per waiting item would cap the batch size).
 Item outcomes: a reply (200) or a refusal (4xx, e.g. an invalid request) is returned as is; an
 expired, canceled or 5xx item, or one missing from the results, goes into a later batch, at
 most ``max_rounds`` batches in all; then ``fallback = "online"`` sends it once online, ``"none"``
-answers 422 (the record fails, saying why). 401/403 on a control call aborts the run. Results are
+answers 422 (the record fails, saying why). 401/403 on a control call aborts the run (with a key
+pool: see below). Results are
 downloaded again while a line is unreadable (free); the last try keeps every readable line and
 sends the unreadable items round again. A batch whose status polls fail ``max_poll_failures`` times
 in a row (404, 5xx, an unusable object), or that outlives ``deadline_s``, stops the run (exit 1)
@@ -33,6 +34,16 @@ whose custom_id is among them waits for that batch instead of submitting again. 
 kept for part i of a fan-out), so a rerun names every request as before; a send whose
 ``custom_id`` already waits shares that item's answer (never a second item for the same request).
 Replies carry the batch id in ``BATCH_HEADER`` (the trace shows it).
+
+Key pools (``keys = [...]``): one lane per key (``Target.slot``), with its own open batch, batches
+at the provider, wire and credentials, since a provider scopes a batch to the organisation of the
+key that made it; the journal names that key's *variable* per batch, so a resume (and ``fair
+batches``) polls each batch with its own key. The engine picks each request's key (``keys.
+Unmetered``); a request already waiting on another key joins it there. A key the Batch API
+refuses (401/403) is retired for the run (one stderr line naming its variable): what it had not
+submitted goes to the live keys; its submitted batches are still polled, and when that is refused
+too their requests are never made again and get no record (``KeptAtProvider``: the run ends with
+exit 1 after the rest, and a rerun once the key works collects them). No key left: exit 3.
 """
 
 from __future__ import annotations
@@ -54,12 +65,13 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 
-from fairdistill.engine.errors import AbortRun, FairError, one_line
+from fairdistill.engine.errors import AbortRun, AuthError, ConfigError, FairError, one_line
 from fairdistill.engine.request.batch.anthropic import AnthropicBatchWire
 from fairdistill.engine.request.batch.gemini import GeminiBatchWire
-from fairdistill.engine.request.batch.journal import Journal
+from fairdistill.engine.request.batch.journal import BatchInfo, Journal
+from fairdistill.engine.request.batch.keys import KeptAtProvider, Unmetered
 from fairdistill.engine.request.batch.openai import OpenAIBatchWire
-from fairdistill.engine.request.batch.slots import KEY, OPEN, CidList, Slots, pack
+from fairdistill.engine.request.batch.slots import KEY, OPEN, CidList, Slots, pack, unpack
 from fairdistill.engine.request.batch.wire import (
     TRANSIENT,
     ControlError,
@@ -72,6 +84,7 @@ from fairdistill.engine.request.batch.wire import (
 )
 from fairdistill.engine.request.executor import (
     BATCH_HEADER,
+    KEY_HEADER,
     BatchTarget,
     Executor,
     HttpExecutor,
@@ -82,7 +95,7 @@ from fairdistill.engine.request.executor import (
 from fairdistill.engine.request.providers import error_message, redact
 
 if TYPE_CHECKING:
-    from fairdistill.engine.config import BatchConfig
+    from fairdistill.engine.config import BatchConfig, EndpointConfig
 
 CREATE_TRIES = 5
 DOWNLOAD_TRIES = 6
@@ -112,20 +125,8 @@ class BatchStalled(AbortRun):
     exit_code = 1
 
 
+NO_BATCH = 0  # a batch serial no slot has (serials count from 1)
 UNREADABLE = "unreadable_reply"  # the journal's mark on a create answered 2xx in a body we cannot use
-
-
-class Unmetered:
-    """The admission of a batch lane: admits at once, counts nothing (see the module doc)."""
-
-    async def acquire(self, est_tokens: float = 0.0) -> None:
-        return None
-
-    def release(self, lease: Any, status: int, headers=None, used_tokens: float | None = None) -> None:
-        return None
-
-    def effective_rpm(self) -> float | None:
-        return None
 
 
 def custom_id(batch: BatchTarget, body: bytes, key: str | None = None) -> str:
@@ -142,15 +143,26 @@ def custom_id(batch: BatchTarget, body: bytes, key: str | None = None) -> str:
 
 
 class _Lane:
-    """The batch state of one endpoint."""
+    """The batch state of one endpoint, or of one key of its pool (``Target.slot``): its open
+    batch, the batches it has at the provider and its wire (with that key's credentials)."""
 
     def __init__(
-        self, target: Target, batch: BatchTarget, wire: Any, session: aiohttp.ClientSession, folder: Path
+        self,
+        target: Target,
+        batch: BatchTarget,
+        wire: Any,
+        session: aiohttp.ClientSession,
+        folder: Path,
+        index: int = 0,
     ):
         self.target = target
         self.batch = batch
         self.name = target.endpoint
         self.key = target.secret
+        self.key_env = target.key_env or ""  # the variable's name, journalled per batch
+        self.pooled = target.pooled
+        self.index = index  # its key's place in the endpoint's pool (``Unmetered.pick``)
+        self.retired = False  # the Batch API refused its key: no new batch goes out with it
         # the queued bodies; closed (and so gone) in BatchExecutor.close
         self.spool = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115
         self.spool_end = 0
@@ -186,8 +198,10 @@ class BatchExecutor:
         self.online: Executor = online if online is not None else HttpExecutor()
         self.journal: Journal | None = None
         self.stats: Counter[str] = Counter()  # batches_created, items_submitted, requeued, fallback...
-        self._lanes: dict[str, _Lane] = {}
-        self._known: dict[str, Reply] = {}  # answers no caller waited for (an earlier run's...)
+        self._lanes: dict[str, _Lane] = {}  # by Target.slot: an endpoint, or one key of its pool
+        self._pools: dict[str, list[_Lane]] = {}  # endpoint -> its lanes, in the pool's key order
+        self._admissions: dict[str, Unmetered] = {}
+        self._known: dict[str, Reply | BaseException] = {}  # answers no caller waited for (yet)
         self._tasks: set[asyncio.Task] = set()
         self._running: dict[str, str] = {}  # local id -> provider id, submitted and not ended
         self._creating: set[str] = set()  # local ids whose create has no answer yet
@@ -199,23 +213,32 @@ class BatchExecutor:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    def admission(self, endpoint: str, cfg: EndpointConfig) -> Unmetered:
+        """The admission of batch endpoint ``endpoint``: it picks each request's key of a pool,
+        skipping the keys this executor retired (the Batch API refused them)."""
+        self._admissions[endpoint] = adm = Unmetered(len(cfg.key_envs()), cfg.key_affinity)
+        return adm
+
     async def open(self, targets: Mapping[str, Target]) -> None:
         await self.online.open(targets)
-        batch = {name: t for name, t in targets.items() if t.batch is not None}
+        batch = [t for t in targets.values() if t.batch is not None]
         if not batch:
             return
         self.journal = Journal(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         wires = {"openai": OpenAIBatchWire, "anthropic": AnthropicBatchWire, "gemini": GeminiBatchWire}
-        for name, target in batch.items():
+        for target in batch:  # one lane per endpoint, or per key of its pool
             assert target.batch is not None
             b = target.batch
             session = aiohttp.ClientSession(
                 headers={k: v for k, v in target.headers.items() if k.lower() != "content-type"},
                 timeout=aiohttp.ClientTimeout(total=target.timeout_s),
             )
-            wire = wires[b.provider](session, b.base_url, target.secret, name, b.model)
-            self._lanes[name] = _Lane(target, b, wire, session, self.run_dir)
+            wire = wires[b.provider](session, b.base_url, target.secret, target.endpoint, b.model)
+            pool = self._pools.setdefault(target.endpoint, [])
+            st = _Lane(target, b, wire, session, self.run_dir, len(pool))
+            pool.append(st)
+            self._lanes[target.slot] = st
         for stale in (*self.journal.folder.glob("*.input"), *self.journal.folder.glob("*.results.tmp")):
             stale.unlink(missing_ok=True)  # an upload or a results file a killed run left half-done
         try:
@@ -247,7 +270,7 @@ class BatchExecutor:
         for st in self._lanes.values():
             await st.session.close()
             st.spool.close()
-        self._lanes = {}
+        self._lanes, self._pools = {}, {}
         if self.journal is not None:
             self.journal.close()
         await self.online.close()
@@ -276,7 +299,7 @@ class BatchExecutor:
     # -- the seam -----------------------------------------------------------------------------
 
     async def send(self, target: Target, body: bytes, key: str | None = None) -> Reply:
-        if target.endpoint not in self._lanes:
+        if target.endpoint not in self._pools:
             return await self.online.send(target, body, key)
         # a cancelled caller's item stays waiting: a later send of it adopts the item (no second
         # one), or its answer is kept for one (``_known``)
@@ -291,8 +314,8 @@ class BatchExecutor:
         self._add(target, body, key, sink, token)
 
     def _add(self, target: Target, body: bytes, key: str | None, waiter: Any, token: int) -> None:
-        st = self._lanes[target.endpoint]
-        cid = custom_id(st.batch, body, key)
+        pool = self._pools[target.endpoint]
+        cid = custom_id(pool[0].batch, body, key)
         outcome = self._error if self._error is not None else self._known.get(cid)
         if outcome is not None:  # a failed run, or an earlier run's batch answered it
             if isinstance(waiter, asyncio.Future):
@@ -302,6 +325,25 @@ class BatchExecutor:
             return
         packed = pack(cid)
         assert packed is not None, cid
+        self._put(self._home(pool, target.slot, cid, packed), cid, packed, body, waiter, token)
+
+    def _home(self, pool: list[_Lane], slot: str, cid: str, packed: bytes) -> _Lane:
+        """The lane a request joins: the key where it already waits (or whose earlier batch holds
+        it), else the key it was sent with while that key is live, else another live key."""
+        if len(pool) > 1:
+            for st in pool:
+                if cid in st.attached or st.items.find(packed) >= 0:
+                    return st
+        st = self._lanes.get(slot, pool[0])
+        if not st.retired:
+            return st
+        live = [other for other in pool if not other.retired]
+        return live[int.from_bytes(packed[:4], "big") % len(live)] if live else st
+
+    def _put(
+        self, st: _Lane, cid: str, packed: bytes, body: bytes, waiter: Any, token: int, rounds: int = 0
+    ) -> None:
+        """Add one caller's request to ``st``: a new slot, or the slot of the same request."""
         items = st.items
         if (slot := items.find(packed)) >= 0:  # the same request waits: one item
             if items.join(slot, waiter, token):  # (or its caller went away: this one takes it over)
@@ -309,6 +351,7 @@ class BatchExecutor:
             return
         st.spool.write(body)  # a waiting request keeps only its slot in memory
         slot = items.add(packed, waiter, token, st.spool_end, len(body))
+        items.rounds[slot] = rounds
         st.spool_end += len(body)
         if (serial := st.attached.get(cid)) is not None:  # a re-attached batch of an earlier run has it
             items.batch[slot] = serial
@@ -426,7 +469,7 @@ class BatchExecutor:
         """Create the batch; a lost reply is looked up before trying again. None: the items
         have been answered (refused) or handed back to the engine to retry."""
         assert self.journal is not None
-        last, answered = "", False
+        last, answered, lost = "", False, False
         for attempt in range(CREATE_TRIES):
             if attempt:
                 await asyncio.sleep(min(30.0, min(0.2, st.cfg.poll_s) * 2**attempt))
@@ -435,11 +478,14 @@ class BatchExecutor:
                     raise Lost(last, 200)
                 return await st.wire.create(upload, local)
             except Lost as exc:
-                last, answered = str(exc), answered or 200 <= exc.status < 300
+                last, answered, lost = str(exc), answered or 200 <= exc.status < 300, True
                 found = await self._find(st, local, t_create, len(ids), live=True)
                 if found is not None:
                     self.stats["creates_recovered"] += 1
                     return found
+            except AuthError as exc:  # the key was refused: a pool goes on with its other keys
+                self._refused_create(st, local, ids, serial, exc, maybe_made=lost)
+                return None
             except ControlError as exc:  # the upload failed (a second upload is free): nothing was created
                 last = str(exc)
             except Refused as exc:
@@ -511,8 +557,16 @@ class BatchExecutor:
         """Poll until the batch ends, save its results, hand them out."""
         assert self.journal is not None
         self._running[local] = bid
-        remote = await self._poll(st, local, bid)
-        path = await self._download(st, remote, ids, local)
+        try:
+            remote = await self._poll(st, local, bid)
+            path = await self._download(st, remote, ids, local)
+        except AuthError as exc:  # its key is refused now: never made again (see ``_given_up``)
+            if not st.pooled:
+                raise
+            self._running.pop(local, None)
+            self._given_up(st, local, bid, ids, serial, exc)
+            self._retire(st, exc)
+            return
         self.journal.write("ended", local, id=bid, status=remote.status, results=path.name)
         del self._running[local]
         await self._hand_out(st, path, ids, bid, serial)
@@ -632,7 +686,7 @@ class BatchExecutor:
     def _resolve(self, st: _Lane, cid: str, status: int, raw: bytes, bid: str) -> None:
         if status >= 300:  # the server's words only, any key masked: it may be saved and shown
             raw = _enc.encode({"error": {"message": error_message(raw, st.key)}})
-        reply = (status, raw, {BATCH_HEADER: bid} if bid else {})
+        reply = (status, raw, _headers(st, bid))
         slot = _find(st.items, cid)
         if slot >= 0 and st.items.live(slot):
             _deliver(st.items.take(slot), reply)
@@ -650,7 +704,10 @@ class BatchExecutor:
         items.rounds[slot] += 1
         if items.rounds[slot] < st.cfg.max_rounds:
             self.stats["requeued"] += 1
-            self._enqueue(st, slot)
+            if st.retired:  # its key is refused now: the next round goes out with a live key
+                self._relocate(st, slot)
+            else:
+                self._enqueue(st, slot)
             return
         self.stats["gave_up"] += 1
         rounds = items.rounds[slot]
@@ -668,53 +725,178 @@ class BatchExecutor:
 
     async def _online(self, st: _Lane, body: bytes, callers: list[tuple[Any, int]]) -> None:
         try:
-            reply: Reply | BaseException = await self.online.send(st.target, body)
+            live = [other for other in self._pools.get(st.name, ()) if not other.retired]
+            target = st.target if not st.retired or not live else live[0].target
+            reply: Reply | BaseException = await self.online.send(target, body)
         except Exception as exc:  # SendError: the engine retries it (as a new batch item)
             reply = exc
         _deliver(callers, reply)
 
+    # -- key pools ----------------------------------------------------------------------------
+
+    def _retire(self, st: _Lane, exc: AuthError, serial: int = OPEN) -> None:
+        """The Batch API refused ``st``'s key: retire it for the run (one line naming its
+        variable) and hand what it had not submitted (its open batch, batch ``serial`` whose
+        create it refused) to the live keys. One key, or none left: ``exc`` stops the run."""
+        pool = self._pools[st.name]
+        if not st.pooled:
+            raise exc
+        if not st.retired:
+            st.retired = True
+            self.stats["keys_retired"] += 1
+            if (adm := self._admissions.get(st.name)) is not None:
+                adm.retired.add(st.index)
+            left = sum(not other.retired for other in pool)
+            print(
+                f"fair: key {st.key_env} retired for this run: {one_line(str(exc), 240)} (Batch API); "
+                f"{left} of {len(pool)} keys of endpoint {st.name!r} left",
+                file=sys.stderr,
+                flush=True,
+            )
+        if all(other.retired for other in pool):
+            envs = ", ".join(other.key_env for other in pool)
+            raise AuthError(f"endpoint {st.name!r}: the Batch API refused every key of the pool ({envs})")
+        items = st.items
+        for slot in [s for s in items.waiting() if items.batch[s] in (OPEN, serial)]:
+            self._relocate(st, slot)
+        for slot in st.open:  # emptied by ``_relocate`` (``Slots.take``): free them
+            items.unlink(slot)
+            items.free(slot)
+        del st.open[:]
+        st.open_bytes = 0
+
+    def _relocate(self, st: _Lane, slot: int) -> None:
+        """Move one waiting request of retired ``st`` to a live key (its callers with it)."""
+        items = st.items
+        packed, rounds = items.key(slot), items.rounds[slot]
+        cid, body = unpack(packed), self._body(st, slot)
+        live = items.live(slot)
+        callers = items.take(slot)
+        if not live:  # its caller went away: nothing to send
+            return
+        self.stats["moved_to_another_key"] += 1
+        home = self._home(self._pools[st.name], st.target.slot, cid, packed)
+        for waiter, token in callers:
+            if waiter is not None and not (isinstance(waiter, asyncio.Future) and waiter.done()):
+                self._put(home, cid, packed, body, waiter, token, rounds)
+
+    def _refused_create(
+        self, st: _Lane, local: str, ids: CidList, serial: int, exc: AuthError, maybe_made: bool
+    ) -> None:
+        """A create (or the lookup of a lost one) met refused credentials. Nothing was made:
+        its items go to the other keys. Perhaps made (an earlier try lost its reply): never made
+        again, its items fail for this run (``_given_up``)."""
+        assert self.journal is not None
+        if not st.pooled:
+            raise exc
+        if maybe_made:
+            self._given_up(st, local, "", ids, serial, exc)
+        else:
+            self.journal.write("ended", local, status="key_refused")
+        self._retire(st, exc, serial)
+
+    def _given_up(
+        self, st: _Lane, local: str, bid: str, ids: Sequence[str], serial: int, exc: AuthError
+    ) -> None:
+        """A batch made with ``st``'s key that the key can no longer follow (refused now): one line
+        naming it; its requests are never made again (nothing is paid twice) and get no record
+        (``KeptAtProvider``): the journal keeps the batch, so a rerun once the key works collects it."""
+        run, env = self.run_dir, st.key_env
+        what = f"batch {one_line(bid, 100)} ({local})" if bid else f"batch {local} (create unanswered)"
+        msg = (
+            f"endpoint {st.name!r}: {what} was made with key {env}, which the Batch API now refuses "
+            f"({one_line(str(exc), 160)}); its {len(ids)} request(s) are not sent again (nothing is "
+            f"paid twice): once {env} works, run the same command again to collect them (`fair batches "
+            f"list {run}`; `fair batches attach {run} {local} BATCH_ID` if it has no batch id), or "
+            f"`fair batches cancel {run} {local}`"
+        )
+        print(f"fair: {msg}", file=sys.stderr, flush=True)
+        self.stats["batches_key_refused"] += 1
+        kept = KeptAtProvider(msg)
+        for cid in ids:
+            st.attached.pop(cid, None)
+            if (slot := _find(st.items, cid)) >= 0 and st.items.batch[slot] == serial:
+                _deliver(st.items.take(slot), kept)
+            else:  # a later send of it (a rerun's request this batch holds) waits for it too
+                self._known[cid] = kept
+
     # -- resume -------------------------------------------------------------------------------
 
     async def _resume(self) -> None:
-        """Re-attach to what an earlier run left at the provider (see the module doc)."""
+        """Re-attach to what an earlier run left at the provider (see the module doc), each batch
+        with the key that made it (the journal names its variable)."""
         assert self.journal is not None
         for info in list(self.journal.batches.values()):
-            st = self._lanes.get(info.lane)
-            if st is None:  # a lane no longer in batch mode: `fair batches list` shows it
+            pool = self._pools.get(info.lane)
+            if not pool:  # a lane no longer in batch mode: `fair batches list` shows it
                 continue
-            if info.state == "creating":
-                found = await self._find(st, info.local, info.t_create, info.n, live=False)
-                if found is None and info.status == UNREADABLE and not info.canceled:
-                    raise BatchAmbiguous(self._unknown_create(st, info.local, "in an earlier run"))
-                if found is None:
-                    self.journal.write("ended", info.local, status="not_created")
-                    continue
-                info = self.journal.write("submitted", info.local, id=found.id)
-                self.stats["creates_recovered"] += 1
-            if info.state == "submitted":
-                serial = next(self._serial)
-                for cid in info.ids:
-                    st.attached[cid] = serial
-                self.stats["reattached"] += 1
-                self._spawn(self._watch(st, info.local, info.id, info.ids, serial))
-            elif info.state in ("ended", "ingested") and info.id:
-                rows = self._load(info.results) if info.results else None
-                if rows is None:  # ended but its results were never saved: download again
-                    try:
-                        remote = await st.wire.retrieve(info.id)
-                    except ControlError as exc:
-                        raise FairError(
-                            f"endpoint {st.name!r}: cannot read batch {info.id} again ({exc}); "
-                            "its results are needed to avoid paying twice: try again later"
-                        ) from None
-                    path = await self._download(st, remote, info.ids, info.local)
-                    self.journal.write(
-                        "ended", info.local, id=info.id, status=remote.status, results=path.name
-                    )
-                    rows = list(self._rows(path))
-                for cid, status, raw in rows:
-                    if status != TRANSIENT:
-                        self._known[cid] = (status, raw, {BATCH_HEADER: info.id})
+            ended = info.state in ("ended", "ingested")
+            rows = self._load(info.results) if ended and info.id and info.results else None
+            if rows is not None:  # ended and saved: its answers, no call needed
+                self._remember(info.id, rows)
+                continue
+            if not (info.state in ("creating", "submitted") or (ended and info.id)):
+                continue
+            st = self._lane_of(pool, info)
+            try:
+                await self._resume_one(st, info)
+            except AuthError as exc:  # its key is refused now: a pool goes on with the others
+                if not st.pooled:
+                    raise
+                self._given_up(st, info.local, info.id, info.ids, NO_BATCH, exc)
+                self._retire(st, exc)
+
+    def _lane_of(self, pool: list[_Lane], info: BatchInfo) -> _Lane:
+        """The lane of the key that made batch ``info``: a journal without the variable (older
+        runs) means the endpoint's one key; a pool that no longer lists it cannot follow it."""
+        if not pool[0].pooled or not info.key_env:
+            return pool[0]
+        for st in pool:
+            if st.key_env == info.key_env:
+                return st
+        raise ConfigError(
+            f"endpoint {info.lane!r}: batch {one_line(info.id or info.local, 100)} was made with key "
+            f"{info.key_env}, which is not among the endpoint's keys now: list it in `keys` again so "
+            f"the run collects that batch (nothing is paid twice), or `fair batches cancel {self.run_dir} "
+            f"{info.local}`"
+        )
+
+    async def _resume_one(self, st: _Lane, info: BatchInfo) -> None:
+        """One batch of an earlier run: find a lost create, follow a running batch, or download
+        the results of an ended one again."""
+        assert self.journal is not None
+        if info.state == "creating":
+            found = await self._find(st, info.local, info.t_create, info.n, live=False)
+            if found is None and info.status == UNREADABLE and not info.canceled:
+                raise BatchAmbiguous(self._unknown_create(st, info.local, "in an earlier run"))
+            if found is None:
+                self.journal.write("ended", info.local, status="not_created")
+                return
+            info = self.journal.write("submitted", info.local, id=found.id)
+            self.stats["creates_recovered"] += 1
+        if info.state == "submitted":
+            serial = next(self._serial)
+            for cid in info.ids:
+                st.attached[cid] = serial
+            self.stats["reattached"] += 1
+            self._spawn(self._watch(st, info.local, info.id, info.ids, serial))
+            return
+        try:  # ended but its results were never saved: download again
+            remote = await st.wire.retrieve(info.id)
+        except ControlError as exc:
+            raise FairError(
+                f"endpoint {st.name!r}: cannot read batch {info.id} again ({exc}); "
+                "its results are needed to avoid paying twice: try again later"
+            ) from None
+        path = await self._download(st, remote, info.ids, info.local)
+        self.journal.write("ended", info.local, id=info.id, status=remote.status, results=path.name)
+        self._remember(info.id, self._rows(path))
+
+    def _remember(self, bid: str, rows: Iterable[Outcome]) -> None:
+        """The answers of an earlier run's batch, for the sends of them to come."""
+        for cid, status, raw in rows:
+            if status != TRANSIENT:
+                self._known[cid] = (status, raw, {BATCH_HEADER: bid})
 
     def _load(self, name: str) -> list[Outcome] | None:
         assert self.journal is not None
@@ -724,6 +906,14 @@ class BatchExecutor:
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             return None
         return [(r.c, r.s, b"" if bytes(r.b) == b"null" else bytes(r.b)) for r in rows]
+
+
+def _headers(st: _Lane, bid: str) -> dict[str, str]:
+    """A reply's headers: the batch that answered, and the pool key that made it."""
+    out = {BATCH_HEADER: bid} if bid else {}
+    if st.pooled:
+        out[KEY_HEADER] = st.key_env
+    return out
 
 
 def _find(items: Slots, cid: str) -> int:

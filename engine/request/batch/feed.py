@@ -4,9 +4,11 @@ Each line not yet written becomes a request; a cache hit is written at once; a m
 the provider and handed to ``BatchExecutor.enqueue`` with a token. When its batch ends, the
 feed's one sink gets ``(token, outcome)``: it decodes the reply, prices it (× ``price_factor``,
 through the lane), caches it, emits the request events (stats, trace, progress) and writes the
-record. At most ``batch.max_items × batch.max_open`` requests wait at once. A waiting line
-costs no object of its own: its record id, start time and cache key sit in the parallel
-containers of ``_Lines`` (the request itself is a slot in the executor, its body on disk).
+record. At most ``batch.max_items × batch.max_open`` requests wait at once (per key of a
+pool: the lane's admission, ``Unmetered.pick``, chooses each line's key by its prompt prefix, and
+every key has batches of its own). A waiting line costs no object of its own: its record id,
+start time, key and cache key sit in the parallel containers of ``_Lines`` (the request itself
+is a slot in the executor, its body on disk).
 
 Cache-hit marking, pricing, the completed event and the error of a refused reply are the online
 engine's own pieces (``engine.request.lane``: ``from_cache``, ``settle``, ``Lane.failure``); only
@@ -23,10 +25,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from fairdistill.engine.errors import AbortRun, ReplyError, RequestError
 from fairdistill.engine.inputs import MAX_REPORTED
+from fairdistill.engine.request.batch.keys import KeptAtProvider
 from fairdistill.engine.request.cache import cache_key
 from fairdistill.engine.request.events import Call
-from fairdistill.engine.request.executor import BATCH_HEADER, Reply
-from fairdistill.engine.request.lane import from_cache, settle
+from fairdistill.engine.request.executor import BATCH_HEADER, KEY_HEADER, Reply
+from fairdistill.engine.request.lane import affinity_of, from_cache, settle
 from fairdistill.engine.request.providers import redact
 from fairdistill.engine.rundir.schema import Response
 from fairdistill.engine.types import ChatRequest, Message, response_record
@@ -66,20 +69,22 @@ class _Lines:
     def __init__(self, keyed: bool):
         self.ids: list[str | None] = []
         self.started = array("d")
+        self.key_index = array("H")  # the pool key it went out with (0: the endpoint's one key)
         self.keys = bytearray() if keyed else None
         self._free = array("i")
 
-    def add(self, record_id: str, key: bytes) -> int:
+    def add(self, record_id: str, key: bytes, key_index: int = 0) -> int:
         now = time.monotonic()
         if self._free:
             token = self._free.pop()
-            self.ids[token], self.started[token] = record_id, now
+            self.ids[token], self.started[token], self.key_index[token] = record_id, now, key_index
             if self.keys is not None:
                 self.keys[token * KEY_BYTES : (token + 1) * KEY_BYTES] = key
         else:
             token = len(self.ids)
             self.ids.append(record_id)
             self.started.append(now)
+            self.key_index.append(key_index)
             if self.keys is not None:
                 self.keys += key
         return token
@@ -110,12 +115,14 @@ class _Feed:
         self.enqueue = engine.executor.enqueue  # type: ignore[attr-defined]  # a BatchExecutor's
         self.events, self.cache = engine.events, engine.cache
         self.work, self.store, self.bar, self.kind = work, store, bar, kind
-        self.window = lane.cfg.batch.max_items * lane.cfg.batch.max_open
+        self.window = lane.cfg.batch.max_items * lane.cfg.batch.max_open * len(lane.targets)
+        self.pick = getattr(lane.admission, "pick", None) if lane.pooled else None  # Unmetered's
         self.room, self.idle = asyncio.Event(), asyncio.Event()
         self.room.set()
         self.idle.set()
         self.pending = 0
         self.aborted: list[BaseException] = []
+        self.kept = 0  # lines whose batch waits at the provider under a refused key (no record)
         self.lines = _Lines(keyed=self.cache is not None)
 
     async def run(self, req: dict[str, Any]) -> None:
@@ -131,18 +138,27 @@ class _Feed:
                 self.write(record_id, response_record(record_id, from_cache(events, call, hit)), None)
                 continue
             call.attempts = 1
+            index = self.pick(affinity_of("", request)) if self.pick is not None else 0
+            target = lane.targets[index]
+            call.key_env = target.key_env if lane.pooled else None
             for hook in events.sent:
                 hook(call)
-            token = self.lines.add(record_id, key)
+            token = self.lines.add(record_id, key, index)
             self.pending += 1
             self.idle.clear()
-            self.enqueue(lane.target, lane.provider.encode(request), key.hex(), self.sink, token)
+            self.enqueue(target, lane.provider.encode(request), key.hex(), self.sink, token)
             if self.pending >= self.window:
                 self.room.clear()
                 await self.room.wait()
         await self.idle.wait()
         if self.aborted:
             raise self.aborted[0]
+        if self.kept:  # the rest is done: stop unfinished, so a rerun collects those batches
+            raise KeptAtProvider(
+                f"{self.kept} request(s) have no record: their batches wait at the provider under a "
+                "key the Batch API refused (named above); nothing was sent again: run the same "
+                "command once that key works to collect them"
+            )
 
     def write(self, record_id: str, record: Response, error: str | None) -> None:
         work = self.work
@@ -157,6 +173,7 @@ class _Feed:
 
     def sink(self, token: int, outcome: Reply | BaseException) -> None:
         """The executor's callback for every line of this feed (it must not raise)."""
+        index = self.lines.key_index[token]
         record_id, started, key = self.lines.pop(token)
         self.pending -= 1
         if self.pending < self.window:
@@ -165,6 +182,8 @@ class _Feed:
             self.idle.set()
         call = Call(self.lane.name, self.lane.cfg.model)
         call.started, call.attempts = started, 1
+        if self.lane.pooled:
+            call.key_env = self.lane.targets[index].key_env
         try:
             self.answer(call, record_id, key, outcome)
         except Exception as exc:  # writing the record failed (disk full...): stop the run
@@ -174,14 +193,18 @@ class _Feed:
         lane, events = self.lane, self.events
         error: Exception | None = None
         if isinstance(outcome, BaseException):
+            if isinstance(outcome, KeptAtProvider):  # no record: a rerun collects it
+                self.kept += 1
+                return
             if isinstance(outcome, AbortRun):
                 self.aborted.append(outcome)
                 return
-            message = redact(f"endpoint {lane.name!r}: {outcome}", lane.key)
+            message = redact(f"endpoint {lane.name!r}: {outcome}", lane.secrets)
             error = RequestError(message, endpoint=lane.name)
         else:
             status, raw, headers = outcome
             call.status, call.batch = status, headers.get(BATCH_HEADER)
+            call.key_env = headers.get(KEY_HEADER, call.key_env)  # a retired key's went out with another
             if status < 300:
                 try:
                     done = lane.provider.decode(raw)
