@@ -28,6 +28,7 @@ import collections
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from fairdistill.engine.config import EndpointConfig
 from fairdistill.engine.errors import AbortRun, ConfigError, FairError, one_line
 from fairdistill.engine.progress import Progress
 from fairdistill.engine.request.metrics import MetricsServer
@@ -62,10 +64,12 @@ class Driver:
         run_dir: Path,
         address: str,
         workers: int,
-        limits: dict,
+        limits: Mapping[str, Any],
         endpoints: list[str],
         cap_usd: float | None = None,
     ):
+        """``limits``: per endpoint its ``EndpointConfig`` (or ``(concurrency, rpm, tpm)``), whose
+        admission (a ``KeyPool`` for ``keys``) the limiter actor holds for every worker."""
         self.run_dir = Path(run_dir)
         self.cap_usd = cap_usd  # run.max_cost_usd: a ledger in the limiter (engine.scale.budget)
         self.budget_stopped = False  # a block stopped at the cap: no new blocks
@@ -73,6 +77,8 @@ class Driver:
         self.n = workers
         self.limits = limits
         self.endpoints = endpoints
+        # endpoint -> the size of its key pool (workers' proxies count the keys they saw retired)
+        self.pools = {n: len(c.keys) for n, c in limits.items() if isinstance(c, EndpointConfig) and c.pooled}
         self.pid_dir = self.run_dir / "blocks" / "pids"
         self.ray: Any = None
         self.limiter: Any = None
@@ -110,11 +116,14 @@ class Driver:
             total = float(ray.cluster_resources().get("CPU", 0))
             free = float(ray.available_resources().get("CPU", 0))
             self._check_room(total, free, f"the cluster at {self.address}")
-        from fairdistill.engine.scale.limiter import Limiter
+        from fairdistill.engine.scale.limiter import Limiter, limiter_spec
 
         self.pid_dir.mkdir(parents=True, exist_ok=True)
         budget = (self.cap_usd, str(self.run_dir)) if self.cap_usd is not None else None
-        self.limiter = Limiter.remote(self.limits, str(self.pid_dir), budget)
+        specs = {
+            n: limiter_spec(c, n) if isinstance(c, EndpointConfig) else c for n, c in self.limits.items()
+        }
+        self.limiter = Limiter.remote(specs, str(self.pid_dir), budget)
         for _ in range(self.n):
             self._spawn()
         try:
@@ -147,7 +156,7 @@ class Driver:
         name = f"w{self.spawned}"
         self.spawned += 1
         worker: Any = BlockWorker  # a ray.remote class: `.remote` is Ray's
-        actor = worker.remote(name, self.limiter, self.endpoints, str(self.pid_dir), self.metrics)
+        actor = worker.remote(name, self.limiter, self.endpoints, str(self.pid_dir), self.metrics, self.pools)
         if slot is None:
             self.pool.append(actor)
             self.names.append(name)
@@ -158,6 +167,7 @@ class Driver:
         if self.ray is None:
             return
         t0 = time.monotonic()
+        self.tell_news()  # keys retired at the very end
         for actor in self.pool:
             with contextlib.suppress(Exception):
                 self.ray.kill(actor)
@@ -203,6 +213,7 @@ class Driver:
                     inflight[ref] = (block, slot, self.pool[slot])
                     load[slot] += 1
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            self.tell_news()
             for ref in ready:
                 block, slot, actor = inflight.pop(ref)
                 if self.pool[slot] is actor:
@@ -232,6 +243,15 @@ class Driver:
                 results.append(res)
                 done(block, res)
         return results
+
+    def tell_news(self) -> None:
+        """Print the limiter's lines about pool keys retired since the last ask: each key once
+        for the whole run (the workers, whose output Ray keeps, say nothing)."""
+        if not self.pools or self.limiter is None:
+            return
+        with contextlib.suppress(Exception):  # a restarting limiter: its news come next time
+            for line in self.ray.get(self.limiter.take_news.remote(), timeout=2):
+                print(line, file=sys.stderr, flush=True)
 
     def _isolated(self, slot: int, inflight: dict) -> bool:
         """Whether ``slot`` runs a suspect block (one that was on a worker that died)."""

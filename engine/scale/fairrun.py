@@ -81,7 +81,7 @@ def run_fair(opts: RunOptions, ray: RayOptions, cfg: RunConfig, run_dir: Path) -
         return actor.run.remote(str(run_dir), cfg, block.id, epoch, feed.get(block))
 
     (run_dir / "config.toml").write_bytes(dump_config(cfg))
-    limits = {n: (ep.concurrency, ep.rpm, ep.tpm) for n, ep in cfg.endpoints.items()}
+    limits = dict(cfg.endpoints)  # their admissions (a KeyPool for `keys`) live in the limiter actor
     cap = cfg.run.max_cost_usd
     driver = Driver(run_dir, ray.address, ray.workers or 2, limits, list(cfg.endpoints), cap)
     status, results, stop, t_run = "interrupted", [], None, 0.0

@@ -43,7 +43,7 @@ def run_generate(opts: GenerateOptions, ray: RayOptions) -> Outcome:
     plan = settle(out, lambda size: generate_plan(input_path, size), ray.block_size, GENERATE_BLOCK)
     finished = done_blocks(out)
     todo = [b for b in plan.blocks if b.id not in finished]
-    limits = {ENDPOINT: (endpoint.concurrency, endpoint.rpm, endpoint.tpm)}
+    limits = {ENDPOINT: endpoint}  # its admission (a KeyPool for `keys`) lives in the limiter actor
     driver = Driver(out, ray.address, ray.workers or 2, limits, [ENDPOINT])
     bar = Progress(plan.items, label="responses", enabled=opts.progress)
     t0 = time.monotonic()

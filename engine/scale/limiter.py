@@ -39,6 +39,14 @@ its 512 tasks' first steps (``worker.START_BATCH``). Drops used to ride on the n
 were lost when a worker had nothing left to ask: their requests were granted later and their
 leases never came back (up to 248 of 256 once acquires were held longer).
 
+Key pools (``EndpointConfig.keys``): the limiter holds the endpoint's ``KeyPool`` (sent its
+config without headers: variable names and limits, never a key), so each key's and each group's
+quota is shared by every worker. A proxy's acquire carries the call's affinity; each ``Grant``
+names the key (an index; the worker's engine holds the key values, read from its own
+environment). Pools are never lent (``KeyPool.ungated`` is False). A key refused 401/403 is
+retired in the pool by the first worker that tells it (``retire``): the driver prints that line
+once (``take_news``), and once none is left, acquires come back refused (``AuthError``, exit 3).
+
 A worker that dies holds leases: the driver calls ``forget(worker)``, which releases them (as
 answered: the server may have counted them) and drops its waiting acquires. If the limiter
 itself dies, Ray restarts it with fresh admissions (limits are relearned from the next
@@ -49,6 +57,7 @@ ignored.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import itertools
@@ -57,11 +66,16 @@ import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import msgspec
 import ray
 
+from fairdistill.engine.config import EndpointConfig
+from fairdistill.engine.errors import AuthError
 from fairdistill.engine.request.admission import Admission, Lease
+from fairdistill.engine.request.keypool import KeyPool, PoolLease
+from fairdistill.engine.request.mirror import Units
 from fairdistill.engine.scale.budget import Ledger
 
 HOLD_S = 1.0  # longest a limiter round trip waits with nothing granted (lending news answers at once)
@@ -72,7 +86,18 @@ RETRY_S = 0.2  # pause before a proxy retries a limiter that is restarting
 TALLY_EVERY = 256  # absorbed outcomes are told at least this often (else with the next release)
 LEND_S = 5.0  # how long a lent lease may be reused by its worker without asking (open endpoints)
 
-Limits = dict[str, tuple[int, float | None, float | None]]  # endpoint -> (concurrency, rpm, tpm)
+# endpoint -> (concurrency, rpm, tpm), or for a key pool its config (names of variables, never a key)
+Limits = Mapping[str, "tuple[int, float | None, float | None] | EndpointConfig"]
+
+
+class Grant(NamedTuple):
+    """The limiter's answer to one queued request: its lease id and the pool's key index (0 for
+    an endpoint without a pool), or ``lease`` -1 and the error (no key of the pool is left)."""
+
+    req: int
+    lease: int
+    key: int = 0
+    error: str | None = None
 
 
 class LimiterState:
@@ -83,10 +108,13 @@ class LimiterState:
         self, limits: Limits, pid_dir: str | None = None, budget: tuple[float, str | None] | None = None
     ):
         """``budget``: (``run.max_cost_usd``, the run directory) for the run's ``Ledger``."""
-        self.admissions = {name: Admission(*lim) for name, lim in limits.items()}
+        self.admissions: dict[str, Any] = {name: admitter(lim) for name, lim in limits.items()}
+        self.given: dict[tuple[str, int], int] = {}  # (endpoint, key) -> leases granted so far
+        self.news: list[str] = []  # keys retired since the driver last asked (``take_news``)
         self.ledger = Ledger(budget[0], Path(budget[1]) if budget[1] else None) if budget else None
         self.idle = set(self.admissions)  # endpoints not asked for yet (buckets emptied at first ask)
-        self.leases: dict[int, tuple[str, str, Lease]] = {}  # lease id -> (worker, endpoint, lease)
+        # lease id -> (worker, endpoint, lease: a pool's names its key)
+        self.leases: dict[int, tuple[str, str, Lease | PoolLease]] = {}
         self.waiting: dict[tuple[str, str], dict[int, asyncio.Task[Lease]]] = {}
         self.ready: dict[tuple[str, str], dict[int, asyncio.Task[Lease]]] = {}  # done, not yet handed out
         self.wake: dict[tuple[str, str], asyncio.Event] = {}
@@ -99,12 +127,12 @@ class LimiterState:
             (Path(pid_dir) / "limiter").write_text(f"{os.getpid()}\n")
 
     async def acquire(
-        self, worker: str, endpoint: str, new: list[tuple[int, float]]
-    ) -> tuple[list[tuple[int, int]], float | None, float]:
-        """Queue ``new`` (request id, est tokens); return the granted (request id, lease id) pairs
-        once any of this worker's waiting requests is granted (or lending ends, or ``HOLD_S``
-        passed), the endpoint's target rpm, and for how long the grants are lent (0: not lent,
-        give each back when its call ends)."""
+        self, worker: str, endpoint: str, new: list[tuple[int, float] | tuple[int, float, int]]
+    ) -> tuple[list[Grant], float | None, float]:
+        """Queue ``new`` (request id, est tokens[, affinity]); return the ``Grant`` of each
+        request granted (or refused) once any of this worker's waiting requests is (or lending
+        ends, or ``HOLD_S`` passed), the endpoint's target rpm, and for how long the grants are
+        lent (0: not lent, give each back when its call ends; always 0 for a key pool)."""
         admission = self.admissions[endpoint]
         if endpoint in self.idle:
             self.idle.discard(endpoint)
@@ -116,11 +144,12 @@ class LimiterState:
         early = self.early.get(key)
         if new:  # a proxy's acquires come one after the other, their request ids rising
             self.newest[key] = new[-1][0]
-        for req, est in new:
+        for req, est, *affinity in new:
             if early and req in early:  # dropped before it arrived (calls may run out of order)
                 early.discard(req)
                 continue
-            task = asyncio.ensure_future(admission.acquire(est))
+            aff = affinity[0] if affinity else 0
+            task = asyncio.ensure_future(admission.acquire(est, aff) if aff else admission.acquire(est))
             waiting[req] = task
             task.add_done_callback(functools.partial(self._granted, key, req))
         if waiting and not ready:
@@ -129,15 +158,24 @@ class LimiterState:
                     await wake.wait()
             await asyncio.sleep(LINGER_S)  # the grants a batch of releases frees land together
         wake.clear()
-        granted = []
-        for req, task in list(ready.items()):
-            del ready[req]
-            if waiting.pop(req, None) is None or task.exception() is not None:
-                continue
-            lease_id = next(self._ids)
-            self.leases[lease_id] = (worker, endpoint, task.result())
-            granted.append((req, lease_id))
-        return granted, admission.effective_rpm(), LEND_S if admission.ungated else 0.0
+        granted = [g for req, task in list(ready.items()) if (g := self._grant(key, req, task))]
+        return granted, admission.effective_rpm(), LEND_S if getattr(admission, "ungated", False) else 0.0
+
+    def _grant(self, key: tuple[str, str], req: int, task: asyncio.Task[Any]) -> Grant | None:
+        """A ready request as the worker's ``Grant`` (None: it was dropped meanwhile)."""
+        del self.ready[key][req]
+        if self.waiting[key].pop(req, None) is None:
+            return None
+        exc = task.exception()
+        if exc is not None:  # a pool with no key left (AuthError); anything else is a bug, said alike
+            return Grant(req, -1, error=str(exc) if isinstance(exc, AuthError) else repr(exc))
+        worker, endpoint = key
+        lease = task.result()
+        lease_id = next(self._ids)
+        self.leases[lease_id] = (worker, endpoint, lease)
+        index = key_of(self.admissions[endpoint], lease)
+        self.given[(endpoint, index)] = self.given.get((endpoint, index), 0) + 1
+        return Grant(req, lease_id, index)
 
     def _granted(self, key: tuple[str, str], req: int, task: asyncio.Task[Lease]) -> None:
         """A waiting request got its lease: ready for the worker's round trip (not when it was
@@ -181,10 +219,34 @@ class LimiterState:
             item = self.leases.pop(lease_id, None)
             if item is not None:
                 admission = self.admissions[item[1]]
-                lending = admission.ungated
+                lending = getattr(admission, "ungated", False)
                 admission.release(item[2], status, headers, used)
-                if lending != admission.ungated:
+                if lending != getattr(admission, "ungated", False):
                     self._tell_all(item[1])
+
+    def retire(self, endpoint: str, lease_id: int, key: int) -> None:
+        """A worker's call on pool key ``key`` (lease ``lease_id``) was refused its credentials:
+        the pool retires the key for the run (``KeyPool.retire``). The first to tell it makes the
+        line the driver prints (``take_news``): each retired key is said once, whatever the
+        number of workers that met its 401s."""
+        pool = self.admissions.get(endpoint)
+        if not isinstance(pool, KeyPool) or not 0 <= key < len(pool.keys):
+            return
+        held = self.leases.get(lease_id)
+        lease = held[2] if held is not None else None
+        if not isinstance(lease, PoolLease):  # given back already (or before a restart): its key is known
+            lease = PoolLease(key, Lease(0.0, 0, Units(), Units()), 0.0)
+        newly, left = pool.retire(lease)
+        if newly:
+            self.news.append(
+                f"fair: endpoint {endpoint!r}: key {pool.keys[key].env} was refused (401/403); "
+                f"retired for this run, {left} of {len(pool.keys)} keys left"
+            )
+
+    def take_news(self) -> list[str]:
+        """The lines about keys retired since the last call (the driver prints them)."""
+        news, self.news = self.news, []
+        return news
 
     def _tell_all(self, endpoint: str) -> None:
         """Lending ended (or began): answer every worker's held round trip now, so no worker
@@ -225,11 +287,24 @@ class LimiterState:
             self.ledger.report(writer, spent, finished)
 
     def admission_state(self) -> dict[str, dict[str, Any]]:
-        """Per endpoint: the target rate and the leases out (``--metrics-port``: engine.scale.metrics)."""
+        """Per endpoint: the target rate and the leases out (``--metrics-port``: engine.scale.metrics);
+        for a key pool also ``keys``: per variable name, its group, whether it is live, its rate,
+        its leases out and granted so far, and the pool's own counts (``sent``, ``throttled``)."""
         out: dict[str, dict[str, Any]] = {name: {"rpm": a.effective_rpm(), "leases": 0}
                                           for name, a in self.admissions.items()}  # fmt: skip
-        for _, endpoint, _ in self.leases.values():
+        out_by_key: collections.Counter[tuple[str, int]] = collections.Counter()
+        for _, endpoint, lease in self.leases.values():
             out[endpoint]["leases"] += 1
+            out_by_key[(endpoint, key_of(self.admissions[endpoint], lease))] += 1
+        for name, pool in self.admissions.items():
+            if isinstance(pool, KeyPool):
+                out[name]["keys"] = {
+                    k.env: {"group": k.group, "live": k.live, "rpm": k.admission.effective_rpm(),
+                            "leases": out_by_key[(name, k.index)],
+                            "granted": self.given.get((name, k.index), 0),
+                            "sent": k.sent, "throttled": k.throttled}
+                    for k in pool.keys
+                }  # fmt: skip
         return out
 
     def held(self) -> dict[str, int]:
@@ -246,7 +321,30 @@ class LimiterState:
 Limiter = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(LimiterState)
 
 
-def start_empty(admission: Admission) -> None:
+def admitter(spec: tuple[int, float | None, float | None] | EndpointConfig) -> Admission | KeyPool:
+    """An endpoint's admission, built as a single process builds it (``engine.request.lane.Lane``):
+    ``(concurrency, rpm, tpm)`` is one key's ``Admission``; a config with ``keys`` its ``KeyPool``
+    (each key's admission, the groups' and the endpoint's gates: every worker shares them)."""
+    if isinstance(spec, EndpointConfig):
+        return KeyPool(spec) if spec.pooled else Admission(spec.concurrency, spec.rpm, spec.tpm)
+    return Admission(*spec)
+
+
+def limiter_spec(cfg: EndpointConfig, name: str) -> tuple[int, float | None, float | None] | EndpointConfig:
+    """What the limiter actor is sent of endpoint ``name``: its limits, or for a key pool its
+    config without ``headers`` (the keys' variable names and limits travel; never a key, which
+    the workers read from their own environment)."""
+    if cfg.pooled:
+        return msgspec.structs.replace(cfg, headers={}, name=name)
+    return (cfg.concurrency, cfg.rpm, cfg.tpm)
+
+
+def key_of(admission: Admission | KeyPool, lease: Any) -> int:
+    """The pool key index a lease goes out with (0 for one key)."""
+    return admission.key_of(lease)
+
+
+def start_empty(admission: Admission | KeyPool) -> None:
     """Configured RPM/TPM buckets start empty at the first request, not full: a full bucket
     lets one second's worth go at once on top of the steady rate (the first 10 s window at 3,000
     rpm carried 1.09x the limit), and a limiter Ray restarted does not know what its predecessor
@@ -255,7 +353,14 @@ def start_empty(admission: Admission) -> None:
     the last refill, as this did before, let the refill since the limiter was built, a full
     bucket, go at the first request.)"""
     now = time.monotonic()
-    for bucket in (admission.requests, admission.tokens):
+    if isinstance(admission, KeyPool):  # every key's buckets, and the groups' and endpoint's gates
+        for key in admission.keys:
+            start_empty(key.admission)
+        gates = getattr(admission, "gates", None) or getattr(admission, "_gates", {})
+        buckets = [b for gate in gates.values() for b in (gate.requests, gate.tokens)]
+    else:
+        buckets = [admission.requests, admission.tokens]
+    for bucket in buckets:
         if bucket is not None:
             bucket.hold(now, now)
 
@@ -263,13 +368,18 @@ def start_empty(admission: Admission) -> None:
 class AdmissionProxy:
     """``Admission``'s interface in a worker, backed by the ``Limiter`` actor (batched calls)."""
 
-    def __init__(self, limiter: Any, worker: str, endpoint: str):
+    def __init__(self, limiter: Any, worker: str, endpoint: str, keys: int = 1):
+        """``keys``: the size of the endpoint's key pool (1: one key, or none)."""
         self.limiter = limiter
         self.worker = worker
         self.endpoint = endpoint
+        self.size = keys
         self._ids = itertools.count()
-        self._queued: dict[int, tuple[float, asyncio.Future[int] | None]] = {}  # not yet sent
-        self._sent: dict[int, tuple[float, asyncio.Future[int] | None]] = {}  # in the limiter's queue
+        # request id -> (est tokens, affinity, its caller's future); not yet sent / in the limiter's queue
+        self._queued: dict[int, tuple[float, int, asyncio.Future[int] | None]] = {}
+        self._sent: dict[int, tuple[float, int, asyncio.Future[int] | None]] = {}
+        self._keys: dict[int, int] = {}  # lease id -> its pool key, where not key 0
+        self._retired: set[int] = set()  # pool keys this worker told the limiter were refused
         self._cancel: list[int] = []  # sent requests served by a lent lease: dropped at the limiter
         self._pump: asyncio.Task[None] | None = None
         self._releases: list[tuple[int, int, dict[str, str] | None, float | None]] = []
@@ -288,14 +398,15 @@ class AdmissionProxy:
     def __repr__(self) -> str:
         return f"AdmissionProxy({self.worker!r}, {self.endpoint!r})"
 
-    async def acquire(self, est_tokens: float = 0.0) -> int:
+    async def acquire(self, est_tokens: float = 0.0, affinity: int = 0) -> int:
+        """A lease id; ``AuthError`` when the endpoint's key pool has no key left."""
         if self._handing and self._lend_open:  # a call here just ended on a lent lease: go on with it
             lease = self._handing.pop()[0]
             self._absorb()
             return lease
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         req = next(self._ids)
-        self._queued[req] = (est_tokens, fut)
+        self._queued[req] = (est_tokens, affinity, fut)
         if self._pump is None or self._pump.done():
             self._pump = asyncio.create_task(self._run())
         try:
@@ -303,13 +414,13 @@ class AdmissionProxy:
         except asyncio.CancelledError:
             self._queued.pop(req, None)
             if req in self._sent:  # the limiter may grant it later: give that lease back then
-                self._sent[req] = (self._sent[req][0], None)
+                self._sent[req] = (*self._sent[req][:2], None)
             raise
 
     async def _run(self) -> None:
         """One round trip at a time while anything waits."""
         while self._queued or self._sent:
-            new = [(req, est) for req, (est, _) in self._queued.items()]
+            new = [(req, est, aff) if aff else (req, est) for req, (est, aff, _) in self._queued.items()]
             self._sent.update(self._queued)
             self._queued.clear()
             asked = time.monotonic()
@@ -321,6 +432,7 @@ class AdmissionProxy:
                 self._queued.update(self._sent)
                 self._sent.clear()
                 self._lent.clear()  # the new incarnation never lent them: stop reusing
+                self._retired.clear()  # its fresh pool retires a refused key when told again
                 self._lend_open = False
                 await asyncio.sleep(RETRY_S)
                 continue
@@ -329,16 +441,26 @@ class AdmissionProxy:
             # (an answer to a question asked before our own non-plain outcome reached the limiter
             # does not reopen lending)
             self._lend_open = lend_s > 0 and asked > self._closed + 2 * FLUSH_S
-            now = time.monotonic()
-            for req, lease_id in granted:
-                # every lease gets a term (a little apart, so they do not all come back at once):
-                # one granted while the endpoint was cold is reusable once the limiter says open
-                self._lent[lease_id] = now + (lend_s or LEND_S) * random.uniform(0.75, 1.0)
-                _, fut = self._sent.pop(req, (0.0, None))
+            self._answer(granted, lend_s)
+
+    def _answer(self, granted: list[Grant], lend_s: float) -> None:
+        """Hand the limiter's grants to their callers (a refusal as ``AuthError``)."""
+        now = time.monotonic()
+        for req, lease_id, key, error in granted:
+            *_, fut = self._sent.pop(req, (0.0, 0, None))
+            if error is not None:
                 if fut is not None and not fut.done():
-                    fut.set_result(lease_id)
-                else:  # its caller is gone
-                    self._give_back(lease_id, 0, None, None)
+                    fut.set_exception(AuthError(error))
+                continue
+            # every lease gets a term (a little apart, so they do not all come back at once):
+            # one granted while the endpoint was cold is reusable once the limiter says open
+            self._lent[lease_id] = now + (lend_s or LEND_S) * random.uniform(0.75, 1.0)
+            if key:
+                self._keys[lease_id] = key
+            if fut is not None and not fut.done():
+                fut.set_result(lease_id)
+            else:  # its caller is gone
+                self._give_back(lease_id, 0, None, None)
 
     def release(
         self,
@@ -384,7 +506,7 @@ class AdmissionProxy:
         """Hand a lent lease to the oldest call waiting here (not yet sent, else sent: then the
         limiter is told to drop that request); False when none waits."""
         for pool in (self._queued, self._sent):
-            for req, (_, fut) in pool.items():
+            for req, (_, _, fut) in pool.items():
                 if fut is None or fut.done():
                     continue
                 del pool[req]
@@ -399,6 +521,7 @@ class AdmissionProxy:
         self, lease: int, status: int, headers: Mapping[str, str] | None, used_tokens: float | None
     ) -> None:
         self._lent.pop(lease, None)
+        self._keys.pop(lease, None)
         self._releases.append((lease, status, dict(headers) if headers else None, used_tokens))
         self._schedule_flush()
 
@@ -422,6 +545,23 @@ class AdmissionProxy:
             self.release_calls += 1
             with contextlib.suppress(ray.exceptions.RayError):  # a restarting limiter forgot them anyway
                 self.limiter.release.remote(done, tally, dropped)
+
+    def key_of(self, lease: int) -> int:
+        """The pool key the call of ``lease`` goes out with (0 for one key)."""
+        return self._keys.get(lease, 0)
+
+    def retire(self, lease: int) -> tuple[bool, int]:
+        """The key of ``lease`` was refused (401/403): the limiter's pool retires it for every
+        worker (told at once, ahead of this lease's release and of the call's next acquire).
+        Never ``newly``: the driver says it, once for the run (``LimiterState.take_news``). The
+        keys left are those this worker knows of (at least the true number: the next acquire
+        fails with ``AuthError`` when the pool has none)."""
+        key = self.key_of(lease)
+        if key not in self._retired:
+            self._retired.add(key)
+            with contextlib.suppress(ray.exceptions.RayError):
+                self.limiter.retire.remote(self.endpoint, lease, key)
+        return False, self.size - len(self._retired)
 
     def effective_rpm(self) -> float | None:
         return self._rpm

@@ -8,8 +8,10 @@ attempt that finds the inode changed stops before its next write, so a worker th
 up on (a zombie) never writes beside its successor.
 
 API keys: the engine reads them from *this* process's environment when it opens (``Engine``
-``__aenter__``); a worker without one reports ``config_error`` naming the variable and the node,
-and the driver stops the run with exit 2. Nothing with a key crosses Ray.
+``__aenter__``), every key of a pool alike; a worker without one reports ``config_error`` naming
+the variable and the node, and the driver stops the run with exit 2. Nothing with a key crosses
+Ray: a pool's keys travel as their variables' names and indexes (the limiter's ``KeyPool``
+chooses the key of each lease; the proxy's ``key_of`` names it to the engine).
 """
 
 from __future__ import annotations
@@ -157,11 +159,16 @@ def _node() -> str:
 class BlockWorker:
     """Runs blocks; one ``AdmissionProxy`` per endpoint shared by all its blocks."""
 
-    def __init__(self, name: str, limiter: Any, endpoints: list[str], pid_dir: str, metrics: bool = False):
-        """``metrics``: keep request numbers over all blocks for the driver's ``/metrics``."""
+    def __init__(
+        self, name: str, limiter: Any, endpoints: list[str], pid_dir: str, metrics: bool = False,
+        pools: Mapping[str, int] | None = None,
+    ):  # fmt: skip
+        """``metrics``: keep request numbers over all blocks for the driver's ``/metrics``;
+        ``pools``: the size of each key pool (its keys live in the limiter's ``KeyPool``)."""
         self.name = name
         self.limiter = limiter
-        self.proxies = {ep: AdmissionProxy(limiter, name, ep) for ep in endpoints}
+        pools = pools or {}
+        self.proxies = {ep: AdmissionProxy(limiter, name, ep, pools.get(ep, 1)) for ep in endpoints}
         self.executor = KeptExecutor()
         self.metrics = WorkerMetrics(endpoints if metrics else [])  # (--metrics-port)
         self.observers = self.metrics.observers if metrics else ()
