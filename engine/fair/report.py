@@ -73,6 +73,7 @@ def summarize(run_dir: str | Path, digests: dict[str, str] | None = None) -> dic
         "tokens": tokens,
         "cost_usd": cost,
         "tokens_by_endpoint": {name: dict(b) for name, b in sorted(billed.items())},  # as billed
+        "keys": trace.by_key,  # endpoints with a key pool: per key variable (tracesum.TraceTotals)
         "teacher_calls_per_mistake": teacher_calls / mistakes if mistakes else None,
         "latency_p50_s": trace.latency_p50(),  # to 3 significant digits
         "cost_per_sample": _cost_per_sample(spent, authored),
@@ -187,6 +188,30 @@ def _tokens_markdown(endpoints: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _keys_markdown(endpoints: dict[str, Any]) -> list[str]:
+    """Per key of a pool (by its variable's name, never the key): calls, 429s, cached share, retired."""
+    if not endpoints:
+        return []
+    lines = [
+        "",
+        "## Keys (endpoints with a key pool)",
+        "",
+        "Calls served by each key, the 429s they met, the share of their input tokens read from the "
+        "provider's cache (per organisation), and whether a 401/403 retired the key for the run.",
+        "",
+        "| endpoint | key | calls | 429s | input | cached input | cached share | dollars | retired |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, keys in endpoints.items():
+        for env, k in keys.items():
+            lines.append(
+                f"| {name} | {env} | {k['calls']} | {k['http_429']} | {k['prompt_tokens']:,} | "
+                f"{k['cached_tokens']:,} | {_pct(k['cached_share'])} | ${k['cost_usd']:.4f} | "
+                f"{'yes' if k['retired'] else 'no'} |"
+            )
+    return lines
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f} %"
 
@@ -243,6 +268,7 @@ def render_markdown(s: dict[str, Any], title: str = "FAIR run report") -> str:
             f"| {name} | {r['reviews']} | {_num(r['mean_score'])} | {_pct(r['pass_rate'])} | {r['invalid']} |"
         )
     lines += _tokens_markdown(s.get("tokens_by_endpoint") or {})
+    lines += _keys_markdown(s.get("keys") or {})
     lines += _cost_markdown(s.get("cost_per_sample") or {})
     lines += _judges_markdown(s.get("judges") or {})
     lines += _error_types_markdown(s.get("error_types") or {})

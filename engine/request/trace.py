@@ -7,8 +7,10 @@ attempts, http_429 (rate-limit answers before it went through), cache_hit, statu
 of the last attempt; 0 = no answer), error (the exception class of a failed call) and, only for
 a call answered through a provider Batch API, batch (that batch's id); stage (what the call was
 for: student, rationale, feedback, review) when the caller said; dropped (the parameters the
-endpoint stopped sending after this call's 400 named them) when any. Never a key, a header or
-a message body.
+endpoint stopped sending after this call's 400 named them) when any; for an endpoint with a key
+pool, key (the VARIABLE name of the key its last try went out with) and, when any answered it
+401/403, refused (the variables of the keys retired on it). Never a key, a header or a message
+body.
 
 ``TraceObserver`` turns request events (``engine.request.events``) into lines; ``Trace`` writes them
 through the run store's ``ShardWriter``, buffered (64 KiB or once a second): the shard being
@@ -54,6 +56,8 @@ class TraceEvent(msgspec.Struct, kw_only=True):
     batch: str | msgspec.UnsetType = msgspec.UNSET  # omitted unless a Batch API answered
     stage: str | msgspec.UnsetType = msgspec.UNSET  # omitted unless the caller named one
     dropped: list[str] | msgspec.UnsetType = msgspec.UNSET  # omitted unless a 400 made it drop some
+    key: str | msgspec.UnsetType = msgspec.UNSET  # a pool key's variable; omitted for one key
+    refused: list[str] | msgspec.UnsetType = msgspec.UNSET  # pool keys retired on it (401/403)
 
 
 class Trace:
@@ -121,6 +125,8 @@ class TraceObserver(Observer):
             status=call.status,
             batch=call.batch or msgspec.UNSET,
             dropped=list(call.dropped) or msgspec.UNSET,
+            key=call.key_env or msgspec.UNSET,
+            refused=list(call.refused) or msgspec.UNSET,
             **fields,
         )
 
@@ -148,6 +154,8 @@ class TraceObserver(Observer):
                 status=call.status,
                 batch=call.batch or msgspec.UNSET,
                 dropped=list(call.dropped) or msgspec.UNSET,
+                key=call.key_env or msgspec.UNSET,
+                refused=list(call.refused) or msgspec.UNSET,
                 latency_s=round(done.latency_s, 6),
                 prompt_tokens=u.prompt_tokens,
                 completion_tokens=u.completion_tokens,

@@ -167,6 +167,8 @@ class TraceLine(msgspec.Struct, kw_only=True):
     http_429: int = 0
     cache_hit: bool = False
     stage: str | None = None
+    key: str | None = None  # the variable of the pool key that served it (absent: one key)
+    refused: list[str] = []  # pool keys' variables that answered it 401/403 (retired)
 
 
 KINDS: dict[str, type[Record]] = {

@@ -65,6 +65,12 @@ class TracedCall(Protocol):
     @property
     def cache_hit(self) -> bool: ...
 
+    @property
+    def key(self) -> Any: ...  # a pool key's variable (unset or None: one key)
+
+    @property
+    def refused(self) -> Any: ...  # pool keys' variables retired on it (unset or empty: none)
+
 
 def _latency_key(x: float) -> float:
     """A latency to 3 significant digits: the median comes from a histogram of a few thousand
@@ -77,20 +83,26 @@ def _latency_key(x: float) -> float:
 # the sums kept per (endpoint, stage) row, in this order; reasoning is part of completion, cached
 # and cache writes of prompt
 _SUMS = ("calls", "http_429", "retries", "cost_usd", *_KINDS)
+# the sums kept per (endpoint, pool key) row: the calls a key served (their 429s, tokens and
+# dollars) and the 401/403s that retired it
+_KEY_SUMS = ("calls", "http_429", "prompt_tokens", "cached_tokens", "completion_tokens", "cost_usd",
+             "refused")  # fmt: skip
 
 
 class TraceTotals:
     """Call counts, dollars, tokens, a latency histogram, dollars per endpoint and stage, and
     the tokens as billed per endpoint, of any number of trace lines (``add``, ``merge``): sums
-    per (endpoint, stage), so adding a line is a few list additions (it runs once per call)."""
+    per (endpoint, stage), so adding a line is a few list additions (it runs once per call); and
+    per (endpoint, key) for the lines of an endpoint with a key pool."""
 
-    __slots__ = ("cache_hits", "latency", "lines", "rows")
+    __slots__ = ("cache_hits", "keys", "latency", "lines", "rows")
 
     def __init__(self) -> None:
         self.lines = 0
         self.cache_hits = 0
         self.rows: dict[tuple[str, str], list[Any]] = {}  # (endpoint, stage) -> sums as _SUMS
         self.latency: dict[float, int] = {}  # latency to 3 significant digits -> calls
+        self.keys: dict[tuple[str, str], list[Any]] = {}  # (endpoint, key variable) -> as _KEY_SUMS
 
     def add(self, t: TracedCall, stage: str | None) -> None:
         """Count one trace line (``stage``: what the call was for, None when not said)."""
@@ -114,6 +126,27 @@ class TraceTotals:
         if t.latency_s is not None:
             k = _latency_key(t.latency_s)
             self.latency[k] = self.latency.get(k, 0) + 1
+        if t.key or t.refused:
+            self._add_key(t)
+
+    def _add_key(self, t: TracedCall) -> None:
+        """Count a pool call against the key that served it and the keys it retired."""
+        if t.key:
+            r = self._key_row(t.endpoint, t.key)
+            r[0] += 1
+            r[1] += t.http_429
+            r[2] += t.prompt_tokens
+            r[3] += t.cached_tokens
+            r[4] += t.completion_tokens
+            r[5] += t.cost_usd
+        for env in t.refused or ():
+            self._key_row(t.endpoint, env)[6] += 1
+
+    def _key_row(self, endpoint: str, env: str) -> list[Any]:
+        r = self.keys.get((endpoint, env))
+        if r is None:
+            r = self.keys[(endpoint, env)] = [0, 0, 0, 0, 0, 0.0, 0]
+        return r
 
     def merge(self, other: TraceTotals) -> None:
         self.lines += other.lines
@@ -124,6 +157,10 @@ class TraceTotals:
                 mine[i] += v
         for k, n in other.latency.items():
             self.latency[k] = self.latency.get(k, 0) + n
+        for key, sums in other.keys.items():
+            mine = self._key_row(*key)
+            for i, v in enumerate(sums):
+                mine[i] += v
 
     @property
     def calls(self) -> collections.Counter[str]:
@@ -160,14 +197,27 @@ class TraceTotals:
             b["cost_usd"] += r[3]
         return out
 
+    @property
+    def by_key(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Per endpoint with a key pool, per key variable: calls served, 429s, tokens, dollars,
+        the share of its input tokens read from the provider's cache, and whether it was retired."""
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for (endpoint, env), r in sorted(self.keys.items()):
+            row = dict(zip(_KEY_SUMS, r, strict=True))
+            row["cached_share"] = r[3] / r[2] if r[2] else None
+            row["retired"] = r[6] > 0
+            out.setdefault(endpoint, {})[env] = row
+        return out
+
     def latency_p50(self) -> float | None:
         """The median latency (to 3 significant digits), None without any."""
         return _median(self.latency) if self.latency else None
 
     def as_json(self) -> dict[str, Any]:
         rows = [[endpoint, stage, *sums] for (endpoint, stage), sums in self.rows.items()]
+        keys = [[endpoint, env, *sums] for (endpoint, env), sums in self.keys.items()]
         return {"lines": self.lines, "cache_hits": self.cache_hits, "sums": _SUMS, "rows": rows,
-                "latency": sorted(self.latency.items())}  # fmt: skip
+                "latency": sorted(self.latency.items()), "key_sums": _KEY_SUMS, "keys": keys}  # fmt: skip
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TraceTotals:
@@ -182,6 +232,13 @@ class TraceTotals:
             t.rows[(str(endpoint), str(stage))] = sums
         for k, n in d["latency"]:
             t.latency[float(k)] = int(n)
+        if "keys" in d:  # saved before key pools: that trace had no pool key
+            if tuple(d["key_sums"]) != _KEY_SUMS:
+                raise ValueError("saved by another version")
+            for endpoint, env, *sums in d["keys"]:
+                if len(sums) != len(_KEY_SUMS) or not all(isinstance(v, int | float) for v in sums):
+                    raise ValueError("not sums")
+                t.keys[(str(endpoint), str(env))] = sums
         return t
 
 

@@ -6,7 +6,10 @@ in part runs only its first problems, and that attempt is stored as ``pilot``, n
 (``worker.FencedStore``), so the full ``--ray`` run redoes the block under a new epoch and adopts
 the slice's records and cache: nothing is paid twice. The projection is ``engine.fair.budget``'s
 (calls, tokens, dollars and wall time per endpoint and stage, online and batch) over the run
-directory's trace; ``wall_s_online`` scales the pilot's wall time (Ray start-up excluded).
+directory's trace; ``wall_s_online`` scales the pilot's wall time (Ray start-up excluded), or is
+the time the endpoints' capacity needs (``engine.fair.estimate.at_capacity``: a key pool counts
+every live key, within its group's and the endpoint's limits), whichever is longer. The pilot's
+limiter gets each pool's config, like the full run's.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 from fairdistill.engine.config import RunConfig, dump_config
 from fairdistill.engine.errors import AbortRun, FairError
 from fairdistill.engine.fair.budget import project
-from fairdistill.engine.fair.estimate import projection
+from fairdistill.engine.fair.estimate import at_capacity, projection
 from fairdistill.engine.fair.pipeline import KINDS
 from fairdistill.engine.options import Outcome, RayOptions, RunOptions
 from fairdistill.engine.rundir.store import RunStore, iter_raw
@@ -38,7 +41,7 @@ def estimate(opts: RunOptions, ray: RayOptions, cfg: RunConfig, run_dir: Path) -
     todo = [b for b in plan.blocks if b.id in share and b.id not in finished]
     feed = block_feed(cfg, plan, todo)
     (run_dir / "config.toml").write_bytes(dump_config(cfg))
-    limits = {n: (ep.concurrency, ep.rpm, ep.tpm) for n, ep in cfg.endpoints.items()}
+    limits = dict(cfg.endpoints)  # as the full run's (fairrun): a KeyPool for `keys`, in the limiter
     workers = max(1, min(ray.workers or 2, len(todo)))
     driver = Driver(run_dir, ray.address, workers, limits, list(cfg.endpoints), cfg.run.max_cost_usd)
 
@@ -73,7 +76,7 @@ def _projection(cfg: RunConfig, run_dir: Path, total: int, pilot: int, wall: flo
     if stop is not None:
         return Outcome(run_dir, "aborted", error=stop)
     covered = sum(1 for _ in iter_raw(run_dir, "problems"))  # a re-estimate reads the same trace
-    est = project(cfg, run_dir, total, covered or pilot, wall)
+    est = at_capacity(cfg, run_dir, project(cfg, run_dir, total, covered or pilot, wall))
     line = (
         f"run directory: {run_dir} (the full run with --ray resumes from the pilot; {piloted} blocks piloted)"
     )

@@ -5,7 +5,10 @@ need no change; the values are the cluster's, with no ``worker`` label: counters
 histogram summed over every worker that ever ran (a dead one's last numbers stay, so counters
 never go backwards), ``fair_in_flight`` and the one-minute rates summed over the live workers,
 ``fair_admission_rpm`` the limiter actor's (the one ``Admission`` per endpoint). A few
-``fair_ray_*`` series are added (workers, lost workers, stale snapshots, leases held).
+``fair_ray_*`` series are added (workers, lost workers, stale snapshots, leases held). The
+per-key series of a key pool (``fair_key_*``) likewise: counters summed, a key retired when any
+worker saw it refused, its admission rate (and retirement) the limiter's when it reports them
+(``admission_state()[endpoint]["keys"][variable] = {"rpm", "live"}``).
 
 Pulled at scrape time, not pushed: each worker keeps its numbers from its engines' request
 events (``WorkerMetrics``, an observer of every block's engine) and answers
@@ -25,7 +28,15 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from fairdistill.engine.request.metrics import MetricsServer, Sample, Windows, families, merge, sample
+from fairdistill.engine.request.metrics import (
+    MetricsServer,
+    Sample,
+    Windows,
+    families,
+    merge,
+    sample,
+    zero_key_row,
+)
 from fairdistill.engine.request.stats import StatsObserver
 
 PULL_TIMEOUT_S = 2.0  # a scrape waits this long for the workers' snapshots, then uses the last ones
@@ -87,18 +98,14 @@ class ClusterMetrics:
             d = self.driver
             if not self.closed and d.ray is not None and d.limiter is not None:
                 self._ask(d)
-            smps = []
-            for name, smp in self.last.items():
-                if name not in self.live:
-                    smp = {**smp, "endpoints": {ep: {**row, **dict.fromkeys(GAUGES, 0)}
-                                                for ep, row in smp["endpoints"].items()}}  # fmt: skip
-                smps.append(smp)
+            smps = [smp if name in self.live else _gone(smp) for name, smp in self.last.items()]
             merged = merge(smps, d.endpoints)
             if self.stages and merged["stages"] is None:
                 merged["stages"] = {}
             for ep, row in merged["endpoints"].items():
                 if ep in self.limiter:
                     row["admission_rpm"] = self.limiter[ep]["rpm"]
+                    _limiter_keys(row, self.limiter[ep].get("keys") or {})
             return merged
 
     def _ask(self, d: Any) -> None:
@@ -143,6 +150,29 @@ class ClusterMetrics:
         for name, state in sorted(self.limiter.items()):
             leases.add_metric([name], state["leases"])
         yield from (workers, lost, stale, leases)
+
+
+def _gone(smp: Sample) -> Sample:
+    """The snapshot of a worker that is gone: its gauges (and its keys' rates) zero."""
+    endpoints = {}
+    for ep, row in smp["endpoints"].items():
+        row = {**row, **dict.fromkeys(GAUGES, 0)}
+        if row.get("keys"):
+            row["keys"] = {env: {**k, "rpm": 0.0} for env, k in row["keys"].items()}
+        endpoints[ep] = row
+    return {**smp, "endpoints": endpoints}
+
+
+def _limiter_keys(row: dict[str, Any], keys: Mapping[str, Mapping[str, Any]]) -> None:
+    """The limiter's word on an endpoint's pool keys: each one's admission rate, and retired."""
+    rows = row.setdefault("keys", {})
+    for env, state in keys.items():
+        k = rows.setdefault(env, zero_key_row())
+        k["admission_rpm"] = state.get("rpm")
+        if state.get("live") is False:
+            k["retired"] = 1
+    if not rows:
+        del row["keys"]
 
 
 def serve_cluster(driver: Any, port: int | None, stages: bool) -> tuple[MetricsServer, ClusterMetrics] | None:
