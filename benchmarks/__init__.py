@@ -24,6 +24,7 @@ BENCHMARKS = {
     "batch": "fairdistill.benchmarks.batch",
     "scale": "fairdistill.benchmarks.scale",
     "rundir": "fairdistill.benchmarks.rundir",
+    "keys": "fairdistill.benchmarks.keys",
 }
 
 
