@@ -262,3 +262,28 @@ def test_a_config_with_keys_and_api_key_env_names_the_endpoint(tmp_path: Path):
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert "job.toml" in last and "endpoints.gpt" in last and "not both" in last, proc.stderr
+
+
+async def test_a_hidden_group_limit_is_learned_once_for_the_group():
+    """Keys a and b have no limit of their own; their organisation hides 2,400 rpm (40/s, a 1 s
+    burst). The group's 429s teach the group's pace, not each key's against the other's: the
+    pool settles near 40/s with few 429s, both keys serving."""
+    profile = sim_profile(
+        {"a": {"group": "org-ab"}, "b": {"group": "org-ab"}},
+        {"org-ab": {"rpm": 2400, "limit_burst_s": 1}},
+        latency_ms=50,
+    )
+    async with SimServer(profile) as sim:
+        keys = [{"env": env("a"), "group": "org-ab"}, {"env": env("b"), "group": "org-ab"}]
+        async with Engine(endpoint(sim, keys, concurrency=64)) as engine:
+            t0 = time.monotonic()
+            await run_all(engine, 500)
+            took = time.monotonic() - t0
+            pool = engine.lanes["gpt"].admission
+        by_key, group = sim.stats.by_key, sim.stats.by_group["org-ab"]
+    assert isinstance(pool, KeyPool)
+    learner = pool._learned["org-ab"]
+    assert learner.rate is not None and 25 < learner.rate < 60, learner.rate
+    assert group["ok"] == 500 and min(by_key["a"]["ok"], by_key["b"]["ok"]) > 100, dict(by_key)
+    assert group["http_429"] < 0.15 * group["ok"], dict(group)
+    assert took < 500 / 40 * 1.6, took  # 12.5 s at the hidden limit

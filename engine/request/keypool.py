@@ -5,9 +5,12 @@ Each key has its own ``Admission``: its configured RPM/TPM, and what it learns f
 headers and 429s (server mirror, blind AIMD, probing), so a key's 429s slow that key alone. A
 group (an organisation or project whose keys share one quota) with configured limits is a pair
 of token buckets every call of its keys reserves in first; so is the endpoint's own ``rpm``/``tpm``,
-which caps the whole pool. A hidden group limit needs nothing more: the keys sharing it are cut
-by the 429s it answers, each to what it was let through (blind AIMD cuts to the accepted rate,
-not by half), so their rates settle on the group's share as TCP flows do on a link.
+which caps the whole pool. A group of two keys or more without configured limits has its own
+``Admission`` as well, which learns the group's hidden limit: a 429 is the group's when another
+key of the group was refused within ``SHARED_S`` (a group's limit refuses all of its keys, a
+key's own limit that key alone), and then teaches the group's pace, not the key's. Left to each
+key, two keys would each learn the group's limit against the other's traffic, and their cuts
+would add up.
 
 Scheduling: a call goes to the live key whose queue would clear first (calls waiting for it
 over its current rate, plus any pause), so every key stays busy in proportion to its limit. With
@@ -36,6 +39,7 @@ from fairdistill.engine.request.tunables import TUNABLES, Tunables
 
 AFFINITY_SLACK_S = 0.25  # a pinned key is kept while its queue clears within this of the best key's
 MAX_PINS = 1 << 16  # affinities remembered (least recently used forgotten first)
+SHARED_S = 1.0  # a 429 this soon after another key of its group's is the group's
 UNKNOWN_S = 1e-3  # queue cost of a call on a key whose rate is not known yet (no limit seen)
 
 
@@ -93,14 +97,16 @@ class Gate:
 
 
 class PoolLease:
-    """One admitted call of a pool: the key it goes out with and that key's own lease."""
+    """One admitted call of a pool: the key it goes out with, that key's own lease, and its
+    group's where the group's pace is learned."""
 
-    __slots__ = ("est_tokens", "inner", "key")
+    __slots__ = ("est_tokens", "group", "inner", "key")
 
-    def __init__(self, key: int, inner: Lease, est_tokens: float):
+    def __init__(self, key: int, inner: Lease, est_tokens: float, group: Lease | None = None):
         self.key = key
         self.inner = inner
         self.est_tokens = est_tokens
+        self.group = group
 
 
 class KeyPool:
@@ -114,6 +120,8 @@ class KeyPool:
             for i, k in enumerate(cfg.keys)
         )
         self._gates = gates(cfg.groups, cfg.rpm, cfg.tpm)
+        self._learned = learned(self.keys, self._gates, cfg.concurrency, tune)
+        self._refused_at: dict[int, float] = {}  # each key's last 429 (a group's 429s hit them all)
         self._sem = asyncio.Semaphore(cfg.concurrency)
         self._pins: OrderedDict[int, int] = OrderedDict()
         self.left = len(self.keys)
@@ -136,7 +144,13 @@ class KeyPool:
                         delay = max(delay, gate.reserve(est_tokens, now))
                 if delay > 0:
                     await asyncio.sleep(delay)
-                inner = await key.admission.acquire(est_tokens)
+                group = await self._group_lease(key, est_tokens)
+                try:
+                    inner = await key.admission.acquire(est_tokens)
+                except BaseException:
+                    if group is not None:
+                        self._learned[key.group].release(group, 0)
+                    raise
             finally:
                 key.waiting -= 1
         except BaseException:
@@ -144,7 +158,11 @@ class KeyPool:
             raise
         key.sent += 1
         key.in_flight += 1
-        return PoolLease(key.index, inner, est_tokens)
+        return PoolLease(key.index, inner, est_tokens, group)
+
+    async def _group_lease(self, key: PoolKey, est_tokens: float) -> Lease | None:
+        learner = self._learned.get(key.group)
+        return None if learner is None else await learner.acquire(est_tokens)
 
     def release(
         self,
@@ -158,17 +176,45 @@ class KeyPool:
         key.in_flight -= 1
         if status == 429:
             key.throttled += 1
-        key.admission.release(lease.inner, status, headers, used_tokens)
+        learner = self._learned.get(key.group)
+        if learner is None or lease.group is None:
+            key.admission.release(lease.inner, status, headers, used_tokens)
+        elif status == 429 and self._shared(key):  # the group's limit: its pace learns, not the key's
+            key.admission.release(lease.inner, 0, None, used_tokens)
+            learner.release(lease.group, status, headers)
+        else:
+            key.admission.release(lease.inner, status, headers, used_tokens)
+            learner.release(lease.group, 0 if status == 429 else status)
         if used_tokens is not None:
             for name in (key.group, ""):
                 if (gate := self._gates.get(name)) is not None:
                     gate.settle(lease.est_tokens, used_tokens)
 
+    def _shared(self, key: PoolKey) -> bool:
+        """Whether a 429 of ``key`` is its group's: another key of the group was refused within
+        ``SHARED_S`` (a key's own limit refuses that key alone)."""
+        now = time.monotonic()
+        self._refused_at[key.index] = now
+        return any(
+            now - t < SHARED_S and i != key.index and self.keys[i].group == key.group
+            for i, t in self._refused_at.items()
+        )
+
+    def wait_s(self, key: PoolKey, now: float) -> float:
+        """Seconds until a call queued on ``key`` now would go: its own queue, or its group's
+        where the group's pace is learned and slower."""
+        wait = key.wait_s(now)
+        learner = self._learned.get(key.group)
+        if learner is None or not (rpm := learner.effective_rpm()):
+            return wait
+        queued = sum(k.waiting for k in self.keys if k.group == key.group)
+        return max(wait, max(0.0, learner.paused_until - now) + (queued + 1) * 60.0 / rpm)
+
     def choose(self, affinity: int) -> PoolKey:
         """The live key a call goes to: the one whose queue clears first, or the key its
         affinity was pinned to while that one is within ``AFFINITY_SLACK_S`` of it."""
         now = time.monotonic()
-        waits = {k.index: k.wait_s(now) for k in self.keys if k.live}
+        waits = {k.index: self.wait_s(k, now) for k in self.keys if k.live}
         if not waits:
             raise self.none_left()
         best = self.keys[min(waits, key=lambda i: (waits[i], self.keys[i].sent))]  # ties: the least used
@@ -223,3 +269,15 @@ def gates(groups: Mapping[str, GroupConfig], rpm: float | None, tpm: float | Non
     if rpm or tpm:
         out[""] = Gate(rpm, tpm)
     return out
+
+
+def learned(
+    keys: tuple[PoolKey, ...], configured: Mapping[str, Gate], concurrency: int, tune: Tunables
+) -> dict[str, Admission]:
+    """The groups whose shared limit is learned: two keys or more and no configured limit. Each
+    has an admission of its own, fed the group's 429s only (``KeyPool._shared``), so their pace
+    is learned once for the group rather than by each key against the others."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        groups[key.group] = groups.get(key.group, 0) + 1
+    return {g: Admission(concurrency, tune=tune) for g, n in groups.items() if n > 1 and g not in configured}
