@@ -43,7 +43,7 @@ HANDLERS = {
     "train": "fairdistill.trainer.train:cli_main",
     "eval": "fairdistill.trainer.evaluate:cli_main",
     "export": "fairdistill.engine.rundir.export:cli_main",
-    "bench": "benchmarks:cli_main",
+    "bench": "fairdistill.benchmarks:cli_main",
     "repair": "fairdistill.engine.rundir.repair:cli_main",
     "batches": "fairdistill.engine.request.batch.cli:cli_main",
     "init": "fairdistill.engine.starter:cli_main",
@@ -323,7 +323,9 @@ def _add_repair(sub: Any) -> None:
 def _add_bench(sub: Any) -> None:
     """``fair bench``'s flags."""
     s = sub.add_parser("bench", help="benchmarks; --json prints one JSON object as the last line")
-    s.add_argument("name", help="throughput | pipeline | train | serve | replay-svamp")
+    s.add_argument(
+        "name", help="throughput | pipeline | train | serve | replay-svamp | batch | scale | rundir | keys"
+    )
     s.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     s.add_argument("--quick", action="store_true", help="a smaller, faster version")
     s.add_argument(

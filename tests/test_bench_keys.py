@@ -8,6 +8,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,19 @@ def test_sliding_max_counts_whole_windows_only():
     assert sliding_max(stamps, 2.0, start=4.0) == 2
     assert sliding_max(stamps, 100.0) == len(stamps)  # longer than the run: the run itself
     assert sliding_max([], 10.0) == 0
+
+
+def test_the_installed_fair_command_finds_the_benchmarks_from_any_folder(tmp_path):
+    """The console script (not ``python -m`` from the checkout) run from elsewhere."""
+    script = Path(sys.executable).with_name("fair")
+    if not script.exists():
+        pytest.skip(f"no console script beside {sys.executable}")
+    proc = subprocess.run(
+        [str(script), "bench", "keys", "--arms", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown arm 'nope'" in proc.stderr
