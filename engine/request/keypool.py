@@ -249,6 +249,11 @@ class KeyPool:
         return NoKeyLeft(f"endpoint {self.name!r}: every key of the pool was refused (401/403): {envs}")
 
     # -- introspection ----------------------------------------------------------------------
+    def shared_buckets(self) -> list[TokenBucket]:
+        """The configured buckets its keys share (groups', the endpoint's): a shared limiter
+        starts them empty, as it does each key's (``engine.scale.limiter.start_empty``)."""
+        return [b for g in self._gates.values() for b in (g.requests, g.tokens) if b is not None]
+
     def key_of(self, lease: PoolLease) -> int:
         return lease.key
 

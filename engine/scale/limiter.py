@@ -74,6 +74,7 @@ import ray
 from fairdistill.engine.config import EndpointConfig
 from fairdistill.engine.errors import AuthError
 from fairdistill.engine.request.admission import Admission, Lease
+from fairdistill.engine.request.buckets import TokenBucket
 from fairdistill.engine.request.keypool import KeyPool, PoolLease
 from fairdistill.engine.request.mirror import Units
 from fairdistill.engine.scale.budget import Ledger
@@ -356,8 +357,7 @@ def start_empty(admission: Admission | KeyPool) -> None:
     if isinstance(admission, KeyPool):  # every key's buckets, and the groups' and endpoint's gates
         for key in admission.keys:
             start_empty(key.admission)
-        gates = getattr(admission, "gates", None) or getattr(admission, "_gates", {})
-        buckets = [b for gate in gates.values() for b in (gate.requests, gate.tokens)]
+        buckets: list[TokenBucket | None] = list(admission.shared_buckets())
     else:
         buckets = [admission.requests, admission.tokens]
     for bucket in buckets:
